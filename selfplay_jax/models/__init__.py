@@ -1,0 +1,8 @@
+"""Pure-functional Flax decoder LMs with Hugging Face interop."""
+
+from selfplay_jax.models.config import PRESETS, ConfigError, ModelConfig, get_preset
+from selfplay_jax.models.decoder import (KVCache, decode, forward, init_cache, init_params,
+                                         logical_axes)
+
+__all__ = ["PRESETS", "ConfigError", "ModelConfig", "get_preset", "KVCache", "decode", "forward",
+           "init_cache", "init_params", "logical_axes"]
