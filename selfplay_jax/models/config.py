@@ -136,7 +136,7 @@ class ModelConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         fail(key, f"must be a positive integer, got {value!r}")
     if self.num_heads % self.num_kv_heads:
-      fail("num_kv_heads", f"{self.num_kv_heads} must divide num_heads={self.num_heads}")
+      fail("num_kv_heads", f"{self.num_kv_heads} must divide {prefix}.num_heads={self.num_heads}")
     if self.head_dim % 2:
       fail("head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
     if self.activation not in ACTIVATIONS:

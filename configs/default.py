@@ -1,0 +1,73 @@
+"""Default (embedded demo) config: GRPO on the built-in arithmetic task with the `tiny` model.
+
+Usage:
+  selfplay-jax train --config=configs/default.py --config.rounds=5 --workdir=runs/demo
+  selfplay-jax train --config=configs/default.py:model=llama3_8b,task=arithmetic
+
+The part after `:` is a comma-separated list of `key=value` pairs passed to `get_config(arg)`:
+  model      architecture preset, a name in `selfplay_jax.models.config.PRESETS` (default tiny)
+  task       built-in task, sets `data.task` (default arithmetic)
+  algorithm  sets `algorithm.name` (default grpo)
+
+`--config.model.preset=<name>` on the command line does the same as `:model=<name>`: it resets
+every architecture field to that preset before the other `--config.model.*` overrides apply.
+Optional fields (e.g. `model.sliding_window`) accept `None` as an override value.
+"""
+
+import ml_collections
+
+from selfplay_jax import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the default config; `arg` is the `key=value,...` tail of the config path."""
+  arg = config_lib.parse_arg(arg, model="tiny", task="arithmetic", algorithm="grpo")
+  cfg = ml_collections.ConfigDict()
+  cfg.seed = 0  # PRNG seed for parameter init, sampling and data
+  cfg.rounds = 20  # self-improvement rounds (each: sample -> score -> update)
+
+  cfg.model = ml_collections.ConfigDict()
+  cfg.model.hf_path = ""  # HF checkpoint dir (config.json + safetensors); "" = build from fields
+  cfg.model.tokenizer_path = ""  # tokenizer.model / tokenizer.json; "" = the task's own tokens
+  # `model.preset` (a name in models.config.PRESETS) plus every ModelConfig field set to that
+  # preset's value, generated from the dataclass so the two never drift. Field meanings: see
+  # selfplay_jax/models/config.py. With hf_path set only dtype, param_dtype and remat apply.
+  config_lib.set_preset(cfg.model, arg.model)
+
+  cfg.sampling = ml_collections.ConfigDict()
+  cfg.sampling.max_new_tokens = 16  # completion length cap (tokens)
+  cfg.sampling.temperature = 1.0  # softmax temperature; 0 = greedy
+  cfg.sampling.top_k = 0  # keep the k most likely tokens; 0 = off
+  cfg.sampling.top_p = 1.0  # nucleus mass in (0, 1]; 1 = off
+  cfg.sampling.n = 4  # completions per prompt (the GRPO group size)
+
+  cfg.optimizer = ml_collections.ConfigDict()
+  cfg.optimizer.name = "adamw"  # optax optimizer
+  cfg.optimizer.learning_rate = 1e-3  # peak learning rate
+  cfg.optimizer.warmup_steps = 0  # linear warmup (optimizer steps)
+  cfg.optimizer.weight_decay = 0.0  # decoupled weight decay
+  cfg.optimizer.grad_clip = 1.0  # global-norm clipping threshold; 0 = off
+  cfg.optimizer.b1 = 0.9  # Adam first-moment decay
+  cfg.optimizer.b2 = 0.999  # Adam second-moment decay
+
+  cfg.algorithm = ml_collections.ConfigDict()
+  cfg.algorithm.name = arg.algorithm  # algorithm spec in selfplay_jax/algorithms/
+  cfg.algorithm.num_epochs = 1  # passes over each round's rollouts
+  cfg.algorithm.num_minibatches = 1  # optimizer steps per epoch (must divide batch_size * n)
+  cfg.algorithm.kl_coef = 0.0  # weight of the KL penalty to the reference policy
+  cfg.algorithm.beta = 0.1  # preference temperature (DPO-family / SPIN losses)
+
+  cfg.data = ml_collections.ConfigDict()
+  cfg.data.task = arg.task  # built-in task name or a JSONL path
+  cfg.data.batch_size = 8  # prompts per round (global, across all devices)
+  cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
+
+  cfg.checkpoint = ml_collections.ConfigDict()
+  cfg.checkpoint.every_rounds = 1  # save every N rounds; 0 = never
+  cfg.checkpoint.keep = 3  # most recent checkpoints kept on disk
+
+  cfg.mesh = ml_collections.ConfigDict()
+  cfg.mesh.data = -1  # data-parallel axis size; -1 = fill the remaining devices
+  cfg.mesh.fsdp = 1  # parameter/optimizer-sharding axis size
+  cfg.mesh.tensor = 1  # tensor-parallel axis size
+  return cfg

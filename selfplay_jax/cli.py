@@ -1,0 +1,170 @@
+"""`selfplay-jax <command> [flags]`: the command-line entry point (logic lives in `config_lib`).
+
+  selfplay-jax train --config=configs/default.py --config.model.num_layers=4 --workdir=/tmp/x
+
+`--config=file.py[:arg]` is an `ml_collections` config-file flag; `--config.a.b=value` overrides are
+parsed and checked by `config_lib.apply_overrides`, so the CLI and `config_lib.load_config` agree.
+Config errors print one line, `error: <dotted key>: <problem>`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from selfplay_jax import config_lib
+from selfplay_jax.models.config import ConfigError
+
+COMMANDS = {
+    "train": "run self-improvement rounds from a config (checkpoints and metrics in --workdir)",
+    "eval": "evaluate a checkpoint or preset on the config's task",
+    "export": "write a checkpoint as a Hugging Face model directory",
+    "generate": "sample completions from a checkpoint or preset",
+    "plan": "print parameter count, memory and sharding for a config without allocating",
+}
+_AVAILABLE = ("train", "generate")
+_FLAGS = flags.FLAGS
+
+
+def usage() -> str:
+  lines = ["usage: selfplay-jax <command> [--config=configs/default.py] [--config.KEY=VALUE ...]",
+           "", "commands:"]
+  lines += [f"  {name:<10}{text}" for name, text in COMMANDS.items()]
+  lines += ["", "Run `selfplay-jax <command> --helpfull` for all flags."]
+  return "\n".join(lines)
+
+
+def _fail(message: object) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  """The innermost ConfigError behind a flag-parsing error (absl/ml_collections re-wrap it)."""
+  found, seen = error, error
+  while seen is not None:
+    if isinstance(seen, ConfigError):
+      found = seen
+    seen = seen.__cause__ or seen.__context__
+  return found
+
+
+def _define_flags(argv: Sequence[str]) -> flags.FlagHolder:
+  flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, resolved config)")
+  return config_flags.DEFINE_config_file(
+      "config", default=str(config_lib.default_config_path()), sys_argv=list(argv),
+      help_string="config file, optionally with a `:key=value,...` argument for get_config()")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that reports failures as one `error:` line instead of a traceback."""
+  try:
+    return _FLAGS(argv)
+  except (flags.Error, ValueError, TypeError, OSError) as e:
+    message = str(_root_cause(e)).strip().splitlines()
+    _fail(message[0] if message else type(e).__name__)
+
+
+def _train(cfg, workdir: str | None) -> int:
+  """Stub until the training loop lands: build and initialise the model, print a summary."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import models  # pylint: disable=import-outside-toplevel
+
+  model_cfg = config_lib.model_config(cfg.model)
+  params = models.init_params(model_cfg, jax.random.key(cfg.seed))
+  count = sum(x.size for x in jax.tree.leaves(params))
+  source = cfg.model.hf_path or f"preset {cfg.model.preset}"
+  print(f"model: {model_cfg.family} ({source}), {model_cfg.num_layers} layers, "
+        f"{model_cfg.num_params():,} parameters ({count:,} initialised)")
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
+        f"({jax.process_count()} process(es))")
+  if workdir:
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    (Path(workdir) / "config.json").write_text(config_lib.to_json(cfg))
+    print(f"resolved config: {Path(workdir) / 'config.json'}")
+  print("selfplay-jax train: the training loop lands in a later version")
+  return 0
+
+
+def _main(argv: list[str], command: str, overrides: list[str], config: flags.FlagHolder) -> int:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    cfg = config_lib.apply_overrides(config.value, overrides)
+    config_lib.validate(cfg)
+  except (ConfigError, OSError) as e:
+    _fail(e)
+  return _train(cfg, _FLAGS.workdir)
+
+
+def _define_generate_flags() -> None:
+  flags.DEFINE_string("model", None, "Hugging Face model directory (config.json + *.safetensors)")
+  flags.DEFINE_multi_string("prompt", [], "prompt text; repeat the flag for a batch")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.json / tokenizer.model (default: in --model)")
+  flags.DEFINE_integer("max_new_tokens", 64, "completion length cap (tokens)")
+  flags.DEFINE_float("temperature", 0.0, "softmax temperature; 0 = greedy")
+  flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens; 0 = off")
+  flags.DEFINE_float("top_p", 1.0, "nucleus mass in (0, 1]; 1 = off")
+  flags.DEFINE_integer("n", 1, "completions per prompt")
+  flags.DEFINE_integer("seed", 0, "sampling PRNG seed")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
+
+
+def _generate(argv: list[str]) -> int:
+  from selfplay_jax import generate, sampling  # pylint: disable=import-outside-toplevel
+
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _FLAGS.model:
+    _fail("--model: a Hugging Face model directory is required")
+  if not _FLAGS.prompt:
+    _fail("--prompt: give at least one prompt")
+  sc = sampling.SamplingConfig(max_new_tokens=_FLAGS.max_new_tokens, temperature=_FLAGS.temperature,
+                               top_k=_FLAGS.top_k, top_p=_FLAGS.top_p, n=_FLAGS.n)
+  try:
+    sc.validate(prefix="")
+    results = generate.generate_text(_FLAGS.model, _FLAGS.prompt, sc, tokenizer_path=_FLAGS.tokenizer,
+                                     seed=_FLAGS.seed, dtype=_FLAGS.dtype)
+  except (ConfigError, ValueError, OSError) as e:
+    _fail(e)
+  for result in results:
+    for i, text in enumerate(result.completions):
+      label = f"[{i}] " if len(result.completions) > 1 else ""
+      print(f"{result.prompt}{label}{text}")
+  total = sum(len(t) for r in results for t in r.tokens)
+  print(f"({total} tokens in {results[0].seconds:.2f}s including compilation)", file=sys.stderr)
+  return 0
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  """Console-script entry: `selfplay-jax <command> [flags]`."""
+  argv = list(sys.argv if argv is None else argv)
+  positional = [i for i, a in enumerate(argv[1:], 1) if not a.startswith("-")]
+  if not positional or argv[1] in ("-h", "--help", "help"):
+    print(usage())
+    sys.exit(0)
+  command = argv.pop(positional[0])
+  if command not in COMMANDS:
+    _fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
+  if command not in _AVAILABLE:
+    print(f"selfplay-jax {command}: not yet available in this version")
+    sys.exit(0)
+  if command == "generate":
+    _define_generate_flags()
+    app.run(_generate, argv=argv, flags_parser=_parse_flags)
+  try:
+    absl_argv, overrides = config_lib.split_argv(argv)
+  except ConfigError as e:
+    _fail(e)
+  config = _define_flags(absl_argv)
+  main = functools.partial(_main, command=command, overrides=overrides, config=config)
+  app.run(main, argv=absl_argv, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,466 @@
+"""Loading, overriding and validating `ml_collections` run configs (see `configs/default.py`).
+
+Plain Python (no absl flags), so tests and notebooks run the same code as the CLI:
+
+  cfg = config_lib.load_config("configs/default.py:model=llama3_8b", ["model.num_layers=2"])
+  config_lib.validate(cfg)                      # raises ConfigError naming the dotted key
+  model_cfg = config_lib.model_config(cfg.model)
+
+Every error is a `ConfigError` whose message starts with the dotted key it is about.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from selfplay_jax.models.config import PRESETS, ConfigError, ModelConfig, get_preset
+
+__all__ = ["ConfigError", "apply_overrides", "default_config_path", "load_config", "model_config",
+           "parse_arg", "resolve_config_path", "set_preset", "split_argv", "to_json", "validate"]
+
+_NONE_WORDS = ("none", "null")
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+_HF_OVERRIDABLE = ("dtype", "param_dtype", "remat")  # applied on top of an HF checkpoint's config
+
+# ----------------------------------------------------------------------------------------------
+# Config files
+
+
+def default_config_path() -> Path:
+  """`configs/default.py` in the CWD if present, else the one shipped next to the package."""
+  local = Path("configs") / "default.py"
+  if local.is_file():
+    return local
+  return _package_root() / "configs" / "default.py"
+
+
+def _package_root() -> Path:
+  import selfplay_jax  # pylint: disable=import-outside-toplevel
+  return Path(selfplay_jax.__file__).resolve().parent.parent
+
+
+def resolve_config_path(path_with_arg: str) -> str:
+  """Resolves `file.py[:arg]`: as given, else relative to the repo root. Keeps the `:arg` tail."""
+  path, sep, arg = path_with_arg.partition(":")
+  candidates = [Path(path)]
+  if not Path(path).is_absolute():
+    candidates.append(_package_root() / path)
+  for candidate in candidates:
+    if candidate.is_file():
+      return f"{candidate}{sep}{arg}"
+  raise ConfigError(f"config: file not found: {path!r}")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config-path argument `key=value,key=value` (big_vision style) over `defaults`.
+
+  `--config=configs/default.py:model=llama3_8b,task=arithmetic` calls `get_config("model=...")`;
+  values take the type of their default; keys not in `defaults` raise `ConfigError`.
+  """
+  result = dict(defaults)
+  for item in (s.strip() for s in (arg or "").split(",")):
+    if not item:
+      continue
+    key, sep, raw = (s.strip() for s in item.partition("="))
+    if not sep:
+      raise ConfigError(f"config arg {item!r}: expected key=value (keys: {', '.join(defaults)})")
+    if key not in defaults:
+      raise ConfigError(f"config arg {key!r}: unknown key; choose from {', '.join(defaults)}"
+                        + _did_you_mean(key, list(defaults)))
+    result[key] = _parse_value(f"config arg {key!r}", raw, type(defaults[key]), nullable=False)
+  return ml_collections.ConfigDict(result)
+
+
+def load_config(path_with_arg: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Imports `file.py[:arg]`, calls `get_config([arg])` and applies `a.b.c=value` overrides."""
+  resolved = resolve_config_path(path_with_arg)
+  path, sep, arg = resolved.partition(":")
+  spec = importlib.util.spec_from_file_location(f"_selfplay_config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config: {path} defines no get_config()")
+  cfg = module.get_config(arg) if sep else module.get_config()
+  return apply_overrides(cfg, overrides)
+
+
+def split_argv(argv: Sequence[str], name: str = "config") -> tuple[list[str], list[str]]:
+  """Splits command-line args into (other args, `key=value` overrides given as `--<name>.key`).
+
+  Accepts `--config.k=v`, `--config.k v`, `--config.k` (true) and `--noconfig.k` (false); the
+  `--config=file.py[:arg]` path is resolved with `resolve_config_path`. Stops at `--`.
+  """
+  args, rest, overrides = list(argv), [], []
+  while args:
+    arg = args.pop(0)
+    flag, sep, value = arg.lstrip("-").partition("=")
+    if arg == "--":
+      rest += [arg] + args
+      break
+    if not arg.startswith("-"):
+      rest.append(arg)
+    elif flag.startswith(f"no{name}."):
+      overrides.append(f"{flag[len(name) + 3:]}=false")
+    elif flag.startswith(f"{name}."):
+      if not sep:
+        value = args.pop(0) if args and not args[0].startswith("-") else "true"
+      overrides.append(f"{flag[len(name) + 1:]}={value}")
+    elif flag == name and (sep or args):
+      rest.append(f"--{name}={resolve_config_path(value if sep else args.pop(0))}")
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+# ----------------------------------------------------------------------------------------------
+# Model group
+
+
+def _model_hints() -> dict[str, Any]:
+  return typing.get_type_hints(ModelConfig)
+
+
+def _optional_inner(hint: Any) -> type | None:
+  """`int` for `int | None`; None if the hint is not Optional."""
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and type(None) in typing.get_args(hint):
+      return args[0]
+  return None
+
+
+def set_preset(model: ml_collections.ConfigDict, name: str) -> None:
+  """Sets `model.preset = name` and every `ModelConfig` field to that preset's value.
+
+  Missing fields are created (Optional ones as typed placeholders, so `--config.model.x=...` and
+  `x=None` work); existing fields are assigned, so this also re-targets a loaded config.
+  """
+  preset = get_preset(name)
+  model.preset = name
+  hints = _model_hints()
+  for field in dataclasses.fields(ModelConfig):
+    value = getattr(preset, field.name)
+    inner = _optional_inner(hints[field.name])
+    if field.name not in model and inner is not None:
+      ref = config_dict.placeholder(inner)
+      if value is not None:
+        ref.set(value)
+      model[field.name] = ref
+    else:
+      model[field.name] = value
+
+
+def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+  """Builds the validated `ModelConfig` of `cfg.model`.
+
+  With `model.hf_path` set, the architecture comes from that Hugging Face directory's config.json
+  and only `dtype`, `param_dtype` and `remat` apply on top.
+  """
+  if model.get("hf_path"):
+    try:
+      from selfplay_jax.models import hf  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ConfigError(f"model.hf_path: Hugging Face import is unavailable ({e})") from e
+    try:
+      base = hf.load_config(model.hf_path)
+    except ConfigError:
+      raise
+    except (OSError, ValueError, KeyError) as e:
+      raise ConfigError(f"model.hf_path: {e}") from e
+    result = base.replace(**{k: model[k] for k in _HF_OVERRIDABLE})
+  else:
+    result = ModelConfig(**{f.name: model[f.name] for f in dataclasses.fields(ModelConfig)})
+  return result.validate("model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Returns a copy of `cfg` with `a.b.c=value` overrides applied, values parsed by field type.
+
+  `model.preset=<name>` is applied first and resets every architecture field to that preset, so
+  field overrides on the same command line still win.
+  """
+  cfg = copy.deepcopy(cfg)
+  pairs = [_split_override(o) for o in overrides]
+  pairs.sort(key=lambda pair: pair[0] != "model.preset")  # stable: presets first, order kept
+  for key, raw in pairs:
+    parent, leaf = _lookup(cfg, key)
+    if key == "model.preset":
+      set_preset(parent, _parse_value(key, raw, str, nullable=False))
+      continue
+    current = parent[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ConfigError(f"{key}: is a group of settings; override its fields, e.g. "
+                        f"{key}.{next(iter(current.keys()), 'field')}=...")
+    # Optional fields are typed placeholders (FieldReference) and accept None.
+    fields = parent._fields  # pylint: disable=protected-access
+    nullable = isinstance(fields[leaf], config_dict.FieldReference)
+    field_type = parent.get_type(leaf) if current is not None or nullable else None
+    value = _parse_value(key, raw, field_type, nullable=nullable, current=current)
+    try:
+      parent[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"{key}: cannot set {raw!r} ({e})") from e
+  return cfg
+
+
+def _split_override(override: str) -> tuple[str, str]:
+  key, sep, raw = override.partition("=")
+  key = key.strip().removeprefix("config.")
+  if not sep or not key:
+    raise ConfigError(f"override {override!r}: expected key=value, e.g. model.num_layers=4")
+  return key, raw.strip()
+
+
+def _lookup(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(parent group, leaf name) of dotted `key`; ConfigError with close matches if unknown."""
+  *groups, leaf = key.split(".")
+  node = cfg
+  for depth, name in enumerate(groups):
+    child = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(child, ml_collections.ConfigDict):
+      if name in node:
+        value_key = ".".join(groups[:depth + 1])
+        raise ConfigError(f"{key}: unknown config key; {value_key!r} is a value, not a group")
+      raise _unknown(cfg, key)
+    node = child
+  if leaf not in node:
+    raise _unknown(cfg, key)
+  return node, leaf
+
+
+def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for name in cfg.keys():
+    full = f"{prefix}{name}"
+    keys.append(full)
+    if isinstance(cfg[name], ml_collections.ConfigDict):
+      keys.extend(_flat_keys(cfg[name], f"{full}."))
+  return keys
+
+
+def _did_you_mean(key: str, options: Sequence[str]) -> str:
+  matches = difflib.get_close_matches(key, options, n=3, cutoff=0.6)
+  return f" (did you mean {', '.join(matches)}?)" if matches else ""
+
+
+def _unknown(cfg: ml_collections.ConfigDict, key: str) -> ConfigError:
+  options = _flat_keys(cfg)
+  leaf = key.rsplit(".", 1)[-1]
+  same_leaf = [o for o in options if o.rsplit(".", 1)[-1] == leaf and o != key]
+  hint = _did_you_mean(key, options) or (f" (did you mean {', '.join(same_leaf)}?)"
+                                          if same_leaf else "")
+  return ConfigError(f"{key}: unknown config key{hint}")
+
+
+def _type_name(field_type: Any, current: Any = None) -> str:
+  if field_type is tuple and current:
+    return f"tuple of {type(current[0]).__name__}"
+  if field_type is bool:
+    return "bool (true/false/1/0)"
+  return getattr(field_type, "__name__", str(field_type))
+
+
+def _parse_bool(raw: str) -> bool:
+  if raw.lower() in _TRUE_WORDS:
+    return True
+  if raw.lower() in _FALSE_WORDS:
+    return False
+  raise ValueError(raw)
+
+
+def _unquote(raw: str) -> str:
+  if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+    return raw[1:-1]
+  return raw
+
+
+def _tuple_items(raw: str) -> list[str]:
+  """'(1, 2)', '[1,2]', '1,2', '(1,)', '()' and '5' -> item strings."""
+  text = raw.strip()
+  if len(text) >= 2 and (text[0], text[-1]) in (("(", ")"), ("[", "]")):
+    text = text[1:-1]
+  return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _literal(raw: str) -> Any:
+  """Best-effort value for a field whose type is unknown (its value is None): literal, else str."""
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return _unquote(raw)
+
+
+# Command-line text -> value, by the field's current type (None: type unknown, guess a literal).
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    bool: _parse_bool, int: int, float: float, str: _unquote, None: _literal}
+
+
+def _parse_value(key: str, raw: str, field_type: Any, *, nullable: bool,
+                 current: Any = None) -> Any:
+  """Parses command-line text `raw` as `field_type`; ConfigError naming key, value and type."""
+  if nullable and raw.lower() in _NONE_WORDS:
+    return None
+  error = ConfigError(f"{key}: cannot parse {raw!r} as {_type_name(field_type, current)}")
+  if field_type is tuple:
+    elem_type = type(current[0]) if current else None
+    try:
+      return tuple(_parse_value(key, item, elem_type, nullable=False) for item in _tuple_items(raw))
+    except ConfigError:
+      raise error from None
+  if field_type not in _PARSERS:
+    raise ConfigError(f"{key}: fields of type {_type_name(field_type)} cannot be overridden")
+  try:
+    return _PARSERS[field_type](raw)
+  except (ValueError, SyntaxError):
+    raise error from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+_Check = Callable[[Any], bool]
+
+
+def _positive(v) -> bool:
+  return v >= 1
+
+
+def _non_negative(v) -> bool:
+  return v >= 0
+
+
+# (dotted key, expected type, predicate or None, what the predicate requires)
+_RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
+    ("seed", int, None, ""),
+    ("rounds", int, _positive, "must be >= 1"),
+    ("model.preset", str, lambda v: v in PRESETS, f"must be one of {sorted(PRESETS)}"),
+    ("model.hf_path", str, None, ""),
+    ("model.tokenizer_path", str, None, ""),
+    ("sampling.max_new_tokens", int, _positive, "must be >= 1"),
+    ("sampling.temperature", float, _non_negative, "must be >= 0 (0 = greedy)"),
+    ("sampling.top_k", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("sampling.top_p", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("sampling.n", int, _positive, "must be >= 1"),
+    ("optimizer.name", str, bool, "must be non-empty"),
+    ("optimizer.learning_rate", float, lambda v: v > 0, "must be > 0"),
+    ("optimizer.warmup_steps", int, _non_negative, "must be >= 0"),
+    ("optimizer.weight_decay", float, _non_negative, "must be >= 0"),
+    ("optimizer.grad_clip", float, _non_negative, "must be >= 0 (0 = off)"),
+    ("optimizer.b1", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optimizer.b2", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("algorithm.name", str, bool, "must be non-empty"),
+    ("algorithm.num_epochs", int, _positive, "must be >= 1"),
+    ("algorithm.num_minibatches", int, _positive, "must be >= 1"),
+    ("algorithm.kl_coef", float, _non_negative, "must be >= 0"),
+    ("algorithm.beta", float, lambda v: v > 0, "must be > 0"),
+    ("data.task", str, bool, "must be non-empty"),
+    ("data.batch_size", int, _positive, "must be >= 1"),
+    ("data.max_prompt_len", int, _positive, "must be >= 1"),
+    ("checkpoint.every_rounds", int, _non_negative, "must be >= 0 (0 = never)"),
+    ("checkpoint.keep", int, _positive, "must be >= 1"),
+    ("mesh.data", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
+    ("mesh.fsdp", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
+    ("mesh.tensor", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
+)
+
+
+def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
+  node = cfg
+  for name in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise ConfigError(f"{key}: missing from the config")
+    node = node[name]
+  return node
+
+
+def _is_type(value: Any, hint: Any) -> bool:
+  """isinstance against a ModelConfig-style hint: int, float, str, bool, X | None, tuple[X, ...]."""
+  inner = _optional_inner(hint)
+  if inner is not None:
+    return value is None or _is_type(value, inner)
+  if typing.get_origin(hint) is tuple:
+    elem = typing.get_args(hint)[0]
+    return isinstance(value, tuple) and all(_is_type(v, elem) for v in value)
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, hint)
+
+
+def _hint_name(hint: Any) -> str:
+  return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+  if not _is_type(value, hint):
+    raise ConfigError(f"{key}: expected {_hint_name(hint)}, got {value!r}")
+  if isinstance(value, float) and not math.isfinite(value):
+    raise ConfigError(f"{key}: must be finite, got {value!r}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks types, ranges and combinations before anything compiles; ConfigError names the key."""
+  for key, hint, check, requirement in _RULES:
+    value = _get(cfg, key)
+    _check_type(key, value, hint)
+    if check is not None and not check(value):
+      raise ConfigError(f"{key}: {requirement}, got {value!r}")
+  hints = _model_hints()
+  for field in dataclasses.fields(ModelConfig):
+    _check_type(f"model.{field.name}", _get(cfg, f"model.{field.name}"), hints[field.name])
+  for key in ("model.hf_path", "model.tokenizer_path"):
+    path = _get(cfg, key)
+    if path and not Path(path).exists():
+      raise ConfigError(f"{key}: {path!r} does not exist")
+  if sum(_get(cfg, f"mesh.{axis}") == -1 for axis in ("data", "fsdp", "tensor")) > 1:
+    raise ConfigError("mesh.data: at most one mesh axis may be -1 (fill)")
+  model = model_config(cfg.model)
+  _validate_combinations(cfg, model)
+
+
+def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
+  """Settings that are fine alone but impossible together."""
+  rows = cfg.data.batch_size * cfg.sampling.n
+  if rows % cfg.algorithm.num_minibatches:
+    raise ConfigError(f"algorithm.num_minibatches: {cfg.algorithm.num_minibatches} must divide "
+                      f"data.batch_size * sampling.n = {rows}")
+  if cfg.algorithm.name == "grpo" and cfg.sampling.n < 2:
+    raise ConfigError("sampling.n: grpo needs >= 2 samples per prompt (group-relative advantages)")
+  if cfg.sampling.top_k > model.vocab_size:
+    raise ConfigError(f"sampling.top_k: {cfg.sampling.top_k} exceeds model.vocab_size="
+                      f"{model.vocab_size}")
+  total = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
+  if total > model.max_position_embeddings:
+    raise ConfigError(f"sampling.max_new_tokens: data.max_prompt_len + sampling.max_new_tokens = "
+                      f"{total} exceeds model.max_position_embeddings="
+                      f"{model.max_position_embeddings}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+  """The resolved config as indented, key-sorted JSON (tuples become lists)."""
+  return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

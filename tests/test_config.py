@@ -1,0 +1,234 @@
+"""Tests for configs/default.py and selfplay_jax.config_lib (no absl flags involved)."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from ml_collections import config_dict
+
+from selfplay_jax import config_lib
+from selfplay_jax.models.config import PRESETS, ConfigError, ModelConfig
+
+DEFAULT = str(Path(__file__).resolve().parent.parent / "configs" / "default.py")
+
+
+def load(*overrides: str, arg: str = ""):
+  return config_lib.load_config(DEFAULT + (f":{arg}" if arg else ""), list(overrides))
+
+
+def test_default_loads_and_validates():
+  cfg = load()
+  config_lib.validate(cfg)
+  assert cfg.model.preset == "tiny"
+  assert cfg.model.hf_path == "" and cfg.model.tokenizer_path == ""
+  assert cfg.rounds >= 1 and cfg.algorithm.name == "grpo" and cfg.data.task == "arithmetic"
+  for group in ("sampling", "optimizer", "algorithm", "data", "checkpoint", "mesh"):
+    assert group in cfg
+
+
+def test_every_model_config_field_present_with_preset_value():
+  cfg = load()
+  for field in dataclasses.fields(ModelConfig):
+    assert field.name in cfg.model, field.name
+    assert cfg.model[field.name] == getattr(PRESETS["tiny"], field.name)
+  assert config_lib.model_config(cfg.model) == PRESETS["tiny"]
+
+
+def test_optional_fields_are_typed_placeholders():
+  cfg = load()
+  ref = cfg.model._fields["sliding_window"]  # pylint: disable=protected-access
+  assert isinstance(ref, config_dict.FieldReference) and ref.get_type() is int
+  assert isinstance(cfg.model.layer_types, tuple) and isinstance(cfg.model.eos_token_ids, tuple)
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("model.num_layers=4", "model.num_layers", 4),
+    ("optimizer.learning_rate=3e-4", "optimizer.learning_rate", 3e-4),
+    ("sampling.temperature=0", "sampling.temperature", 0.0),
+    ("model.tie_embeddings=true", "model.tie_embeddings", True),
+    ("model.tie_embeddings=1", "model.tie_embeddings", True),
+    ("model.mlp_bias=False", "model.mlp_bias", False),
+    ("data.task=copy", "data.task", "copy"),
+    ("optimizer.name='sgd'", "optimizer.name", "sgd"),
+    ("model.eos_token_ids=(1,2)", "model.eos_token_ids", (1, 2)),
+    ("model.eos_token_ids=3,4", "model.eos_token_ids", (3, 4)),
+    ("model.eos_token_ids=[5]", "model.eos_token_ids", (5,)),
+    ("model.sliding_window=8", "model.sliding_window", 8),
+    ("model.bos_token_id=None", "model.bos_token_id", None),
+    ("model.attn_logit_softcap=50", "model.attn_logit_softcap", 50.0),
+])
+def test_overrides_parse_by_field_type(override, key, expected):
+  cfg = load(override)
+  group, leaf = key.split(".")
+  value = cfg[group][leaf]
+  assert value == expected and type(value) is type(expected)
+  config_lib.validate(cfg)
+
+
+def test_tuple_of_strings_and_placeholder_roundtrip():
+  cfg = load("model.num_layers=2", "model.sliding_window=4", "model.layer_types=(sliding, full)")
+  assert cfg.model.layer_types == ("sliding", "full")
+  model = config_lib.model_config(cfg.model)
+  assert model.sliding_window == 4 and model.resolved_layer_types == ("sliding", "full")
+  cfg = config_lib.apply_overrides(cfg, ["model.sliding_window=None", "model.layer_types=()"])
+  assert cfg.model.sliding_window is None and cfg.model.layer_types == ()
+  config_lib.validate(cfg)
+
+
+def test_overrides_do_not_mutate_input():
+  cfg = load()
+  config_lib.apply_overrides(cfg, ["rounds=3"])
+  assert cfg.rounds == load().rounds
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.nmu_layers=3", "model.nmu_layers"),
+    ("modl.num_layers=3", "modl.num_layers"),
+    ("sampling.top_p.x=1", "sampling.top_p.x"),
+    ("roundz=3", "roundz"),
+])
+def test_unknown_key_names_key_and_close_matches(override, key):
+  with pytest.raises(ConfigError) as e:
+    load(override)
+  assert key in str(e.value) and "unknown config key" in str(e.value)
+  if "num_layers" in key:
+    assert "model.num_layers" in str(e.value).split("did you mean")[1]
+
+
+@pytest.mark.parametrize("override, key, type_name", [
+    ("model.num_layers=abc", "model.num_layers", "int"),
+    ("model.num_layers=2.5", "model.num_layers", "int"),
+    ("optimizer.learning_rate=fast", "optimizer.learning_rate", "float"),
+    ("model.qk_norm=maybe", "model.qk_norm", "bool"),
+    ("model.eos_token_ids=(a,b)", "model.eos_token_ids", "tuple of int"),
+    ("model.sliding_window=wide", "model.sliding_window", "int"),
+    ("model.num_layers=None", "model.num_layers", "int"),
+])
+def test_wrong_type_names_key_value_and_type(override, key, type_name):
+  with pytest.raises(ConfigError) as e:
+    load(override)
+  message = str(e.value)
+  assert key in message and repr(override.split("=", 1)[1]) in message and type_name in message
+
+
+def test_group_and_malformed_overrides():
+  with pytest.raises(ConfigError, match=r"^model: is a group"):
+    load("model=3")
+  with pytest.raises(ConfigError, match="key=value"):
+    load("rounds")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rounds=0", "rounds"),
+    ("optimizer.learning_rate=0", "optimizer.learning_rate"),
+    ("optimizer.learning_rate=nan", "optimizer.learning_rate"),
+    ("sampling.temperature=-1", "sampling.temperature"),
+    ("sampling.top_p=0", "sampling.top_p"),
+    ("sampling.top_p=1.5", "sampling.top_p"),
+    ("sampling.n=0", "sampling.n"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("mesh.fsdp=0", "mesh.fsdp"),
+    ("model.num_layers=0", "model.num_layers"),
+    ("model.num_kv_heads=3", "model.num_kv_heads"),  # 4 heads not divisible by 3 kv heads
+    ("model.head_dim=15", "model.head_dim"),
+    ("model.activation=relu", "model.activation"),
+    ("model.preset=nope", "model.preset"),
+    ("algorithm.num_minibatches=3", "algorithm.num_minibatches"),  # 8 * 4 rows
+    ("sampling.max_new_tokens=9000", "sampling.max_new_tokens"),
+    ("model.hf_path=/does/not/exist", "model.hf_path"),
+])
+def test_invalid_values_name_dotted_key(override, key):
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(load(override))
+  assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+def test_validate_catches_programmatic_type_errors():
+  cfg = load()
+  cfg.rounds = True  # ConfigDict accepts a bool where an int was
+  with pytest.raises(ConfigError, match=r"^rounds: expected int"):
+    config_lib.validate(cfg)
+  cfg = load()
+  cfg.model.vocab_size = None
+  with pytest.raises(ConfigError, match=r"^model.vocab_size: expected int"):
+    config_lib.validate(cfg)
+
+
+def test_preset_variant_via_config_arg():
+  cfg = load("model.num_layers=2", arg="model=llama3_8b,task=copy")
+  assert cfg.model.preset == "llama3_8b" and cfg.data.task == "copy"
+  for field in dataclasses.fields(ModelConfig):
+    if field.name != "num_layers":
+      assert cfg.model[field.name] == getattr(PRESETS["llama3_8b"], field.name), field.name
+  config_lib.validate(cfg)
+  assert config_lib.model_config(cfg.model) == PRESETS["llama3_8b"].replace(num_layers=2)
+
+
+def test_preset_override_resets_fields_before_field_overrides():
+  cfg = load("model.num_layers=3", "model.preset=gemma2_9b", "model.layer_types=()")
+  assert cfg.model.family == "gemma2" and cfg.model.num_layers == 3
+  assert cfg.model.sliding_window == PRESETS["gemma2_9b"].sliding_window
+  config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize("arg, text", [("model=bogus", "model.preset"), ("modl=tiny", "modl"),
+                                       ("llama3_8b", "key=value")])
+def test_bad_config_arg(arg, text):
+  with pytest.raises(ConfigError, match=text):
+    load(arg=arg)
+
+
+def test_missing_file_and_default_path():
+  with pytest.raises(ConfigError, match="config: file not found"):
+    config_lib.load_config("no/such/config.py", [])
+  assert config_lib.default_config_path().is_file()
+
+
+def test_default_path_outside_repo(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert Path(config_lib.default_config_path()).resolve() == Path(DEFAULT)
+  cfg = config_lib.load_config("configs/default.py:model=tiny", ["rounds=2"])
+  assert cfg.rounds == 2
+
+
+def test_model_config_from_hf_path_applies_only_dtype_overrides(monkeypatch, tmp_path):
+  hf_cfg = PRESETS["mistral_7b"].replace(num_layers=1)
+  fake = type("FakeHF", (), {"load_config": staticmethod(lambda path: hf_cfg)})
+  monkeypatch.setitem(__import__("sys").modules, "selfplay_jax.models.hf", fake)
+  import selfplay_jax.models  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(selfplay_jax.models, "hf", fake, raising=False)
+  cfg = load(f"model.hf_path={tmp_path}", "model.num_layers=7", "model.dtype=bfloat16",
+             "model.remat=full")
+  model = config_lib.model_config(cfg.model)
+  assert model == hf_cfg.replace(dtype="bfloat16", remat="full")
+
+
+def test_to_json_roundtrip():
+  cfg = load("model.eos_token_ids=(1,2)")
+  data = json.loads(config_lib.to_json(cfg))
+  assert data["model"]["eos_token_ids"] == [1, 2] and data["model"]["sliding_window"] is None
+  assert data["rounds"] == cfg.rounds
+
+
+def test_split_argv():
+  rest, overrides = config_lib.split_argv(
+      ["prog", f"--config={DEFAULT}:model=tiny", "--config.a.b=1", "--config.c", "5",
+       "--config.d", "--noconfig.e", "--workdir=/x"])
+  assert rest == ["prog", f"--config={DEFAULT}:model=tiny", "--workdir=/x"]
+  assert overrides == ["a.b=1", "c=5", "d=true", "e=false"]
+
+
+def test_model_config_from_real_hf_config_json(tmp_path):
+  from selfplay_jax.models import hf  # pylint: disable=import-outside-toplevel
+  want = PRESETS["tiny"].replace(num_layers=1, hidden_size=32)
+  (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf_dict(want)))
+  cfg = load(f"model.hf_path={tmp_path}", "model.param_dtype=bfloat16")
+  config_lib.validate(cfg)
+  model = config_lib.model_config(cfg.model)
+  assert model.num_layers == 1 and model.hidden_size == 32 and model.param_dtype == "bfloat16"
+
+
+def test_hf_path_without_config_json_names_key(tmp_path):
+  with pytest.raises(ConfigError, match=r"^model.hf_path: "):
+    config_lib.validate(load(f"model.hf_path={tmp_path}"))
