@@ -38,7 +38,7 @@ class SamplingConfig:
 
   def validate(self, prefix: str = "sampling") -> "SamplingConfig":
     def fail(key, msg):
-      raise ConfigError(f"{prefix}.{key}: {msg}")
+      raise ConfigError(f"{prefix}.{key}: {msg}" if prefix else f"--{key}: {msg}")
 
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
       fail("max_new_tokens", f"must be a positive integer, got {self.max_new_tokens!r}")
