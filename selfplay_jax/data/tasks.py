@@ -1,0 +1,430 @@
+"""Built-in verifiable tasks: deterministic problems, gold responses, exact token-space verifiers.
+
+Every response ends with `ANSWER_MARKER`, the answer, then EOS. Digits, the marker and the task's
+operators are user-defined symbols of the task tokenizer, so each is exactly one token and the
+answer's tokens inside a response equal `tokenizer.encode(answer)`:
+
+  arithmetic (direct)        "12+34="           -> "####46"
+  arithmetic (step_by_step)  "58+67="           -> "8+7+0=15 5+6+1=12 ####125"
+                             "52-17="           -> "12-7-0=5 5-1-1=3 ####35"
+                             "23*47="           -> "23*7=161 23*40=920 161+920=1081 ####1081"
+  sort                       "sort 3,1,4,1,5="  -> "####1,1,3,4,5"
+
+Splits: a problem is "heldout" iff a hash of its canonical key (commuted operands and permuted lists
+share one key; difficulty settings and seeds are not part of it) falls below `heldout_fraction`, so
+train and heldout never overlap, whatever the seeds, and stay disjoint across difficulty levels.
+
+  task = get_task("arithmetic", num_digits=3, step_by_step=True)
+  tok = build_tokenizer(task, workdir)                    # cached <workdir>/<name>-<digest>.model
+  batch = encode_examples(task.examples("train", seed=0, num=64), tok, 16, 48, 8)
+  verify = task.make_verifier(tok)                        # jittable, rewards float32 [B]
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfplay_jax import tokenizers
+
+__all__ = ["ANSWER_MARKER", "DIGITS", "SPLITS", "Task", "ArithmeticTask", "SortTask", "TASKS",
+           "get_task", "build_tokenizer", "check_tokenizer", "encode_examples",
+           "make_answer_verifier", "extract_answer"]
+
+ANSWER_MARKER = "####"
+DIGITS = tuple("0123456789")
+SPLITS = ("train", "heldout")
+Example = dict[str, str]
+Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _bucket(key: str) -> float:
+  """A stable (process- and platform-independent) hash of `key` in [0, 1)."""
+  digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _check_split(split: str) -> int:
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  return SPLITS.index(split)
+
+
+class Task(abc.ABC):
+  """A generator of verifiable problems. Subclasses are frozen dataclasses.
+
+  Subclasses define `name`, `symbols` (user-defined tokenizer symbols, each one token),
+  `answer_symbols` (what an answer may consist of) and the problem hooks below.
+  """
+
+  name: ClassVar[str]
+  symbols: ClassVar[tuple[str, ...]]
+  answer_symbols: ClassVar[tuple[str, ...]] = DIGITS
+  max_size: ClassVar[dict[str, int]] = {"train": 100_000, "heldout": 1_000}
+  max_tries: ClassVar[int] = 10_000
+  heldout_fraction: float
+
+  # ---- problem hooks -------------------------------------------------------------------------
+
+  @abc.abstractmethod
+  def _sample(self, rng: np.random.Generator) -> Any:
+    """One random problem."""
+
+  @abc.abstractmethod
+  def _key(self, problem: Any) -> str:
+    """Canonical key of a problem (equal for problems that are the same up to symmetry)."""
+
+  @abc.abstractmethod
+  def _render(self, problem: Any) -> Example:
+    """The example dict {"prompt", "response", "answer"} of a problem."""
+
+  @abc.abstractmethod
+  def _num_problems(self) -> int:
+    """How many distinct problems `_sample` can return."""
+
+  # ---- public API ----------------------------------------------------------------------------
+
+  def split_of(self, problem: Any) -> str:
+    """"heldout" or "train": fixed by the problem's canonical key alone."""
+    return "heldout" if _bucket(f"{self.name}:{self._key(problem)}") < self.heldout_fraction \
+        else "train"
+
+  def example(self, split: str, index: int, seed: int = 0) -> Example:
+    """The `index`-th example of `split` for `seed` (random access; problems repeat by chance)."""
+    split_id = _check_split(split)
+    if index < 0 or seed < 0:
+      raise ValueError(f"index and seed must be non-negative, got index={index}, seed={seed}")
+    rng = np.random.default_rng([seed, split_id, index])
+    for _ in range(self.max_tries):
+      problem = self._sample(rng)
+      if self.split_of(problem) == split:
+        return self._render(problem)
+    raise ValueError(f"{self!r} found no {split} problem in {self.max_tries} tries: the problem "
+                     f"space is too small for heldout_fraction={self.heldout_fraction}")
+
+  def examples(self, split: str, seed: int = 0, num: int | None = None) -> list[Example]:
+    """`num` (default `size(split)`) examples: `[example(split, i, seed) for i in range(num)]`."""
+    num = self.size(split) if num is None else num
+    return [self.example(split, i, seed) for i in range(num)]
+
+  def size(self, split: str) -> int:
+    """Nominal length of a split: about its number of problems, capped by `max_size`."""
+    frac = self.heldout_fraction if _check_split(split) else 1.0 - self.heldout_fraction
+    return int(min(self.max_size[split], max(1, round(self._num_problems() * frac))))
+
+  def source(self, split: str, seed: int = 0) -> "TaskSource":
+    """A random-access source (`len`, `[i]`) for `grain.MapDataset.source`."""
+    return TaskSource(self, split, seed)
+
+  def corpus(self, num: int = 1000) -> list[str]:
+    """Texts to train the task tokenizer on (train prompts + responses, plus every symbol)."""
+    texts = [e["prompt"] + e["response"] for e in self.examples("train", seed=0, num=num)]
+    return texts + [" ".join(self.symbols)]
+
+  def make_verifier(self, tokenizer: tokenizers.Tokenizer, max_answer_len: int | None = None,
+                    format_reward: float = 0.0) -> Verifier:
+    """The jittable exact-answer verifier for this task's format (see `make_answer_verifier`)."""
+    check_tokenizer(self, tokenizer)
+    answer_ids = [tokenizer.piece_to_id(s) for s in self.answer_symbols]
+    return make_answer_verifier(tokenizer.piece_to_id(ANSWER_MARKER), tokenizer.eos_ids,
+                                answer_ids, max_answer_len=max_answer_len,
+                                format_reward=format_reward)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSource:
+  """`len` / `__getitem__` view of one split of a task (grain's RandomAccessDataSource protocol)."""
+
+  task: Task
+  split: str
+  seed: int = 0
+
+  def __len__(self) -> int:
+    return self.task.size(self.split)
+
+  def __getitem__(self, index: int) -> Example:
+    return self.task.example(self.split, int(index), self.seed)
+
+
+# ---- arithmetic ------------------------------------------------------------------------------
+
+
+def _digit(x: int, i: int) -> int:
+  return x // 10**i % 10
+
+
+def add_steps(a: int, b: int, num_digits: int) -> list[str]:
+  """Digit-wise addition, least significant first: "x+y+carry_in=two-digit sum" (carry = tens)."""
+  steps, carry = [], 0
+  for i in range(num_digits):
+    x, y = _digit(a, i), _digit(b, i)
+    s = x + y + carry
+    steps.append(f"{x}+{y}+{carry}={s:02d}")
+    carry = s // 10
+  return steps
+
+
+def sub_steps(a: int, b: int, num_digits: int) -> list[str]:
+  """Digit-wise a-b (a >= b): "x-y-borrow_in=d", with x written as 1x when it borrows ten."""
+  steps, borrow = [], 0
+  for i in range(num_digits):
+    x, y = _digit(a, i), _digit(b, i)
+    out = int(x - y - borrow < 0)
+    steps.append(f"{x + 10 * out}-{y}-{borrow}={x + 10 * out - y - borrow}")
+    borrow = out
+  return steps
+
+
+def mul_steps(a: int, b: int, num_digits: int) -> list[str]:
+  """Long multiplication: partial products "a*(d*10^i)=p", then running sums "s+p=s'"."""
+  parts = [_digit(b, i) * 10**i for i in range(num_digits)]
+  steps = [f"{a}*{p}={a * p}" for p in parts]
+  total = a * parts[0]
+  for p in parts[1:]:
+    steps.append(f"{total}+{a * p}={total + a * p}")
+    total += a * p
+  return steps
+
+
+_OPS = {"+": (lambda a, b: a + b, add_steps), "-": (lambda a, b: a - b, sub_steps),
+        "*": (lambda a, b: a * b, mul_steps)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticTask(Task):
+  """`a op b` with operands of up to `num_digits` digits; op drawn uniformly from `operations`.
+
+  Subtraction is drawn with a >= b (answers are never negative). `step_by_step` writes the
+  digit-wise work (carries / borrows / partial products) before the answer, STaR style.
+  """
+
+  name: ClassVar[str] = "arithmetic"
+  symbols: ClassVar[tuple[str, ...]] = DIGITS + (ANSWER_MARKER, "+", "-", "*", "=")
+  num_digits: int = 2
+  operations: str = "+"
+  step_by_step: bool = False
+  heldout_fraction: float = 0.1
+
+  def __post_init__(self):
+    if not isinstance(self.num_digits, int) or not 1 <= self.num_digits <= 9:
+      raise ValueError(f"num_digits must be an int in [1, 9], got {self.num_digits!r}")
+    if not self.operations or set(self.operations) - set(_OPS) or \
+        len(set(self.operations)) != len(self.operations):
+      raise ValueError(f"operations must be distinct characters of '+-*', got {self.operations!r}")
+    if not 0.0 < self.heldout_fraction < 1.0:
+      raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+  def _sample(self, rng):
+    op = self.operations[int(rng.integers(len(self.operations)))]
+    a, b = (int(x) for x in rng.integers(0, 10**self.num_digits, size=2))
+    return (op, b, a) if op == "-" and a < b else (op, a, b)
+
+  def _key(self, problem):
+    op, a, b = problem
+    return f"{op}:{min(a, b)}:{max(a, b)}" if op in "+*" else f"{op}:{a}:{b}"
+
+  def _render(self, problem):
+    op, a, b = problem
+    fn, steps = _OPS[op]
+    answer = str(fn(a, b))
+    work = " ".join(steps(a, b, self.num_digits)) + " " if self.step_by_step else ""
+    return {"prompt": f"{a}{op}{b}=", "response": f"{work}{ANSWER_MARKER}{answer}",
+            "answer": answer}
+
+  def _num_problems(self):
+    n = 10**self.num_digits
+    return sum(n * (n + 1) // 2 if op == "-" else n * n for op in self.operations)
+
+
+# ---- sort ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SortTask(Task):
+  """Sort `length` integers drawn uniformly from [0, max_value], comma-separated.
+
+  Splits partition by the multiset, so a held-out answer never appears as a train answer.
+  """
+
+  name: ClassVar[str] = "sort"
+  symbols: ClassVar[tuple[str, ...]] = DIGITS + (ANSWER_MARKER, ",", "=")
+  answer_symbols: ClassVar[tuple[str, ...]] = DIGITS + (",",)
+  length: int = 5
+  max_value: int = 9
+  heldout_fraction: float = 0.1
+
+  def __post_init__(self):
+    if not isinstance(self.length, int) or not 1 <= self.length <= 64:
+      raise ValueError(f"length must be an int in [1, 64], got {self.length!r}")
+    if not isinstance(self.max_value, int) or not 1 <= self.max_value <= 999:
+      raise ValueError(f"max_value must be an int in [1, 999], got {self.max_value!r}")
+    if not 0.0 < self.heldout_fraction < 1.0:
+      raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+  def _sample(self, rng):
+    return tuple(int(x) for x in rng.integers(0, self.max_value + 1, size=self.length))
+
+  def _key(self, problem):
+    return ",".join(map(str, sorted(problem)))
+
+  def _render(self, problem):
+    answer = ",".join(map(str, sorted(problem)))
+    return {"prompt": f"sort {','.join(map(str, problem))}=",
+            "response": f"{ANSWER_MARKER}{answer}", "answer": answer}
+
+  def _num_problems(self):
+    return (self.max_value + 1)**self.length
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "sort": SortTask}
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+  """A task by registry name, e.g. `get_task("arithmetic", num_digits=3, operations="+-")`."""
+  if name not in TASKS:
+    raise ValueError(f"unknown task {name!r}; choices: {', '.join(sorted(TASKS))}")
+  try:
+    return TASKS[name](**kwargs)
+  except TypeError as e:
+    raise ValueError(f"bad arguments for task {name!r}: {e}") from e
+
+
+# ---- tokenizer -------------------------------------------------------------------------------
+
+
+def check_tokenizer(task: Task, tokenizer: tokenizers.Tokenizer) -> None:
+  """Raises ValueError unless every task symbol (digits, marker, ...) is exactly one token."""
+  for s in task.symbols:
+    if tokenizer.piece_to_id(s) is None or len(tokenizer.encode(s)) != 1:
+      raise ValueError(f"tokenizer {tokenizer!r} does not encode {s!r} as a single token; build "
+                       f"it with build_tokenizer({task!r}, ...)")
+  if tokenizer.eos_id is None:
+    raise ValueError(f"tokenizer {tokenizer!r} has no EOS token; task responses end with EOS")
+
+
+def build_tokenizer(task: Task, path: str | os.PathLike,
+                    vocab_size: int = 64) -> tokenizers.SentencePieceTokenizer:
+  """Trains (or loads from cache) the task's tiny SentencePiece tokenizer; no downloads.
+
+  `path` is a `.model` file, or a directory that gets `<task.name>-<digest>.model`, the digest
+  covering the corpus, symbols and vocab size (so different tasks never share a cached file).
+  Training is deterministic and written atomically (safe with concurrent processes).
+  """
+  path = os.fspath(path)
+  corpus = task.corpus()
+  if not path.endswith(".model"):
+    blob = "\n".join([str(vocab_size), *task.symbols, *corpus]).encode("utf-8")
+    digest = hashlib.blake2b(blob, digest_size=6).hexdigest()
+    path = os.path.join(path, f"{task.name}-{digest}.model")
+  if not os.path.isfile(path):
+    tmp = f"{path[:-len('.model')]}.tmp{os.getpid()}"
+    tokenizers.train_sentencepiece(corpus, vocab_size, tmp, user_defined_symbols=task.symbols)
+    os.replace(tmp + ".model", path)
+    os.replace(tmp + ".vocab", path[:-len(".model")] + ".vocab")
+  tok = tokenizers.SentencePieceTokenizer(path)
+  check_tokenizer(task, tok)
+  return tok
+
+
+# ---- batching --------------------------------------------------------------------------------
+
+
+def _pad(rows: list[list[int]], width: int, left: bool, pad_id: int, what: str,
+         width_name: str) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(rows), width), pad_id, np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, row in enumerate(rows):
+    if len(row) > width:
+      raise ValueError(f"example {i}: {what} has {len(row)} tokens, more than "
+                       f"{width_name}={width}")
+    sl = slice(width - len(row), width) if left else slice(0, len(row))
+    tokens[i, sl], mask[i, sl] = row, True
+  return tokens, mask
+
+
+def encode_examples(examples: Sequence[Example], tokenizer: tokenizers.Tokenizer,
+                    max_prompt_len: int, max_response_len: int,
+                    max_answer_len: int) -> dict[str, np.ndarray]:
+  """Tokenizes examples into fixed-width numpy arrays.
+
+  Returns `prompt_tokens` [B, P] (BOS + prompt, left-padded), `response_tokens` [B, R] (response
+  + EOS, right-padded), `answer_tokens` [B, A] (answer, right-padded), each int32, plus the bool
+  `*_mask` of each. Raises ValueError naming the example index when a row does not fit.
+  """
+  if tokenizer.eos_id is None:
+    raise ValueError("encode_examples needs a tokenizer with an EOS token")
+  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  fields = (("prompt", dict(add_bos=True), max_prompt_len, True, "max_prompt_len"),
+            ("response", dict(add_eos=True), max_response_len, False, "max_response_len"),
+            ("answer", {}, max_answer_len, False, "max_answer_len"))
+  out = {}
+  for field, kw, width, left, width_name in fields:
+    rows = [tokenizer.encode(e[field], **kw) for e in examples]
+    out[f"{field}_tokens"], out[f"{field}_mask"] = _pad(rows, width, left, pad, field, width_name)
+  return out
+
+
+# ---- verification ----------------------------------------------------------------------------
+
+
+def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Sequence[int] = (),
+                         max_answer_len: int | None = None,
+                         format_reward: float = 0.0) -> Verifier:
+  """A pure, jittable `verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA)`.
+
+  A completion ends at its first EOS (any of `eos_ids`) among masked tokens; its answer is the
+  tokens after its first `marker_id`, up to that EOS. Reward is 1.0 iff the completion has both,
+  every token in between is masked, and the answer equals the gold answer exactly (gold: the masked
+  tokens of `answer_BxA`, one contiguous run, left- or right-padded; an empty gold scores 0).
+  Otherwise `format_reward` (default 0.0) if the completion is well formed (marker, non-empty
+  answer made only of `answer_ids`, EOS), else 0.0. A completion cut off before EOS scores 0.0.
+  Returns float32 [B].
+  """
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  allowed = jnp.asarray(list(answer_ids) or [-1], jnp.int32)
+
+  def verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA):
+    tokens, mask = jnp.asarray(completion_BxN, jnp.int32), jnp.asarray(completion_mask_BxN, bool)
+    gold, gold_mask = jnp.asarray(answer_BxA, jnp.int32), jnp.asarray(answer_mask_BxA, bool)
+    n, a = tokens.shape[1], gold.shape[1]
+    if max_answer_len is not None and a > max_answer_len:
+      raise ValueError(f"answer width {a} exceeds max_answer_len={max_answer_len}")
+    pos_N = jnp.arange(n)
+    is_eos = jnp.isin(tokens, eos) & mask
+    has_eos = is_eos.any(axis=1)
+    end_B = jnp.where(has_eos, jnp.argmax(is_eos, axis=1), n)
+    is_marker = (tokens == marker_id) & mask & (pos_N[None] < end_B[:, None])
+    has_marker = is_marker.any(axis=1)
+    start_B = jnp.argmax(is_marker, axis=1) + 1
+    region = (pos_N[None] >= start_B[:, None]) & (pos_N[None] < end_B[:, None])
+    length_B = end_B - start_B
+    complete = has_eos & has_marker & ~(region & ~mask).any(axis=1) & (length_B > 0)
+
+    gold_len_B = gold_mask.sum(axis=1)
+    gold_start_B = jnp.argmax(gold_mask, axis=1)
+    j_A = jnp.arange(a)
+    got = jnp.take_along_axis(tokens, jnp.clip(start_B[:, None] + j_A, 0, n - 1), axis=1)
+    want = jnp.take_along_axis(gold, jnp.clip(gold_start_B[:, None] + j_A, 0, a - 1), axis=1)
+    same = ((got == want) | (j_A[None] >= gold_len_B[:, None])).all(axis=1)
+    correct = complete & (length_B == gold_len_B) & same & (gold_len_B > 0)
+    if format_reward == 0.0:
+      return correct.astype(jnp.float32)
+    well_formed = complete & ~(region & ~jnp.isin(tokens, allowed)).any(axis=1)
+    return jnp.where(correct, 1.0, jnp.where(well_formed, format_reward, 0.0)).astype(jnp.float32)
+
+  return verify
+
+
+def extract_answer(text: str) -> str | None:
+  """Host-side helper: the text after the first `ANSWER_MARKER` (None if absent). It cannot see
+  EOS; use the token verifier for rewards."""
+  return text.split(ANSWER_MARKER, 1)[1] if ANSWER_MARKER in text else None
