@@ -1,0 +1,365 @@
+"""Input pipelines: validated JSONL loading, checkpointable grain batch iterators, eval batches.
+
+  rows, report = load_jsonl("train.jsonl", tokenizer=tok, max_prompt_len=64,
+                            max_response_len=128, max_answer_len=16)
+  it = make_iterator(rows, tokenizer=tok, batch_size=32, max_prompt_len=64,
+                     max_response_len=128, max_answer_len=16, seed=0)
+  batch = next(it)                     # dict of numpy arrays, see `encode_examples`
+  state = it.get_state()               # JSON-serialisable; `it.set_state(state)` resumes exactly
+  evals = eval_batches(task, "heldout", 200, tokenizer=tok, batch_size=32, ...)
+
+JSONL rows: `prompt` (str, required), optional `response` (gold response), `answer` (str or
+number), `chosen` / `rejected` (preference pairs). Bad rows are skipped and counted per reason
+(see `REASONS`), or raise `DataError` under `strict=True`.
+
+Multi-host: every process builds the same global batch of `batch_size` rows and encodes only its
+own contiguous block of `batch_size // process_count` rows (`shard_rows`), so the union over
+processes of one step's rows is exactly the single-process batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, BinaryIO, Iterator, Mapping, Sequence
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+
+from selfplay_jax import tokenizers
+from selfplay_jax.data import tasks
+
+__all__ = ["DataError", "RowReport", "REASONS", "FIELDS", "MAX_LINE_BYTES", "load_jsonl",
+           "make_dataset", "make_iterator", "eval_batches", "process_shard", "local_batch_size",
+           "shard_rows"]
+
+MAX_LINE_BYTES = 1 << 20  # longer lines are skipped unparsed ("line_too_long")
+MAX_REPORT_EXAMPLES = 10
+FIELDS = ("prompt", "response", "answer", "chosen", "rejected")
+_RESPONSE_LIKE = ("response", "chosen", "rejected")
+REASONS = ("line_too_long", "invalid_utf8", "invalid_json", "not_object", "missing_field",
+           "wrong_type", "empty_prompt", "prompt_too_long", "response_too_long",
+           "answer_too_long", "chosen_too_long", "rejected_too_long")
+
+
+class DataError(ValueError):
+  """A data file that cannot be used (a bad row under `strict=True`, or no valid rows)."""
+
+
+class _BadRow(Exception):
+  """Internal: why one row was rejected."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(reason)
+    self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass
+class RowReport:
+  """What `load_jsonl` kept and skipped.
+
+  Attributes:
+    path: the file.
+    num_rows: non-blank lines seen.
+    num_valid: rows kept.
+    counts: skipped rows per reason (keys from `REASONS`).
+    examples: the first few skipped rows as `(1-based line number, reason)`.
+  """
+
+  path: str
+  num_rows: int = 0
+  num_valid: int = 0
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  examples: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(self.counts.values())
+
+  def add(self, line: int, reason: str) -> None:
+    self.counts[reason] = self.counts.get(reason, 0) + 1
+    if len(self.examples) < MAX_REPORT_EXAMPLES:
+      self.examples.append((line, reason))
+
+  def summary(self) -> str:
+    reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.counts.items())) or "none"
+    first = ", ".join(f"line {n}: {r}" for n, r in self.examples)
+    text = (f"{self.path}: kept {self.num_valid} of {self.num_rows} rows, skipped "
+            f"{self.num_skipped} ({reasons})")
+    return f"{text}; first skipped: {first}" if first else text
+
+
+# ---- JSONL -----------------------------------------------------------------------------------
+
+
+def _lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+  """Yields (1-based line number, raw line) with None for lines over `limit` bytes (unread)."""
+  number = 0
+  while True:
+    line = f.readline(limit + 1)
+    if not line:
+      return
+    number += 1
+    if len(line) > limit:
+      while line and not line.endswith(b"\n"):  # drain the rest of the huge line in chunks
+        line = f.readline(1 << 16)
+      yield number, None
+    else:
+      yield number, line
+
+
+def _decode_line(raw: bytes | None, first: bool) -> str:
+  if raw is None:
+    raise _BadRow("line_too_long", f"more than {MAX_LINE_BYTES} bytes")
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _BadRow("invalid_utf8", str(e)) from None
+  return text.removeprefix("\ufeff") if first else text
+
+
+def _parse(text: str) -> Any:
+  try:
+    return json.loads(text)
+  except (ValueError, RecursionError) as e:
+    raise _BadRow("invalid_json", str(e)) from None
+
+
+def _answer_str(value: Any) -> str:
+  """An answer given as str or number, as a string (integral floats lose their ".0")."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, int) and not isinstance(value, bool):
+    return str(value)
+  if isinstance(value, float) and math.isfinite(value):
+    return str(int(value)) if value.is_integer() else repr(value)
+  raise _BadRow("wrong_type", f"answer must be a string or number, got {type(value).__name__}")
+
+
+def _fields(obj: Any, required: frozenset[str]) -> dict[str, str]:
+  """Type-checks a parsed row; its known fields as strings (absent / null optional dropped)."""
+  if not isinstance(obj, dict):
+    raise _BadRow("not_object", f"row is a JSON {type(obj).__name__}, not an object")
+  for name in FIELDS:
+    if name in required and name not in obj:
+      raise _BadRow("missing_field", f"no {name!r} field")
+  out = {}
+  for name in FIELDS:
+    value = obj.get(name)
+    if value is None and name not in required:
+      continue
+    if name == "answer":
+      out[name] = _answer_str(value)
+    elif isinstance(value, str):
+      out[name] = value
+    else:
+      raise _BadRow("wrong_type", f"{name} must be a string, got {type(value).__name__}")
+  if not out["prompt"].strip():
+    raise _BadRow("empty_prompt", "prompt is empty or whitespace")
+  return out
+
+
+def _check_lengths(row: Mapping[str, str], tokenizer: tokenizers.Tokenizer, max_prompt_len: int,
+                   max_response_len: int, max_answer_len: int) -> None:
+  """Rejects rows that `encode_examples` could not fit (BOS + prompt, response + EOS, answer)."""
+  checks = [("prompt", dict(add_bos=True), max_prompt_len, " with BOS", "max_prompt_len"),
+            ("answer", {}, max_answer_len, "", "max_answer_len")]
+  checks += [(f, dict(add_eos=True), max_response_len, " with EOS", "max_response_len")
+             for f in _RESPONSE_LIKE]
+  for name, kw, limit, extra, limit_name in checks:
+    if name in row:
+      n = len(tokenizer.encode(row[name], **kw))
+      if n > limit:
+        raise _BadRow(f"{name}_too_long", f"{n} tokens{extra} > {limit_name}={limit}")
+
+
+def _read_row(raw: bytes | None, first: bool, required: frozenset[str],
+              tokenizer: tokenizers.Tokenizer, max_prompt_len: int, max_response_len: int,
+              max_answer_len: int) -> dict[str, str] | None:
+  """One validated, normalized row; None for a blank line; `_BadRow` when invalid."""
+  text = _decode_line(raw, first)
+  if not text.strip():
+    return None
+  row = _fields(_parse(text), required)
+  _check_lengths(row, tokenizer, max_prompt_len, max_response_len, max_answer_len)
+  return _normalize(row)
+
+
+def _normalize(row: Mapping[str, Any]) -> dict[str, str]:
+  """An example dict for `encode_examples`: missing response / answer become ""."""
+  out = {"prompt": row["prompt"], "response": row.get("response", ""),
+         "answer": row.get("answer", "")}
+  out.update({k: row[k] for k in ("chosen", "rejected") if k in row})
+  return out
+
+
+def load_jsonl(path: str | os.PathLike, *, tokenizer: tokenizers.Tokenizer, max_prompt_len: int,
+               max_response_len: int, max_answer_len: int, strict: bool = False,
+               require: Sequence[str] = ("prompt",)) -> tuple[list[dict[str, str]], RowReport]:
+  """Reads and validates a JSONL file of examples.
+
+  Each kept row is `{"prompt", "response", "answer"}` (response / answer "" when absent; a
+  numeric answer becomes its string) plus `chosen` / `rejected` when present; other keys are
+  dropped. `prompt` is always required; `require` may add more of `FIELDS`. A null optional field
+  counts as absent. Blank lines are ignored. Bad rows (`REASONS`) are skipped, counted in the
+  returned `RowReport` and logged once as a summary.
+
+  Raises:
+    FileNotFoundError: `path` is not a file.
+    DataError: with `strict`, at the first bad row (message: file, line number, reason); or when
+      no row is valid.
+  """
+  path = os.fspath(path)
+  unknown = set(require) - set(FIELDS)
+  if unknown:
+    raise ValueError(f"require must name fields of {FIELDS}, got {sorted(unknown)}")
+  if tokenizer.eos_id is None:
+    raise ValueError("load_jsonl needs a tokenizer with an EOS token (responses end with EOS)")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"JSONL file not found: {path}")
+  required = frozenset(("prompt", *require))
+  report, rows = RowReport(path), []
+  with open(path, "rb") as f:
+    for number, raw in _lines(f, MAX_LINE_BYTES):
+      try:
+        row = _read_row(raw, number == 1, required, tokenizer, max_prompt_len, max_response_len,
+                        max_answer_len)
+      except _BadRow as bad:
+        if strict:
+          raise DataError(f"{path} line {number}: {bad.reason} ({bad.detail})") from None
+        report.num_rows += 1
+        report.add(number, bad.reason)
+        continue
+      if row is not None:
+        report.num_rows += 1
+        rows.append(row)
+  report.num_valid = len(rows)
+  log = logging.warning if report.num_skipped else logging.info
+  log("load_jsonl %s", report.summary())
+  if not rows:
+    raise DataError(f"no valid rows in {path}: {report.summary()}")
+  return rows, report
+
+
+# ---- process sharding ------------------------------------------------------------------------
+
+
+def process_shard(process_index: int | None = None,
+                  process_count: int | None = None) -> tuple[int, int]:
+  """`(process_index, process_count)`, each defaulting to JAX's; validated."""
+  index = jax.process_index() if process_index is None else int(process_index)
+  count = jax.process_count() if process_count is None else int(process_count)
+  if count < 1 or not 0 <= index < count:
+    raise ValueError(f"need 0 <= process_index < process_count, got {index} and {count}")
+  return index, count
+
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+  """Rows per process of a global batch; ValueError unless `process_count` divides it."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if batch_size % process_count:
+    raise ValueError(f"batch_size={batch_size} is not divisible by the number of JAX processes "
+                     f"({process_count}); each process must get an equal share")
+  return batch_size // process_count
+
+
+def shard_rows(rows: Sequence[Any], process_index: int, process_count: int) -> list[Any]:
+  """This process's contiguous block of a global batch (the identity for one process)."""
+  n = local_batch_size(len(rows), process_count)
+  return list(rows[process_index * n:(process_index + 1) * n])
+
+
+# ---- batching --------------------------------------------------------------------------------
+
+
+def _encode_rows(rows: Sequence[Mapping[str, Any]], *, tokenizer: tokenizers.Tokenizer,
+                 max_prompt_len: int, max_response_len: int, max_answer_len: int,
+                 process_index: int, process_count: int) -> dict[str, np.ndarray]:
+  local = [_normalize(r) for r in shard_rows(rows, process_index, process_count)]
+  return tasks.encode_examples(local, tokenizer, max_prompt_len, max_response_len, max_answer_len)
+
+
+def make_dataset(source: Sequence[Mapping[str, Any]] | Any, *, tokenizer: tokenizers.Tokenizer,
+                 batch_size: int, max_prompt_len: int, max_response_len: int,
+                 max_answer_len: int, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.MapDataset:
+  """The grain `MapDataset` of encoded local batches behind `make_iterator`."""
+  index, count = process_shard(process_index, process_count)
+  local_batch_size(batch_size, count)
+  if len(source) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError("cannot build a data pipeline from an empty source")
+  ds = grain.MapDataset.source(source)
+  if shuffle:
+    ds = ds.shuffle(seed)  # reshuffled every epoch (seed + epoch)
+  ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=list)
+  return ds.map(functools.partial(
+      _encode_rows, tokenizer=tokenizer, max_prompt_len=max_prompt_len,
+      max_response_len=max_response_len, max_answer_len=max_answer_len, process_index=index,
+      process_count=count))
+
+
+def make_iterator(source: Sequence[Mapping[str, Any]] | Any, *,
+                  tokenizer: tokenizers.Tokenizer, batch_size: int, max_prompt_len: int,
+                  max_response_len: int, max_answer_len: int, seed: int, shuffle: bool = True,
+                  num_epochs: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None, num_threads: int = 2,
+                  prefetch: int = 8) -> grain.DatasetIterator:
+  """A checkpointable iterator of encoded batches (dicts of numpy arrays, `encode_examples`).
+
+  `source` is a task source (`task.source(split, seed)`) or a list of example dicts. Examples are
+  shuffled by `seed` (a new order every epoch), repeated `num_epochs` times (None: forever) and
+  batched with the remainder dropped. Each process gets `batch_size // process_count` rows.
+  `get_state()` is JSON-serialisable; `set_state()` resumes exactly.
+  """
+  ds = make_dataset(source, tokenizer=tokenizer, batch_size=batch_size,
+                    max_prompt_len=max_prompt_len, max_response_len=max_response_len,
+                    max_answer_len=max_answer_len, seed=seed, shuffle=shuffle,
+                    num_epochs=num_epochs, process_index=process_index,
+                    process_count=process_count)
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(task_or_examples: tasks.Task | Sequence[Mapping[str, Any]],
+                 split: str = "heldout", num: int | None = None, *,
+                 tokenizer: tokenizers.Tokenizer, batch_size: int, max_prompt_len: int,
+                 max_response_len: int, max_answer_len: int, seed: int = 0,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+  """A fixed, deterministic list of encoded evaluation batches.
+
+  Takes the first `num` examples (default: all) of a task's `split` (for `seed`) or of a list of
+  example dicts (`split` then unused), in order, padded to a multiple of `batch_size` by repeating
+  the first example. Each batch adds `valid` (bool [b], False on padding, so summing a metric
+  over `valid` counts every example exactly once) and `index` (int32 [b], the example's position,
+  -1 on padding). Batches are process-sharded like `make_iterator`.
+  """
+  index, count = process_shard(process_index, process_count)
+  local_batch_size(batch_size, count)
+  if isinstance(task_or_examples, tasks.Task):
+    examples = task_or_examples.examples(split, seed=seed, num=num)
+  else:
+    n = len(task_or_examples) if num is None else min(num, len(task_or_examples))
+    examples = [task_or_examples[i] for i in range(n)]
+  if not examples:
+    raise ValueError("eval_batches got no examples")
+  total = -(-len(examples) // batch_size) * batch_size
+  padded = examples + [examples[0]] * (total - len(examples))
+  ids = np.where(np.arange(total) < len(examples), np.arange(total), -1).astype(np.int32)
+  out = []
+  for start in range(0, total, batch_size):
+    batch = _encode_rows(padded[start:start + batch_size], tokenizer=tokenizer,
+                         max_prompt_len=max_prompt_len, max_response_len=max_response_len,
+                         max_answer_len=max_answer_len, process_index=index,
+                         process_count=count)
+    batch["index"] = np.asarray(shard_rows(ids[start:start + batch_size], index, count), np.int32)
+    batch["valid"] = batch["index"] >= 0
+    out.append(batch)
+  return out
