@@ -1,0 +1,160 @@
+"""The self-improvement round as ONE jitted program.
+
+  round_fn = build_round_fn(model_config, spec, optimizer, sampling_config, verifier, ...)
+  state, metrics = round_fn(state, batch)
+
+Inside: sample -> score -> build rows (pairs / advantages) -> old and reference log-probs ->
+`num_epochs x num_minibatches` optax updates in a `lax.scan` -> reference update -> metrics.
+A non-finite loss or gradient skips that update (counted in `train/skipped_fraction`); it is never
+written to the state. Python decides when to save and evaluate; nothing here touches the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from selfplay_jax import sampling
+from selfplay_jax.algorithms import losses
+from selfplay_jax.algorithms.spec import LogProbs, Rows, Spec
+from selfplay_jax.models import decoder
+from selfplay_jax.models.config import ModelConfig
+
+Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  params: Any
+  ref_params: Any  # reference policy (frozen initial, previous iterate, ...); None if unused
+  base_params: Any  # initial parameters, kept only when a spec restarts from them each round
+  opt_state: Any
+  step: jax.Array  # optimizer steps taken
+  round: jax.Array  # rounds completed
+  rng: jax.Array
+
+
+def init_state(params, optimizer: optax.GradientTransformation, spec: Spec, rng: jax.Array
+               ) -> TrainState:
+  # Copies, so that donating the state never invalidates a caller's arrays or aliases two leaves.
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  params = copy(params)
+  return TrainState(
+      params=params,
+      ref_params=copy(params) if spec.reference != "none" else None,
+      base_params=copy(params) if spec.restart_from_base else None,
+      opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32),
+      round=jnp.zeros((), jnp.int32),
+      rng=rng)
+
+
+def completion_logprobs(config: ModelConfig, params, rows: Rows) -> jax.Array:
+  """log pi(completion token | prefix) for each completion position: float32 [R, N]."""
+  prompt_len = rows["prompt_tokens"].shape[1]
+  tokens = jnp.concatenate([rows["prompt_tokens"], rows["tokens"]], axis=1)
+  segments = jnp.concatenate([rows["prompt_mask"], rows["mask"]], axis=1).astype(jnp.int32)
+  # Padding inside the completion keeps segment 1 so positions stay contiguous; it is masked later.
+  segments = jnp.maximum(segments, jnp.pad(jnp.ones_like(rows["mask"], jnp.int32),
+                                           ((0, 0), (prompt_len, 0))))
+  logits = decoder.forward(config, params, tokens[:, :-1], segment_ids=segments[:, :-1])
+  return losses.token_logprobs(logits[:, prompt_len - 1:], rows["tokens"])
+
+
+def _minibatches(rows: Rows, rng, num_epochs: int, num_minibatches: int) -> Rows:
+  """[epochs * minibatches, rows / minibatches, ...], rows shuffled per epoch."""
+  n = jax.tree.leaves(rows)[0].shape[0]
+  keys = jax.random.split(rng, num_epochs)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, n))(keys).reshape(-1)
+  return jax.tree.map(
+      lambda x: x[perms].reshape((num_epochs * num_minibatches, n // num_minibatches) + x.shape[1:]),
+      rows)
+
+
+def _select(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.GradientTransformation,
+                   sampling_config: sampling.SamplingConfig, verifier: Verifier | None, *,
+                   num_epochs: int = 1, num_minibatches: int = 1, state_shardings=None,
+                   batch_shardings=None, jit: bool = True):
+  """Returns `round_fn(state, batch) -> (state, metrics)`, jitted once with the state donated.
+
+  `batch` holds the data pipeline's arrays: prompt_tokens/mask, response_tokens/mask (gold),
+  answer_tokens/mask (for the verifier).
+  """
+  sc = sampling_config
+
+  def logp_fn(params, rows):
+    return completion_logprobs(model_config, params, rows)
+
+  def round_fn(state: TrainState, batch: Rows):
+    rng, k_sample, k_shuffle = jax.random.split(state.rng, 3)
+    metrics: dict[str, jax.Array] = {}
+    rollout, rewards = None, None
+    if spec.samples:
+      rollout = sampling.sample(model_config, state.params, batch["prompt_tokens"],
+                                batch["prompt_mask"], k_sample, sc)
+      if verifier is not None:
+        rep = lambda x: jnp.repeat(x, sc.n, axis=0)
+        rewards = verifier(rollout.tokens, rollout.mask, rep(batch["answer_tokens"]),
+                           rep(batch["answer_mask"]))
+        metrics["train/reward_mean"] = jnp.mean(rewards)
+        metrics["train/reward_std"] = jnp.std(rewards)
+        metrics["train/accuracy"] = jnp.mean((rewards >= 1.0).astype(jnp.float32))
+      lengths = rollout.lengths.astype(jnp.float32)
+      metrics["train/completion_len"] = jnp.mean(lengths)
+      # Entropy estimate: mean negative log-prob of the sampled tokens under the model.
+      metrics["train/entropy"] = -losses.masked_mean(rollout.model_logprobs, rollout.mask)
+
+    logp = LogProbs(old=lambda rows: jax.lax.stop_gradient(logp_fn(state.params, rows)),
+                    ref=lambda rows: jax.lax.stop_gradient(logp_fn(state.ref_params, rows)))
+    rows = spec.build(batch, rollout, rewards, logp)
+    if "ref_logp" in rows:
+      metrics["train/kl_ref"] = losses.masked_mean(
+          losses.kl_k3(rows.get("old_logp", rows["ref_logp"]), rows["ref_logp"]), rows["mask"])
+
+    start_params = state.params if state.base_params is None else state.base_params
+
+    def step(carry, minibatch):
+      params, opt_state = carry
+
+      def loss_fn(p):
+        return spec.loss(logp_fn(p, minibatch), minibatch)
+
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      grad_norm = optax.tree.norm(grads)
+      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      updates, new_opt_state = optimizer.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      carry = (_select(ok, new_params, params), _select(ok, new_opt_state, opt_state))
+      return carry, {"loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32),
+                     **aux}
+
+    minibatches = _minibatches(rows, k_shuffle, num_epochs, num_minibatches)
+    (params, opt_state), step_metrics = jax.lax.scan(step, (start_params, state.opt_state),
+                                                     minibatches)
+    num_steps = num_epochs * num_minibatches
+    metrics["train/loss"] = jnp.mean(step_metrics.pop("loss"))
+    metrics["train/grad_norm"] = jnp.mean(step_metrics.pop("grad_norm"))
+    metrics["train/skipped_fraction"] = jnp.mean(step_metrics.pop("skipped"))
+    metrics.update({f"train/{k}": jnp.mean(v) for k, v in step_metrics.items()})
+
+    ref_params = params if spec.reference == "previous" else state.ref_params
+    new_state = state.replace(params=params, ref_params=ref_params, opt_state=opt_state,
+                              step=state.step + num_steps, round=state.round + 1, rng=rng)
+    return new_state, metrics
+
+  if not jit:
+    return round_fn
+  shardings = {}
+  if state_shardings is not None:
+    shardings = dict(in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, None))
+  return jax.jit(round_fn, donate_argnums=0, **shardings)
