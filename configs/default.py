@@ -25,6 +25,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0  # PRNG seed for parameter init, sampling and data
   cfg.rounds = 20  # self-improvement rounds (each: sample -> score -> update)
+  cfg.progress_bar = True  # tqdm bar over rounds
+
+  cfg.warmup = ml_collections.ConfigDict()
+  cfg.warmup.rounds = 40  # SFT rounds on gold responses before self-improvement
+  cfg.warmup.num_minibatches = 1  # optimizer steps per warm-up round
+
+  cfg.eval = ml_collections.ConfigDict()
+  cfg.eval.every_rounds = 10  # greedy held-out accuracy every N rounds (and at the end)
+  cfg.eval.num_examples = 128  # held-out examples per evaluation
+  cfg.eval.batch_size = 64  # prompts per evaluation batch
 
   cfg.model = ml_collections.ConfigDict()
   cfg.model.hf_path = ""  # HF checkpoint dir (config.json + safetensors); "" = build from fields
@@ -56,11 +66,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.num_minibatches = 1  # optimizer steps per epoch (must divide batch_size * n)
   cfg.algorithm.kl_coef = 0.0  # weight of the KL penalty to the reference policy
   cfg.algorithm.beta = 0.1  # preference temperature (DPO-family / SPIN losses)
+  cfg.algorithm.loss_type = ""  # PG token aggregation: grpo | bnpo | dr_grpo | dapo; "" = the algorithm's
+  cfg.algorithm.advantage = ""  # grpo | dr_grpo | rloo | reinforce_pp; "" = the algorithm's own
+  cfg.algorithm.clip_low = 0.2  # PPO-style ratio clip below 1
+  cfg.algorithm.clip_high = 0.2  # ratio clip above 1 (DAPO clip-higher: 0.28)
+  cfg.algorithm.restart_from_base = False  # rest_em: each round fine-tunes from the initial params
 
   cfg.data = ml_collections.ConfigDict()
   cfg.data.task = arg.task  # built-in task name or a JSONL path
   cfg.data.batch_size = 8  # prompts per round (global, across all devices)
+  cfg.data.difficulty = 2  # arithmetic: digits per operand
   cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
+  cfg.data.max_response_len = 16  # gold response length incl. EOS (tokens)
+  cfg.data.max_answer_len = 8  # answer length for the verifier (tokens)
 
   cfg.checkpoint = ml_collections.ConfigDict()
   cfg.checkpoint.every_rounds = 1  # save every N rounds; 0 = never

@@ -71,23 +71,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _train(cfg, workdir: str | None) -> int:
-  """Stub until the training loop lands: build and initialise the model, print a summary."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from selfplay_jax import models  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import train  # pylint: disable=import-outside-toplevel
 
+  workdir = workdir or "runs/default"
   model_cfg = config_lib.model_config(cfg.model)
-  params = models.init_params(model_cfg, jax.random.key(cfg.seed))
-  count = sum(x.size for x in jax.tree.leaves(params))
-  source = cfg.model.hf_path or f"preset {cfg.model.preset}"
-  print(f"model: {model_cfg.family} ({source}), {model_cfg.num_layers} layers, "
-        f"{model_cfg.num_params():,} parameters ({count:,} initialised)")
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
-        f"({jax.process_count()} process(es))")
-  if workdir:
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    (Path(workdir) / "config.json").write_text(config_lib.to_json(cfg))
-    print(f"resolved config: {Path(workdir) / 'config.json'}")
-  print("selfplay-jax train: the training loop lands in a later version")
+  print(f"selfplay-jax train: {cfg.algorithm.name} on {cfg.data.task}, model {model_cfg.family} "
+        f"({cfg.model.hf_path or 'preset ' + cfg.model.preset}), workdir {workdir}")
+  history = train.train_and_evaluate(cfg, workdir)
+  if "eval/accuracy_after_warmup" in history:
+    print(f"held-out accuracy after warm-up: {history['eval/accuracy_after_warmup']:.1%}")
+  if "eval/accuracy" in history:
+    print(f"held-out accuracy after round {history['round']}: {history['eval/accuracy']:.1%}")
+  print(f"metrics: {Path(workdir) / 'metrics.jsonl'}; checkpoints: {Path(workdir) / 'checkpoints'}")
   return 0
 
 
