@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.warmup = ml_collections.ConfigDict()
   cfg.warmup.rounds = 40  # SFT rounds on gold responses before self-improvement
   cfg.warmup.num_minibatches = 1  # optimizer steps per warm-up round
+  cfg.warmup.learning_rate = 3e-3  # warm-up SFT learning rate (self-improvement: optimizer.*)
 
   cfg.eval = ml_collections.ConfigDict()
   cfg.eval.every_rounds = 10  # greedy held-out accuracy every N rounds (and at the end)
@@ -75,7 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data = ml_collections.ConfigDict()
   cfg.data.task = arg.task  # built-in task name or a JSONL path
   cfg.data.batch_size = 8  # prompts per round (global, across all devices)
-  cfg.data.difficulty = 2  # arithmetic: digits per operand
+  cfg.data.difficulty = 2  # arithmetic: digits per operand; sort: list length
+  cfg.data.step_by_step = False  # arithmetic: digit-wise worked answer before the final one
   cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
   cfg.data.max_response_len = 16  # gold response length incl. EOS (tokens)
   cfg.data.max_answer_len = 8  # answer length for the verifier (tokens)

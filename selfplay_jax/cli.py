@@ -10,6 +10,7 @@ Config errors print one line, `error: <dotted key>: <problem>`, and exit with st
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ COMMANDS = {
     "generate": "sample completions from a checkpoint or preset",
     "plan": "print parameter count, memory and sharding for a config without allocating",
 }
-_AVAILABLE = ("train", "generate")
+_AVAILABLE = ("train", "generate", "eval")
 _FLAGS = flags.FLAGS
 
 
@@ -136,6 +137,35 @@ def _generate(argv: list[str]) -> int:
   return 0
 
 
+def _define_eval_flags() -> None:
+  flags.DEFINE_string("workdir", None, "training workdir (config.json + checkpoints/)")
+  flags.DEFINE_integer("round", None, "checkpoint round to evaluate (default: the newest)")
+  flags.DEFINE_integer("k", 8, "samples per problem for pass@k (0 = greedy accuracy only)")
+  flags.DEFINE_integer("num_examples", None, "held-out examples (default: the run's eval.num_examples)")
+
+
+def _eval(argv: list[str]) -> int:
+  from selfplay_jax import checkpoint, evaluate  # pylint: disable=import-outside-toplevel
+
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _FLAGS.workdir:
+    _fail("--workdir: the training workdir to evaluate is required")
+  if _FLAGS.k < 0:
+    _fail(f"--k: must be >= 0, got {_FLAGS.k}")
+  try:
+    result = evaluate.evaluate_workdir(_FLAGS.workdir, step=_FLAGS.round, k=_FLAGS.k,
+                                       num_examples=_FLAGS.num_examples)
+  except (ConfigError, ValueError, OSError, checkpoint.CheckpointError) as e:
+    _fail(e)
+  out = Path(_FLAGS.workdir) / f"eval_round_{int(result['round']):04d}.json"
+  out.write_text(json.dumps(result, indent=2))
+  for key, value in result.items():
+    print(f"{key}: {value:.4f}" if key != "round" else f"round: {int(value)}")
+  print(f"written to {out}")
+  return 0
+
+
 def run(argv: Sequence[str] | None = None) -> None:
   """Console-script entry: `selfplay-jax <command> [flags]`."""
   argv = list(sys.argv if argv is None else argv)
@@ -152,6 +182,9 @@ def run(argv: Sequence[str] | None = None) -> None:
   if command == "generate":
     _define_generate_flags()
     app.run(_generate, argv=argv, flags_parser=_parse_flags)
+  if command == "eval":
+    _define_eval_flags()
+    app.run(_eval, argv=argv, flags_parser=_parse_flags)
   try:
     absl_argv, overrides = config_lib.split_argv(argv)
   except ConfigError as e:

@@ -11,7 +11,6 @@ written to the state. Python decides when to save and evaluate; nothing here tou
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -83,11 +82,12 @@ def _select(ok, new, old):
 def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.GradientTransformation,
                    sampling_config: sampling.SamplingConfig, verifier: Verifier | None, *,
                    num_epochs: int = 1, num_minibatches: int = 1, state_shardings=None,
-                   batch_shardings=None, jit: bool = True):
+                   batch_shardings=None, num_samples: int = 0, jit: bool = True):
   """Returns `round_fn(state, batch) -> (state, metrics)`, jitted once with the state donated.
 
   `batch` holds the data pipeline's arrays: prompt_tokens/mask, response_tokens/mask (gold),
-  answer_tokens/mask (for the verifier).
+  answer_tokens/mask (for the verifier). With `num_samples > 0`, metrics also carry the first
+  `num_samples` rollout rows under `samples/*` (tokens, lengths, rewards, prompt) for sample dumps.
   """
   sc = sampling_config
 
@@ -112,6 +112,14 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
       metrics["train/completion_len"] = jnp.mean(lengths)
       # Entropy estimate: mean negative log-prob of the sampled tokens under the model.
       metrics["train/entropy"] = -losses.masked_mean(rollout.model_logprobs, rollout.mask)
+      if num_samples:
+        k = min(num_samples, rollout.num_rows)
+        metrics["samples/prompt_tokens"] = rollout.prompt_tokens[:k]
+        metrics["samples/prompt_mask"] = rollout.prompt_mask[:k]
+        metrics["samples/tokens"] = rollout.tokens[:k]
+        metrics["samples/lengths"] = rollout.lengths[:k]
+        if rewards is not None:
+          metrics["samples/rewards"] = rewards[:k]
 
     logp = LogProbs(old=lambda rows: jax.lax.stop_gradient(logp_fn(state.params, rows)),
                     ref=lambda rows: jax.lax.stop_gradient(logp_fn(state.ref_params, rows)))

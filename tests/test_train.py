@@ -1,6 +1,9 @@
 """The training loop end to end on a tiny config: metrics, checkpoints, and bit-identical resume."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 
 from selfplay_jax import checkpoint, config_lib, models
 from selfplay_jax import round as rnd
+from selfplay_jax import evaluate as ev
 from selfplay_jax import train
 
 OVERRIDES = ["warmup.rounds=3", "rounds=3", "eval.every_rounds=2", "eval.num_examples=8",
@@ -23,9 +27,9 @@ def _cfg(*extra):
 
 
 def _final_params(cfg, workdir):
-  task, tok = train._task_and_tokenizer(cfg, workdir)
-  mc = train._model_config(cfg, tok)
-  spec, opt = train.build_spec(cfg), train.build_optimizer(cfg.optimizer)
+  task, tok = ev.task_and_tokenizer(cfg, workdir)
+  mc = ev.model_config(cfg, tok)
+  spec, opt = ev.build_spec(cfg), ev.build_optimizer(cfg)
   like = rnd.init_state(models.init_params(mc, jax.random.key(0)), opt, spec, jax.random.key(0))
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
     state, _, _, _ = ckpt.restore(abstract_state=like)
@@ -37,10 +41,16 @@ def test_train_writes_metrics_and_checkpoints(tmp_path):
   history = train.train_and_evaluate(_cfg(), tmp_path)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [m["round"] for m in lines] == list(range(1, 7))
-  for m in lines:
-    assert {"round", "train/loss", "time/round_s"} <= set(m)
-  assert all("train/reward_mean" in m for m in lines[3:])
-  assert "eval/accuracy" in lines[-1] and "eval/accuracy_after_warmup" in history
+  for m in lines:  # the documented keys are on every line (None where a round measures nothing)
+    assert {"round", "train/loss", "time/round_s", "train/reward_mean", "eval/accuracy"} <= set(m)
+  assert all(m["train/reward_mean"] is None for m in lines[:3])
+  assert all(0.0 <= m["train/reward_mean"] <= 1.0 for m in lines[3:])
+  assert [m["eval/accuracy"] is not None for m in lines] == [False, True, False, True, False, True]
+  assert "eval/accuracy_after_warmup" in lines[3] and "eval/accuracy_after_warmup" in history
+  samples = [json.loads(l) for l in (tmp_path / "samples" / "round_0004.jsonl").read_text().splitlines()]
+  assert len(samples) == 8 and samples[0]["prompt"].endswith("=")
+  assert all(set(s) == {"prompt", "completion", "reward"} for s in samples)
+  assert not (tmp_path / "samples" / "round_0003.jsonl").exists()  # warm-up does not sample
   assert json.loads((tmp_path / "config.json").read_text())["rounds"] == 3
   with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.latest_step() == 6
@@ -66,3 +76,22 @@ def test_resume_is_bit_identical(tmp_path, algorithm):
   np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
   rounds = [json.loads(l)["round"] for l in (part / "metrics.jsonl").read_text().splitlines()]
   assert rounds == list(range(1, 7))
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "selfplay_jax.cli", *args], env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_eval_command_matches_training_eval(tmp_path):
+  history = train.train_and_evaluate(_cfg(), tmp_path)
+  res = _cli("eval", f"--workdir={tmp_path}", "--k=2")
+  assert res.returncode == 0, res.stderr
+  result = json.loads((tmp_path / "eval_round_0006.json").read_text())
+  assert result["round"] == 6
+  assert result["eval/accuracy"] == pytest.approx(history["eval/accuracy"])  # same greedy eval
+  assert 0.0 <= result["eval/pass@2"] <= 1.0
+  bad = _cli("eval", f"--workdir={tmp_path / 'nope'}")
+  assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr

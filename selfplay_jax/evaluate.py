@@ -1,0 +1,152 @@
+"""Held-out evaluation: greedy accuracy and pass@k; `selfplay-jax eval --workdir=W` on a finished run.
+
+Also the run set-up shared with `train.py` (task, tokenizer, model config, the TrainState layout),
+so that evaluation rebuilds exactly what training saved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from selfplay_jax import checkpoint, config_lib, models, sampling, tokenizers
+from selfplay_jax import round as rnd
+from selfplay_jax.algorithms.grpo import PolicyGradient
+from selfplay_jax.algorithms.sft import SFT, RestEM
+from selfplay_jax.data import pipeline, tasks
+
+PG_DEFAULTS = {"grpo": ("grpo", "grpo"), "dr_grpo": ("dr_grpo", "dr_grpo"), "dapo": ("dapo", "grpo"),
+               "rloo": ("grpo", "rloo"), "reinforce_pp": ("grpo", "reinforce_pp")}
+ALGORITHMS = ("sft", "rest_em") + tuple(PG_DEFAULTS)
+
+
+# ---- run set-up (shared with train.py) ---------------------------------------------------------
+
+
+def build_spec(cfg):
+  a, n = cfg.algorithm, cfg.sampling.n
+  if a.name == "sft":
+    return SFT()
+  if a.name == "rest_em":
+    return RestEM(group_size=n, restart_from_base=a.restart_from_base)
+  if a.name in PG_DEFAULTS:
+    loss_type, advantage = PG_DEFAULTS[a.name]
+    return PolicyGradient(name=a.name, group_size=n, loss_type=a.loss_type or loss_type,
+                          advantage=a.advantage or advantage, clip_low=a.clip_low,
+                          clip_high=a.clip_high, kl_coef=a.kl_coef, dynamic_filter=a.name == "dapo",
+                          max_completion_len=cfg.sampling.max_new_tokens)
+  raise config_lib.ConfigError(f"algorithm.name: unknown algorithm {a.name!r}; choose one of {ALGORITHMS}")
+
+
+def build_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW over both phases: `warmup.learning_rate` for the warm-up SFT steps, then
+  `optimizer.learning_rate` (after `optimizer.warmup_steps` of linear ramp) for self-improvement.
+  One optimizer (one state layout) so checkpoints look the same in either phase."""
+  o, w = cfg.optimizer, cfg.warmup
+  main = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps) if o.warmup_steps else (
+      optax.constant_schedule(o.learning_rate))
+  warm_steps = w.rounds * w.num_minibatches
+  lr = optax.join_schedules([optax.constant_schedule(w.learning_rate), main], [warm_steps])
+  chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip else []
+  chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  return optax.chain(*chain)
+
+
+def task_and_tokenizer(cfg, workdir: Path):
+  kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty, step_by_step=cfg.data.step_by_step),
+            "sort": dict(length=cfg.data.difficulty)}.get(cfg.data.task, {})
+  task = tasks.get_task(cfg.data.task, **kwargs)
+  return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer")
+
+
+def model_config(cfg, tok) -> models.ModelConfig:
+  mc = config_lib.model_config(cfg.model)
+  if not cfg.model.hf_path:  # from scratch: the task tokenizer defines the vocabulary
+    mc = mc.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                    eos_token_ids=tuple(tok.eos_ids), pad_token_id=tok.pad_id)
+  tokenizers.check_vocab(tok, mc.vocab_size)
+  return mc.validate()
+
+
+def data_lengths(cfg) -> dict[str, int]:
+  d = cfg.data
+  return dict(max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
+              max_answer_len=d.max_answer_len)
+
+
+def initial_state(cfg, mc: models.ModelConfig, spec, optimizer) -> rnd.TrainState:
+  init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
+  return rnd.init_state(models.init_params(mc, init_rng), optimizer, spec, state_rng)
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+_JITTED: dict[Any, Any] = {}
+
+
+def _jit(fn):
+  if fn not in _JITTED:
+    _JITTED[fn] = jax.jit(fn)
+  return _JITTED[fn]
+
+
+def pass_rates(mc, params, batches, verify, sc: sampling.SamplingConfig, seed: int = 0) -> float:
+  """Fraction of examples with at least one of `sc.n` samples verified correct (pass@n); with
+  `temperature=0, n=1` this is greedy accuracy. Each example counts once (`valid` masks padding)."""
+  solved = total = 0.0
+  for i, b in enumerate(batches):
+    out = sampling.sample(mc, params, b["prompt_tokens"], b["prompt_mask"],
+                          jax.random.fold_in(jax.random.key(seed), i), sc)
+    rep = lambda x: np.repeat(x, sc.n, axis=0)
+    r = np.asarray(_jit(verify)(out.tokens, out.mask, rep(b["answer_tokens"]), rep(b["answer_mask"])))
+    any_ok = (r.reshape(-1, sc.n) >= 1.0).any(axis=1)
+    solved += float((any_ok * b["valid"]).sum())
+    total += float(b["valid"].sum())
+  return solved / max(total, 1.0)
+
+
+def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int) -> float:
+  sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=tuple(eos_ids))
+  return pass_rates(mc, params, batches, verify, sc)
+
+
+# ---- `selfplay-jax eval` -------------------------------------------------------------------------
+
+
+def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: is {workdir} a selfplay-jax training workdir?")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8,
+                     num_examples: int | None = None) -> dict[str, float]:
+  """Greedy held-out accuracy and pass@k of a run's checkpoint (default: the newest)."""
+  workdir = Path(workdir)
+  cfg = load_run_config(workdir)
+  task, tok = task_and_tokenizer(cfg, workdir)
+  mc = model_config(cfg, tok)
+  spec, optimizer = build_spec(cfg), build_optimizer(cfg)
+  like = initial_state(cfg, mc, spec, optimizer)
+  with checkpoint.Checkpointer(str(workdir)) as ckpt:
+    state, _, _, _ = ckpt.restore(step, abstract_state=like)
+    used = ckpt.restored_step
+  batches = pipeline.eval_batches(task, "heldout", num_examples or cfg.eval.num_examples, tokenizer=tok,
+                                  batch_size=cfg.eval.batch_size, **data_lengths(cfg))
+  verify = task.make_verifier(tok)
+  n_new = cfg.sampling.max_new_tokens
+  result = {"round": float(used),
+            "eval/accuracy": greedy_accuracy(mc, state.params, batches, verify, tok.eos_ids, n_new)}
+  if k > 0:
+    sc = sampling.SamplingConfig(max_new_tokens=n_new, temperature=cfg.sampling.temperature or 1.0,
+                                 top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, n=k,
+                                 eos_ids=tuple(tok.eos_ids))
+    result[f"eval/pass@{k}"] = pass_rates(mc, state.params, batches, verify, sc, seed=cfg.seed)
+  return result
