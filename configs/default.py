@@ -86,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.checkpoint.every_rounds = 1  # save every N rounds; 0 = never
   cfg.checkpoint.keep = 3  # most recent checkpoints kept on disk
 
+  cfg.debug = ml_collections.ConfigDict()
+  cfg.debug.kill_at_round = 0  # fault injection for tests: SIGKILL this process at round N; 0 = off
+  cfg.debug.kill_point = "save"  # "round": as round N starts; "save": right after its save starts
+
   cfg.mesh = ml_collections.ConfigDict()
   cfg.mesh.data = -1  # data-parallel axis size; -1 = fill the remaining devices
   cfg.mesh.fsdp = 1  # parameter/optimizer-sharding axis size

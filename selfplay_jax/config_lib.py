@@ -27,6 +27,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from selfplay_jax.algorithms import ADVANTAGES, ALGORITHMS, GROUP_ALGORITHMS, PG_LOSS_TYPES
 from selfplay_jax.models.config import PRESETS, ConfigError, ModelConfig, get_preset
 
 __all__ = ["ConfigError", "apply_overrides", "default_config_path", "load_config", "model_config",
@@ -368,7 +369,24 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("optimizer.grad_clip", float, _non_negative, "must be >= 0 (0 = off)"),
     ("optimizer.b1", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optimizer.b2", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("algorithm.name", str, bool, "must be non-empty"),
+    ("algorithm.name", str, lambda v: v in ALGORITHMS, f"must be one of {ALGORITHMS}"),
+    ("algorithm.loss_type", str, lambda v: v in ("",) + PG_LOSS_TYPES,
+     f"must be '' (the algorithm's own) or one of {PG_LOSS_TYPES}"),
+    ("algorithm.advantage", str, lambda v: v in ("",) + ADVANTAGES,
+     f"must be '' (the algorithm's own) or one of {ADVANTAGES}"),
+    ("algorithm.clip_low", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("algorithm.clip_high", float, _non_negative, "must be >= 0"),
+    ("warmup.rounds", int, _non_negative, "must be >= 0"),
+    ("warmup.num_minibatches", int, _positive, "must be >= 1"),
+    ("warmup.learning_rate", float, lambda v: v > 0, "must be > 0"),
+    ("eval.every_rounds", int, _positive, "must be >= 1"),
+    ("eval.num_examples", int, _positive, "must be >= 1"),
+    ("eval.batch_size", int, _positive, "must be >= 1"),
+    ("data.difficulty", int, _positive, "must be >= 1"),
+    ("data.max_response_len", int, _positive, "must be >= 1"),
+    ("data.max_answer_len", int, _positive, "must be >= 1"),
+    ("debug.kill_at_round", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("debug.kill_point", str, lambda v: v in ("round", "save"), "must be 'round' or 'save'"),
     ("algorithm.num_epochs", int, _positive, "must be >= 1"),
     ("algorithm.num_minibatches", int, _positive, "must be >= 1"),
     ("algorithm.kl_coef", float, _non_negative, "must be >= 0"),
@@ -445,8 +463,12 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   if rows % cfg.algorithm.num_minibatches:
     raise ConfigError(f"algorithm.num_minibatches: {cfg.algorithm.num_minibatches} must divide "
                       f"data.batch_size * sampling.n = {rows}")
-  if cfg.algorithm.name == "grpo" and cfg.sampling.n < 2:
-    raise ConfigError("sampling.n: grpo needs >= 2 samples per prompt (group-relative advantages)")
+  if cfg.algorithm.name in GROUP_ALGORITHMS and cfg.sampling.n < 2:
+    raise ConfigError(f"sampling.n: {cfg.algorithm.name} needs >= 2 samples per prompt "
+                      "(group-relative advantages)")
+  if cfg.data.batch_size % cfg.warmup.num_minibatches:
+    raise ConfigError(f"warmup.num_minibatches: {cfg.warmup.num_minibatches} must divide "
+                      f"data.batch_size = {cfg.data.batch_size}")
   if cfg.sampling.top_k > model.vocab_size:
     raise ConfigError(f"sampling.top_k: {cfg.sampling.top_k} exceeds model.vocab_size="
                       f"{model.vocab_size}")

@@ -17,13 +17,13 @@ import optax
 
 from selfplay_jax import checkpoint, config_lib, models, sampling, tokenizers
 from selfplay_jax import round as rnd
+from selfplay_jax.algorithms import ALGORITHMS
 from selfplay_jax.algorithms.grpo import PolicyGradient
 from selfplay_jax.algorithms.sft import SFT, RestEM
 from selfplay_jax.data import pipeline, tasks
 
 PG_DEFAULTS = {"grpo": ("grpo", "grpo"), "dr_grpo": ("dr_grpo", "dr_grpo"), "dapo": ("dapo", "grpo"),
                "rloo": ("grpo", "rloo"), "reinforce_pp": ("grpo", "reinforce_pp")}
-ALGORITHMS = ("sft", "rest_em") + tuple(PG_DEFAULTS)
 
 
 # ---- run set-up (shared with train.py) ---------------------------------------------------------

@@ -10,6 +10,8 @@ a restart with the same workdir resumes exactly where the last complete checkpoi
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -38,6 +40,21 @@ def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> 
                  "reward": None if reward is None else float(reward[i])})
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+  """Drops metric lines of rounds after the restored checkpoint (they will be run again)."""
+  if path.is_file():
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    kept = [l for l in lines if json.loads(l).get("round", 0) <= last_round]
+    if len(kept) != len(lines):
+      path.write_text("".join(l + "\n" for l in kept))
+
+
+def _maybe_kill(cfg, round_number: int, point: str) -> None:
+  """Fault injection (`debug.kill_at_round`): dies like a preempted host, with no clean-up."""
+  if cfg.debug.kill_at_round == round_number and cfg.debug.kill_point == point:
+    os.kill(os.getpid(), signal.SIGKILL)
+
 
 def _anchor_references(state: rnd.TrainState) -> rnd.TrainState:
   """At the end of warm-up, the reference (and ReST-EM's restart point) become the warmed-up
@@ -74,6 +91,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   if ckpt.latest_step() is not None:
     state, data_state, _, _ = ckpt.restore(abstract_state=state)
     data_iter.set_state(data_state)
+    _truncate_metrics(workdir / "metrics.jsonl", ckpt.restored_step)
     logging.info("resumed from round %d", ckpt.restored_step)
     print(f"resumed from {workdir}/checkpoints at round {ckpt.restored_step}")
   config_json = config_lib.to_json(cfg)
@@ -89,6 +107,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
                   disable=not cfg.progress_bar)
   with ckpt, open(workdir / "metrics.jsonl", "a") as metrics_file:
     for r in bar:
+      _maybe_kill(cfg, r + 1, "round")
       warm = r < cfg.warmup.rounds
       extra = {}
       if r == cfg.warmup.rounds and cfg.warmup.rounds:
@@ -111,6 +130,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
         metrics["eval/accuracy"] = eval_now(state.params)
       ckpt.save(r + 1, state, data_state=data_iter.get_state(), config_json=config_json,
                 metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+      _maybe_kill(cfg, r + 1, "save")
       metrics_file.write(json.dumps(metrics) + "\n")
       metrics_file.flush()
       bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in

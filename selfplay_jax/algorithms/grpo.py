@@ -12,10 +12,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from selfplay_jax.algorithms import losses
+from selfplay_jax.algorithms import ADVANTAGES, PG_LOSS_TYPES, losses
 from selfplay_jax.algorithms.spec import LogProbs, Rows, rollout_rows
 
-ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +46,8 @@ class PolicyGradient:
   def __post_init__(self):
     if self.advantage not in ADVANTAGES:
       raise ValueError(f"algorithm.advantage: {self.advantage!r} is not one of {ADVANTAGES}")
-    if self.loss_type not in losses.PG_LOSS_TYPES:
-      raise ValueError(f"algorithm.loss_type: {self.loss_type!r} is not one of {losses.PG_LOSS_TYPES}")
+    if self.loss_type not in PG_LOSS_TYPES:
+      raise ValueError(f"algorithm.loss_type: {self.loss_type!r} is not one of {PG_LOSS_TYPES}")
 
   @property
   def needs_ref(self) -> bool:

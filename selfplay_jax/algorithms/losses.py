@@ -24,6 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from selfplay_jax.algorithms import PG_LOSS_TYPES
+
 Array = jax.Array
 
 LOG_RATIO_CLAMP = 20.0  # |L| bound before exp() in KL estimators and importance ratios
@@ -251,7 +253,6 @@ def overlong_penalty(lengths_B: Array, max_len: int, buffer_len: int,
 # Policy-gradient losses.
 # ----------------------------------------------------------------------------------------------
 
-PG_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def policy_gradient_loss(logp_BxT: Array, old_logp_BxT: Array | None, advantages: Array,
