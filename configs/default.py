@@ -74,7 +74,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.restart_from_base = False  # rest_em: each round fine-tunes from the initial params
 
   cfg.data = ml_collections.ConfigDict()
-  cfg.data.task = arg.task  # built-in task name or a JSONL path
+  cfg.data.task = arg.task  # built-in task (arithmetic | sort) or a JSONL file of user data
+  cfg.data.eval_path = ""  # JSONL data: held-out file; "" = hold out data.heldout_fraction of rows
+  cfg.data.heldout_fraction = 0.1  # JSONL data without eval_path: share of prompts held out
+  cfg.data.answer_marker = "####"  # JSONL data: the verifier compares what follows this token
+  cfg.data.strict = False  # JSONL data: a bad row is an error (True) or skipped and counted
   cfg.data.batch_size = 8  # prompts per round (global, across all devices)
   cfg.data.difficulty = 2  # arithmetic: digits per operand; sort: list length
   cfg.data.step_by_step = False  # arithmetic: digit-wise worked answer before the final one

@@ -72,13 +72,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _train(cfg, workdir: str | None) -> int:
-  from selfplay_jax import train  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  from selfplay_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
   workdir = workdir or "runs/default"
   model_cfg = config_lib.model_config(cfg.model)
   print(f"selfplay-jax train: {cfg.algorithm.name} on {cfg.data.task}, model {model_cfg.family} "
         f"({cfg.model.hf_path or 'preset ' + cfg.model.preset}), workdir {workdir}")
-  history = train.train_and_evaluate(cfg, workdir)
+  try:
+    history = train.train_and_evaluate(cfg, workdir)
+  except (ConfigError, OSError, pipeline.DataError, checkpoint.CheckpointError) as e:
+    _fail(e)
   if "eval/accuracy_after_warmup" in history:
     print(f"held-out accuracy after warm-up: {history['eval/accuracy_after_warmup']:.1%}")
   if "eval/accuracy" in history:

@@ -383,6 +383,10 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("eval.num_examples", int, _positive, "must be >= 1"),
     ("eval.batch_size", int, _positive, "must be >= 1"),
     ("data.difficulty", int, _positive, "must be >= 1"),
+    ("data.heldout_fraction", float, lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("data.eval_path", str, None, ""),
+    ("data.answer_marker", str, bool, "must be non-empty"),
+    ("data.strict", bool, None, ""),
     ("data.max_response_len", int, _positive, "must be >= 1"),
     ("data.max_answer_len", int, _positive, "must be >= 1"),
     ("debug.kill_at_round", int, _non_negative, "must be >= 0 (0 = off)"),
@@ -447,7 +451,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   hints = _model_hints()
   for field in dataclasses.fields(ModelConfig):
     _check_type(f"model.{field.name}", _get(cfg, f"model.{field.name}"), hints[field.name])
-  for key in ("model.hf_path", "model.tokenizer_path"):
+  for key in ("model.hf_path", "model.tokenizer_path", "data.eval_path"):
     path = _get(cfg, key)
     if path and not Path(path).exists():
       raise ConfigError(f"{key}: {path!r} does not exist")

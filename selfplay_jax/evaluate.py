@@ -59,10 +59,32 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
 
 
 def task_and_tokenizer(cfg, workdir: Path):
+  """The run's data (a built-in task, or `JsonlData` when `data.task` is a .jsonl path) and tokenizer."""
+  if cfg.data.task.endswith(".jsonl"):
+    return _jsonl_data(cfg)
+  if cfg.data.task not in tasks.TASKS:
+    raise config_lib.ConfigError(f"data.task: {cfg.data.task!r} is neither a built-in task "
+                                 f"({', '.join(sorted(tasks.TASKS))}) nor a .jsonl file")
   kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty, step_by_step=cfg.data.step_by_step),
             "sort": dict(length=cfg.data.difficulty)}.get(cfg.data.task, {})
   task = tasks.get_task(cfg.data.task, **kwargs)
   return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer")
+
+
+def _jsonl_data(cfg):
+  source = cfg.model.tokenizer_path or cfg.model.hf_path
+  if not source:
+    raise config_lib.ConfigError("model.tokenizer_path: data.task is a JSONL file, so the run needs "
+                                 "a tokenizer (set model.tokenizer_path or model.hf_path)")
+  tok = tokenizers.load_tokenizer(source)
+  required = ("prompt", "response") if cfg.algorithm.name == "sft" or cfg.warmup.rounds else ("prompt",)
+  if cfg.algorithm.name != "sft":
+    required += ("answer",)
+  data = pipeline.JsonlData.load(cfg.data.task, tokenizer=tok, eval_path=cfg.data.eval_path,
+                                 heldout_fraction=cfg.data.heldout_fraction,
+                                 answer_marker=cfg.data.answer_marker, strict=cfg.data.strict,
+                                 require=required, **data_lengths(cfg))
+  return data, tok
 
 
 def model_config(cfg, tok) -> models.ModelConfig:

@@ -95,3 +95,42 @@ def test_eval_command_matches_training_eval(tmp_path):
   assert 0.0 <= result["eval/pass@2"] <= 1.0
   bad = _cli("eval", f"--workdir={tmp_path / 'nope'}")
   assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _jsonl_dataset(tmp_path, bad_rows=()):
+  from selfplay_jax.data import tasks
+  task = tasks.get_task("arithmetic", num_digits=1)
+  tok = tasks.build_tokenizer(task, tmp_path / "tok")
+  model_file = next((tmp_path / "tok").glob("*.model"))
+  rows = [json.dumps(e) for e in task.examples("train", seed=0, num=60)]
+  path = tmp_path / "data.jsonl"
+  path.write_text("\n".join(rows[:10] + list(bad_rows) + rows[10:]) + "\n")
+  return path, model_file
+
+
+@pytest.mark.slow
+def test_train_on_user_jsonl_with_bad_rows(tmp_path):
+  path, model_file = _jsonl_dataset(
+      tmp_path, ['{"prompt": 5, "response": "####5", "answer": "5"}', '{"response": "x"}', "not json"])
+  res = _cli("train", f"--workdir={tmp_path / 'run'}", f"--config.data.task={path}",
+             f"--config.model.tokenizer_path={model_file}", *[f"--config.{o}" for o in OVERRIDES])
+  assert res.returncode == 0, res.stderr
+  assert "skipped 3 (" in res.stderr and str(path) in res.stderr  # per-reason summary, logged once
+  for reason in ("wrong_type", "missing_field", "invalid_json"):
+    assert reason in res.stderr
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert len(lines) == 6 and lines[-1]["eval/accuracy"] is not None
+
+  strict = _cli("train", f"--workdir={tmp_path / 'strict'}", f"--config.data.task={path}",
+                f"--config.model.tokenizer_path={model_file}", "--config.data.strict=true",
+                *[f"--config.{o}" for o in OVERRIDES])
+  assert strict.returncode == 2 and "Traceback" not in strict.stderr
+  assert "line 11" in strict.stderr and str(path) in strict.stderr
+
+
+@pytest.mark.slow
+def test_jsonl_without_tokenizer_is_a_config_error(tmp_path):
+  path, _ = _jsonl_dataset(tmp_path)
+  res = _cli("train", f"--workdir={tmp_path / 'run'}", f"--config.data.task={path}",
+             *[f"--config.{o}" for o in OVERRIDES])
+  assert res.returncode == 2 and "model.tokenizer_path" in res.stderr

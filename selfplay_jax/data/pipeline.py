@@ -345,6 +345,8 @@ def eval_batches(task_or_examples: tasks.Task | Sequence[Mapping[str, Any]],
   local_batch_size(batch_size, count)
   if isinstance(task_or_examples, tasks.Task):
     examples = task_or_examples.examples(split, seed=seed, num=num)
+  elif isinstance(task_or_examples, JsonlData):
+    examples = task_or_examples.source(split)[:num]
   else:
     n = len(task_or_examples) if num is None else min(num, len(task_or_examples))
     examples = [task_or_examples[i] for i in range(n)]
@@ -363,3 +365,47 @@ def eval_batches(task_or_examples: tasks.Task | Sequence[Mapping[str, Any]],
     batch["valid"] = batch["index"] >= 0
     out.append(batch)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonlData:
+  """User data from JSONL files, used where a built-in task would be (`data.task=path.jsonl`).
+
+  Held-out rows come from `eval_path` when given, else from a stable hash of each prompt
+  (`heldout_fraction` of them), so train and held-out never share a prompt. The verifier compares
+  the tokens after `answer_marker` in a completion with the row's `answer` (see
+  `tasks.make_answer_verifier`); the marker must be one token of the tokenizer.
+  """
+
+  train_rows: tuple
+  heldout_rows: tuple
+  answer_marker: str = tasks.ANSWER_MARKER
+
+  @classmethod
+  def load(cls, path: str, *, tokenizer: tokenizers.Tokenizer, eval_path: str = "",
+           heldout_fraction: float = 0.1, answer_marker: str = tasks.ANSWER_MARKER,
+           strict: bool = False, require: Sequence[str] = ("prompt",), **lengths: int) -> "JsonlData":
+    rows, _ = load_jsonl(path, tokenizer=tokenizer, strict=strict, require=tuple(require), **lengths)
+    if eval_path:
+      heldout, _ = load_jsonl(eval_path, tokenizer=tokenizer, strict=strict, require=tuple(require),
+                              **lengths)
+      train = rows
+    else:
+      is_heldout = [tasks.stable_fraction(r["prompt"]) < heldout_fraction for r in rows]
+      train = [r for r, h in zip(rows, is_heldout) if not h]
+      heldout = [r for r, h in zip(rows, is_heldout) if h]
+      if not train or not heldout:
+        raise DataError(f"{path}: {len(rows)} valid rows are too few to hold out "
+                        f"{heldout_fraction:.0%} for evaluation; pass data.eval_path")
+    return cls(tuple(train), tuple(heldout), answer_marker)
+
+  def source(self, split: str, seed: int = 0) -> list[dict[str, str]]:
+    del seed  # the rows are fixed; the iterator shuffles them
+    return list(self.train_rows if split == "train" else self.heldout_rows)
+
+  def make_verifier(self, tokenizer: tokenizers.Tokenizer):
+    ids = tokenizer.encode(self.answer_marker)
+    if len(ids) != 1:
+      raise DataError(f"data.answer_marker {self.answer_marker!r} is {len(ids)} tokens in this "
+                      "tokenizer; the verifier needs a single-token marker")
+    return tasks.make_answer_verifier(ids[0], tokenizer.eos_ids)

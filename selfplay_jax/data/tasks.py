@@ -45,7 +45,7 @@ Example = dict[str, str]
 Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _bucket(key: str) -> float:
+def stable_fraction(key: str) -> float:
   """A stable (process- and platform-independent) hash of `key` in [0, 1)."""
   digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
   return int.from_bytes(digest, "big") / 2.0**64
@@ -93,7 +93,7 @@ class Task(abc.ABC):
 
   def split_of(self, problem: Any) -> str:
     """"heldout" or "train": fixed by the problem's canonical key alone."""
-    return "heldout" if _bucket(f"{self.name}:{self._key(problem)}") < self.heldout_fraction \
+    return "heldout" if stable_fraction(f"{self.name}:{self._key(problem)}") < self.heldout_fraction \
         else "train"
 
   def example(self, split: str, index: int, seed: int = 0) -> Example:
