@@ -122,25 +122,28 @@ class Attention(nn.Module):
       k = RMSNorm(c.norm_eps, c.norm_plus_one, c.dtype, c.param_dtype, "head_dim", name="k_norm")(k)
     cos, sin = cos_sin
     q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
+    # Keys and values as [B, kv_heads, S, head_dim]: the cache layout, chosen so that a decode step
+    # reads the cache in place (no per-step relayout of the whole cache for the attention dots).
+    k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
 
     if kv is not None:  # decode: write the new keys/values into the cache, attend over all slots
       k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=1)
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=2)
       new_kv = (k, v)
     else:
       new_kv = None
 
     b, t = q.shape[:2]
     q = q.reshape(b, t, kvh, h // kvh, hd)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btkgh,bksh->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
     logits = logits * c.attn_scale
     if c.attn_logit_softcap:
       logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
     logits = jnp.where(mask_BxTxS[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(dt)).reshape(b, t, h, hd)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(dt)).reshape(b, t, h, hd)
     out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads",
                                            "head_dim"))
     wo = _param(self, "o_kernel", _KERNEL_INIT, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
@@ -312,7 +315,7 @@ def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=Non
 
 @flax.struct.dataclass
 class KVCache:
-  """Explicit decode cache. k, v: per-layer tuples of [B, S, kv_heads, head_dim];
+  """Explicit decode cache. k, v: per-layer tuples of [B, kv_heads, S, head_dim];
   pos: [B, S] position held by each slot (-1 = empty or padding); index: next slot to write."""
 
   k: tuple
@@ -327,7 +330,7 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
   zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
                  pos=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
