@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.seed = 0  # PRNG seed for parameter init, sampling and data
   cfg.rounds = 20  # self-improvement rounds (each: sample -> score -> update)
   cfg.progress_bar = True  # tqdm bar over rounds
+  cfg.log_every_round = True  # one line of key metrics per round
 
   cfg.warmup = ml_collections.ConfigDict()
   cfg.warmup.rounds = 40  # SFT rounds on gold responses before self-improvement

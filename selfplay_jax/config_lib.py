@@ -354,6 +354,8 @@ def _non_negative(v) -> bool:
 _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("seed", int, None, ""),
     ("rounds", int, _positive, "must be >= 1"),
+    ("progress_bar", bool, None, ""),
+    ("log_every_round", bool, None, ""),
     ("model.preset", str, lambda v: v in PRESETS, f"must be one of {sorted(PRESETS)}"),
     ("model.hf_path", str, None, ""),
     ("model.tokenizer_path", str, None, ""),

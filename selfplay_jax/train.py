@@ -41,6 +41,17 @@ def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> 
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+_SUMMARY_KEYS = (("train/loss", "loss"), ("train/reward_mean", "reward"), ("train/kl_ref", "kl"),
+                 ("train/completion_len", "len"), ("eval/accuracy", "heldout_acc"))
+
+
+def _summary_line(metrics: dict) -> str:
+  """One line of key metrics per round, e.g. `round 12 [grpo] loss=0.0123 reward=0.41 ...`."""
+  parts = [f"{name}={metrics[key]:.4g}" for key, name in _SUMMARY_KEYS if metrics.get(key) is not None]
+  return (f"round {metrics['round']} [{metrics['phase']}] " + " ".join(parts) +
+          f" ({metrics['time/round_s']:.2f}s)")
+
+
 def _truncate_metrics(path: Path, last_round: int) -> None:
   """Drops metric lines of rounds after the restored checkpoint (they will be run again)."""
   if path.is_file():
@@ -133,9 +144,8 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       _maybe_kill(cfg, r + 1, "save")
       metrics_file.write(json.dumps(metrics) + "\n")
       metrics_file.flush()
-      bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in
-                       ("train/loss", "train/reward_mean", "eval/accuracy")
-                       if metrics.get(k) is not None})
+      if cfg.log_every_round:
+        tqdm.tqdm.write(_summary_line(metrics))
       history.update({k: v for k, v in metrics.items() if v is not None})
     ckpt.wait()
   return history
