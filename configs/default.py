@@ -1,4 +1,8 @@
-"""Default (embedded demo) config: GRPO on the built-in arithmetic task with the `tiny` model.
+"""Default (embedded demo) config: GRPO on 2-digit step-by-step addition with the `tiny` model.
+
+With no downloads, `selfplay-jax train` builds a task tokenizer, trains a ~0.4M-parameter model
+from scratch with a short SFT warm-up (held-out accuracy ~15-25%), then runs 200 GRPO rounds with
+the task verifier as reward (held-out accuracy ~80-90%), in about 4 minutes on a 2-core CPU.
 
 Usage:
   selfplay-jax train --config=configs/default.py --config.rounds=5 --workdir=runs/demo
@@ -24,18 +28,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, model="tiny", task="arithmetic", algorithm="grpo")
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0  # PRNG seed for parameter init, sampling and data
-  cfg.rounds = 20  # self-improvement rounds (each: sample -> score -> update)
+  cfg.rounds = 200  # self-improvement rounds (each: sample -> score -> update)
   cfg.progress_bar = True  # tqdm bar over rounds
   cfg.log_every_round = True  # one line of key metrics per round
 
   cfg.warmup = ml_collections.ConfigDict()
-  cfg.warmup.rounds = 40  # SFT rounds on gold responses before self-improvement
+  cfg.warmup.rounds = 110  # SFT rounds on gold responses before self-improvement
   cfg.warmup.num_minibatches = 1  # optimizer steps per warm-up round
   cfg.warmup.learning_rate = 3e-3  # warm-up SFT learning rate (self-improvement: optimizer.*)
 
   cfg.eval = ml_collections.ConfigDict()
   cfg.eval.every_rounds = 10  # greedy held-out accuracy every N rounds (and at the end)
-  cfg.eval.num_examples = 128  # held-out examples per evaluation
+  cfg.eval.num_examples = 256  # held-out examples per evaluation
   cfg.eval.batch_size = 64  # prompts per evaluation batch
 
   cfg.model = ml_collections.ConfigDict()
@@ -47,15 +51,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config_lib.set_preset(cfg.model, arg.model)
 
   cfg.sampling = ml_collections.ConfigDict()
-  cfg.sampling.max_new_tokens = 16  # completion length cap (tokens)
+  cfg.sampling.max_new_tokens = 32  # completion length cap (tokens)
   cfg.sampling.temperature = 1.0  # softmax temperature; 0 = greedy
   cfg.sampling.top_k = 0  # keep the k most likely tokens; 0 = off
   cfg.sampling.top_p = 1.0  # nucleus mass in (0, 1]; 1 = off
-  cfg.sampling.n = 4  # completions per prompt (the GRPO group size)
+  cfg.sampling.n = 8  # completions per prompt (the GRPO group size)
 
   cfg.optimizer = ml_collections.ConfigDict()
   cfg.optimizer.name = "adamw"  # optax optimizer
-  cfg.optimizer.learning_rate = 1e-3  # peak learning rate
+  cfg.optimizer.learning_rate = 3e-4  # self-improvement learning rate (warm-up: warmup.*)
   cfg.optimizer.warmup_steps = 0  # linear warmup (optimizer steps)
   cfg.optimizer.weight_decay = 0.0  # decoupled weight decay
   cfg.optimizer.grad_clip = 1.0  # global-norm clipping threshold; 0 = off
@@ -65,8 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm = ml_collections.ConfigDict()
   cfg.algorithm.name = arg.algorithm  # algorithm spec in selfplay_jax/algorithms/
   cfg.algorithm.num_epochs = 1  # passes over each round's rollouts
-  cfg.algorithm.num_minibatches = 1  # optimizer steps per epoch (must divide batch_size * n)
-  cfg.algorithm.kl_coef = 0.0  # weight of the KL penalty to the reference policy
+  cfg.algorithm.num_minibatches = 2  # optimizer steps per epoch (must divide batch_size * n)
+  cfg.algorithm.kl_coef = 0.02  # weight of the KL penalty to the reference (the warmed-up policy)
   cfg.algorithm.beta = 0.1  # preference temperature (DPO-family / SPIN losses)
   cfg.algorithm.loss_type = ""  # PG token aggregation: grpo | bnpo | dr_grpo | dapo; "" = the algorithm's
   cfg.algorithm.advantage = ""  # grpo | dr_grpo | rloo | reinforce_pp; "" = the algorithm's own
@@ -80,11 +84,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.heldout_fraction = 0.1  # JSONL data without eval_path: share of prompts held out
   cfg.data.answer_marker = "####"  # JSONL data: the verifier compares what follows this token
   cfg.data.strict = False  # JSONL data: a bad row is an error (True) or skipped and counted
-  cfg.data.batch_size = 8  # prompts per round (global, across all devices)
+  cfg.data.batch_size = 64  # prompts per round (global, across all devices)
   cfg.data.difficulty = 2  # arithmetic: digits per operand; sort: list length
-  cfg.data.step_by_step = False  # arithmetic: digit-wise worked answer before the final one
+  cfg.data.step_by_step = True  # arithmetic: digit-wise worked answer before the final one
   cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
-  cfg.data.max_response_len = 16  # gold response length incl. EOS (tokens)
+  cfg.data.max_response_len = 32  # gold response length incl. EOS (tokens)
   cfg.data.max_answer_len = 8  # answer length for the verifier (tokens)
 
   cfg.checkpoint = ml_collections.ConfigDict()

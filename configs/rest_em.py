@@ -6,13 +6,11 @@ Starts from `configs/default.py` (task, model, warm-up, evaluation); the `:key=v
 is passed through to it (e.g. `configs/rest_em.py:task=sort`).
 """
 
-from pathlib import Path
-
 from selfplay_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  cfg = config_lib.load_config(str(Path(__file__).with_name("default.py")) + (f":{arg}" if arg else ""))
+  cfg = config_lib.load_sibling(__file__, "default.py", arg)
   cfg.algorithm.name = "rest_em"
   cfg.algorithm.restart_from_base = False  # True: each round fine-tunes from the warmed-up params
   return cfg

@@ -6,13 +6,11 @@ Starts from `configs/default.py` (task, model, warm-up, evaluation); the `:key=v
 is passed through to it (e.g. `configs/rloo.py:task=sort`).
 """
 
-from pathlib import Path
-
 from selfplay_jax import config_lib
 
 
 def get_config(arg: str | None = None):
-  cfg = config_lib.load_config(str(Path(__file__).with_name("default.py")) + (f":{arg}" if arg else ""))
+  cfg = config_lib.load_sibling(__file__, "default.py", arg)
   cfg.algorithm.name = "rloo"
   cfg.algorithm.kl_coef = 0.05  # TRL default beta
   return cfg

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from selfplay_jax import config_lib
@@ -76,6 +77,8 @@ def _train(cfg, workdir: str | None) -> int:
   from selfplay_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
   workdir = workdir or "runs/default"
+  if not _FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines out of the demo's output
+    absl_logging.set_verbosity(absl_logging.WARNING)
   model_cfg = config_lib.model_config(cfg.model)
   print(f"selfplay-jax train: {cfg.algorithm.name} on {cfg.data.task}, model {model_cfg.family} "
         f"({cfg.model.hf_path or 'preset ' + cfg.model.preset}), workdir {workdir}")

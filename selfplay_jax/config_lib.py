@@ -87,6 +87,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(result)
 
 
+def load_sibling(file: str, name: str = "default.py", arg: str | None = None
+                 ) -> ml_collections.ConfigDict:
+  """The config of `name` in the folder of `file`: how a recipe extends `configs/default.py`."""
+  return load_config(str(Path(file).with_name(name)) + (f":{arg}" if arg else ""))
+
+
 def load_config(path_with_arg: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Imports `file.py[:arg]`, calls `get_config([arg])` and applies `a.b.c=value` overrides."""
   resolved = resolve_config_path(path_with_arg)

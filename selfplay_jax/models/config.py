@@ -188,7 +188,9 @@ def _gemma_common(**kw) -> dict:
 # Architecture presets. Small ones are for tests and demos; the large ones match the released
 # checkpoints' config.json (used by `plan` and the real-model recipes; weights come from `hf.py`).
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(),
+    # The embedded demo's model (~0.4 M parameters plus the task vocabulary).
+    "tiny": ModelConfig(hidden_size=128, intermediate_size=384, num_heads=4, num_kv_heads=2,
+                        head_dim=32),
     "llama3_8b": ModelConfig(
         family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_heads=32, num_kv_heads=8, head_dim=128, norm_eps=1e-5, rope_theta=500000.0,
