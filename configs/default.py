@@ -92,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.max_answer_len = 8  # answer length for the verifier (tokens)
 
   cfg.checkpoint = ml_collections.ConfigDict()
-  cfg.checkpoint.every_rounds = 1  # save every N rounds; 0 = never
+  cfg.checkpoint.every_rounds = 1  # save every N rounds (and the last); 0 = never (no resume)
   cfg.checkpoint.keep = 3  # most recent checkpoints kept on disk
 
   cfg.debug = ml_collections.ConfigDict()

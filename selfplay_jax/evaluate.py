@@ -40,7 +40,9 @@ def build_spec(cfg):
     return PolicyGradient(name=a.name, group_size=n, loss_type=a.loss_type or loss_type,
                           advantage=a.advantage or advantage, clip_low=a.clip_low,
                           clip_high=a.clip_high, kl_coef=a.kl_coef, dynamic_filter=a.name == "dapo",
-                          max_completion_len=cfg.sampling.max_new_tokens)
+                          max_completion_len=cfg.sampling.max_new_tokens,
+                          # Without a KL term the reference is never read: do not keep a copy.
+                          reference="frozen" if a.kl_coef > 0 else "none")
   raise config_lib.ConfigError(f"algorithm.name: unknown algorithm {a.name!r}; choose one of {ALGORITHMS}")
 
 

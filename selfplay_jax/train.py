@@ -139,9 +139,11 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       metrics["eval/accuracy"] = None
       if (r + 1) % cfg.eval.every_rounds == 0 or r + 1 == total_rounds:
         metrics["eval/accuracy"] = eval_now(state.params)
-      ckpt.save(r + 1, state, data_state=data_iter.get_state(), config_json=config_json,
-                metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
-      _maybe_kill(cfg, r + 1, "save")
+      every = cfg.checkpoint.every_rounds
+      if every and ((r + 1) % every == 0 or r + 1 == total_rounds):
+        ckpt.save(r + 1, state, data_state=data_iter.get_state(), config_json=config_json,
+                  metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+        _maybe_kill(cfg, r + 1, "save")
       metrics_file.write(json.dumps(metrics) + "\n")
       metrics_file.flush()
       if cfg.log_every_round:

@@ -134,3 +134,10 @@ def test_jsonl_without_tokenizer_is_a_config_error(tmp_path):
   res = _cli("train", f"--workdir={tmp_path / 'run'}", f"--config.data.task={path}",
              *[f"--config.{o}" for o in OVERRIDES])
   assert res.returncode == 2 and "model.tokenizer_path" in res.stderr
+
+
+@pytest.mark.slow
+def test_checkpoint_every_n_rounds_and_the_last(tmp_path):
+  train.train_and_evaluate(_cfg("checkpoint.every_rounds=4", "checkpoint.keep=5"), tmp_path)
+  with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+    assert ckpt.all_steps() == [4, 6]
