@@ -29,6 +29,7 @@ import base64
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -233,7 +234,8 @@ class Checkpointer:
     if keep_best < 0 or best_mode not in ("max", "min"):
       raise ValueError(f"need keep_best >= 0 and best_mode in ('max', 'min'); got {keep_best}, "
                        f"{best_mode!r}")
-    self.directory = epath.Path(workdir) / "checkpoints"
+    # Orbax needs an absolute path; a relative --workdir is relative to the current directory.
+    self.directory = epath.Path(os.path.abspath(workdir)) / "checkpoints"
     self.best_metric = best_metric
     self.restored_step: int | None = None
     self._metric_cache: dict[int, float | None] = {}

@@ -67,11 +67,11 @@ def test_pending_commands(command):
 
 
 def test_train_default_config_outside_repo(tmp_path):
-  workdir = tmp_path / "run"
+  workdir = tmp_path / "run"  # given relative to the working directory, as a user would
   result = cli("train", "--config.model.num_layers=1", "--config.warmup.rounds=2", "--config.rounds=1",
                "--config.eval.num_examples=8", "--config.data.batch_size=4", "--config.sampling.n=2",
                "--config.sampling.max_new_tokens=4", "--config.data.max_response_len=24",
-               f"--workdir={workdir}", cwd=tmp_path)
+               "--workdir=run", cwd=tmp_path)
   assert result.returncode == 0, result.stderr
   assert "llama" in result.stdout and "held-out accuracy after round 3" in result.stdout
   saved = json.loads((workdir / "config.json").read_text())
