@@ -29,7 +29,7 @@ COMMANDS = {
     "generate": "sample completions from a checkpoint or preset",
     "plan": "print parameter count, memory and sharding for a config without allocating",
 }
-_AVAILABLE = ("train", "generate", "eval")
+_AVAILABLE = ("train", "generate", "eval", "export")
 _FLAGS = flags.FLAGS
 
 
@@ -173,6 +173,29 @@ def _eval(argv: list[str]) -> int:
   return 0
 
 
+def _define_export_flags() -> None:
+  flags.DEFINE_string("workdir", None, "training workdir (config.json + checkpoints/)")
+  flags.DEFINE_string("out", None, "new directory for the Hugging Face model")
+  flags.DEFINE_integer("round", None, "checkpoint round to export (default: the newest)")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "stored dtype (default: as trained)")
+
+
+def _export(argv: list[str]) -> int:
+  from selfplay_jax import checkpoint, export  # pylint: disable=import-outside-toplevel
+
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name in ("workdir", "out"):
+    if not _FLAGS[name].value:
+      _fail(f"--{name}: required")
+  try:
+    out, step = export.export_workdir(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.round, dtype=_FLAGS.dtype)
+  except (ConfigError, ValueError, OSError, checkpoint.CheckpointError) as e:
+    _fail(e)
+  print(f"exported round {step} of {_FLAGS.workdir} to {out} (transformers.AutoModelForCausalLM)")
+  return 0
+
+
 def run(argv: Sequence[str] | None = None) -> None:
   """Console-script entry: `selfplay-jax <command> [flags]`."""
   argv = list(sys.argv if argv is None else argv)
@@ -192,6 +215,9 @@ def run(argv: Sequence[str] | None = None) -> None:
   if command == "eval":
     _define_eval_flags()
     app.run(_eval, argv=argv, flags_parser=_parse_flags)
+  if command == "export":
+    _define_export_flags()
+    app.run(_export, argv=argv, flags_parser=_parse_flags)
   try:
     absl_argv, overrides = config_lib.split_argv(argv)
   except ConfigError as e:

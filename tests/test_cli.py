@@ -59,7 +59,7 @@ def test_unknown_command():
   assert result.returncode == 2 and "error: unknown command 'fly'" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["export", "plan"])
+@pytest.mark.parametrize("command", ["plan"])
 def test_pending_commands(command):
   result = cli(command)
   assert result.returncode == 0

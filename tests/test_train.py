@@ -141,3 +141,37 @@ def test_checkpoint_every_n_rounds_and_the_last(tmp_path):
   train.train_and_evaluate(_cfg("checkpoint.every_rounds=4", "checkpoint.keep=5"), tmp_path)
   with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.all_steps() == [4, 6]
+
+
+@pytest.mark.slow
+def test_export_loads_in_transformers_with_equal_logits(tmp_path):
+  import torch
+  import transformers
+
+  from selfplay_jax import models, tokenizers
+
+  run = tmp_path / "run"
+  train.train_and_evaluate(_cfg(), run)
+  res = _cli("export", f"--workdir={run}", f"--out={tmp_path / 'hf'}")
+  assert res.returncode == 0, res.stderr
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  state = _final_params(_cfg(), run)
+  cfg = _cfg()
+  tok = ev.task_and_tokenizer(cfg, run)[1]
+  exported_tok = tokenizers.load_tokenizer(tmp_path / "hf")
+  text = "7+8="
+  ids = tok.encode(text, add_bos=True)
+  assert exported_tok.encode(text, add_bos=True) == ids
+  assert (exported_tok.bos_id, exported_tok.eos_id, exported_tok.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+  mc = ev.model_config(cfg, tok)
+  ours = np.asarray(models.forward(mc, state.params, np.array([ids])))
+  with torch.no_grad():
+    ref = model(torch.tensor([ids])).logits.numpy()
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+  again = _cli("export", f"--workdir={run}", f"--out={tmp_path / 'hf'}")
+  assert again.returncode == 2 and "not empty" in again.stderr
+  older = _cli("export", f"--workdir={run}", f"--out={tmp_path / 'hf5'}", "--round=5")
+  assert older.returncode == 0 and "exported round 5" in older.stdout
+  missing = _cli("export", f"--workdir={run}", f"--out={tmp_path / 'hf1'}", "--round=1")
+  assert missing.returncode == 2 and "Traceback" not in missing.stderr
