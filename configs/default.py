@@ -98,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.debug = ml_collections.ConfigDict()
   cfg.debug.kill_at_round = 0  # fault injection for tests: SIGKILL this process at round N; 0 = off
   cfg.debug.kill_point = "save"  # "round": as round N starts; "save": right after its save starts
+  cfg.debug.kill_signal = "SIGKILL"  # SIGKILL (no clean-up) | SIGTERM | SIGINT (graceful stop)
 
   cfg.mesh = ml_collections.ConfigDict()
   cfg.mesh.data = -1  # data-parallel axis size; -1 = fill the remaining devices

@@ -84,6 +84,9 @@ def _train(cfg, workdir: str | None) -> int:
         f"({cfg.model.hf_path or 'preset ' + cfg.model.preset}), workdir {workdir}")
   try:
     history = train.train_and_evaluate(cfg, workdir)
+  except train.Preempted as e:
+    print(f"selfplay-jax train: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)  # the shell convention for "terminated by signal N"
   except (ConfigError, OSError, pipeline.DataError, checkpoint.CheckpointError) as e:
     _fail(e)
   if "eval/accuracy_after_warmup" in history:

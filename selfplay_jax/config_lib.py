@@ -399,6 +399,8 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("data.max_answer_len", int, _positive, "must be >= 1"),
     ("debug.kill_at_round", int, _non_negative, "must be >= 0 (0 = off)"),
     ("debug.kill_point", str, lambda v: v in ("round", "save"), "must be 'round' or 'save'"),
+    ("debug.kill_signal", str, lambda v: v in ("SIGKILL", "SIGTERM", "SIGINT"),
+     "must be SIGKILL, SIGTERM or SIGINT"),
     ("algorithm.num_epochs", int, _positive, "must be >= 1"),
     ("algorithm.num_minibatches", int, _positive, "must be >= 1"),
     ("algorithm.kl_coef", float, _non_negative, "must be >= 0"),

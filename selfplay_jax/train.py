@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -62,9 +63,48 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
 
 
 def _maybe_kill(cfg, round_number: int, point: str) -> None:
-  """Fault injection (`debug.kill_at_round`): dies like a preempted host, with no clean-up."""
+  """Fault injection (`debug.kill_at_round`): sends `debug.kill_signal` to this process; SIGKILL
+  dies like a lost host, with no clean-up; SIGTERM / SIGINT take the graceful preemption path."""
   if cfg.debug.kill_at_round == round_number and cfg.debug.kill_point == point:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), getattr(signal, cfg.debug.kill_signal))
+
+
+class Preempted(Exception):
+  """The run stopped on SIGTERM / SIGINT after saving its last completed round."""
+
+  def __init__(self, signum: int, round_number: int, workdir: Path):
+    self.signum, self.round = signum, round_number
+    super().__init__(f"received {signal.Signals(signum).name}: finished and saved round "
+                     f"{round_number} in {workdir}/checkpoints; run the same command to resume")
+
+
+class _StopOnSignal:
+  """SIGTERM / SIGINT (preemption notice, Ctrl-C) ask the loop to finish the round in flight, save
+  it and stop. A second signal gets the default behaviour (immediate exit). Handlers are installed
+  only in the main thread and restored on exit."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal = 0
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+    for s, handler in self._previous.items():  # the next signal is not caught again
+      signal.signal(s, handler)
+    logging.warning("received %s: finishing the current round, then saving and stopping",
+                    signal.Signals(signum).name)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def _anchor_references(state: rnd.TrainState) -> rnd.TrainState:
@@ -116,7 +156,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   history: dict = {}
   bar = tqdm.tqdm(range(first, total_rounds), initial=first, total=total_rounds, desc="rounds",
                   disable=not cfg.progress_bar)
-  with ckpt, open(workdir / "metrics.jsonl", "a") as metrics_file:
+  with ckpt, open(workdir / "metrics.jsonl", "a") as metrics_file, _StopOnSignal() as stop:
     for r in bar:
       _maybe_kill(cfg, r + 1, "round")
       warm = r < cfg.warmup.rounds
@@ -140,7 +180,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       if (r + 1) % cfg.eval.every_rounds == 0 or r + 1 == total_rounds:
         metrics["eval/accuracy"] = eval_now(state.params)
       every = cfg.checkpoint.every_rounds
-      if every and ((r + 1) % every == 0 or r + 1 == total_rounds):
+      if (every and ((r + 1) % every == 0 or r + 1 == total_rounds)) or stop.signal:
         ckpt.save(r + 1, state, data_state=data_iter.get_state(), config_json=config_json,
                   metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
         _maybe_kill(cfg, r + 1, "save")
@@ -149,5 +189,8 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       if cfg.log_every_round:
         tqdm.tqdm.write(_summary_line(metrics))
       history.update({k: v for k, v in metrics.items() if v is not None})
+      if stop.signal:
+        ckpt.wait()
+        raise Preempted(stop.signal, r + 1, workdir)
     ckpt.wait()
   return history

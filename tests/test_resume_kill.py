@@ -1,5 +1,6 @@
 """SIGKILL mid-run (as a round starts, while the previous async save may be in flight) and right
-after a checkpoint save starts; the restarted run ends bit-identical to an uninterrupted one."""
+after a checkpoint save starts, and SIGTERM / SIGINT (preemption, Ctrl-C: finish the round, save,
+exit 128 + signal); in every case the restarted run ends bit-identical to an uninterrupted one."""
 
 import json
 import os
@@ -45,11 +46,23 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_round, point", [(4, "save"), (5, "round"), (2, "save")])
-def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_round, point):
+@pytest.mark.parametrize("kill_round, point, sig", [
+    (4, "save", "SIGKILL"), (5, "round", "SIGKILL"), (2, "save", "SIGKILL"),
+    (3, "round", "SIGTERM"), (4, "save", "SIGINT")])
+def test_kill_then_resume_is_bit_identical(reference, tmp_path, kill_round, point, sig):
   (ref_state, ref_data, ref_step), ref_dir = reference
-  killed = _train(tmp_path, f"debug.kill_at_round={kill_round}", f"debug.kill_point={point}")
-  assert killed.returncode == -9, killed.stderr  # really died of SIGKILL
+  killed = _train(tmp_path, f"debug.kill_at_round={kill_round}", f"debug.kill_point={point}",
+                  f"debug.kill_signal={sig}")
+  if sig == "SIGKILL":
+    assert killed.returncode == -9, killed.stderr  # really died of SIGKILL
+  else:  # graceful: the round in flight finishes and is saved, then exit 128 + signal number
+    assert killed.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig], killed.stderr
+    assert f"received {sig}: finished and saved round {kill_round}" in killed.stderr
+    assert "Traceback" not in killed.stderr
+    with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+      assert ckpt.latest_step() == kill_round
+    rounds = [json.loads(l)["round"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == list(range(1, kill_round + 1))
   resumed = _train(tmp_path)
   assert resumed.returncode == 0, resumed.stderr
   assert "resumed from" in resumed.stdout
