@@ -74,7 +74,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _train(cfg, workdir: str | None) -> int:
   from selfplay_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
-  from selfplay_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from selfplay_jax.data import pipeline, tasks  # pylint: disable=import-outside-toplevel
 
   workdir = workdir or "runs/default"
   if not _FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines out of the demo's output
@@ -87,7 +87,8 @@ def _train(cfg, workdir: str | None) -> int:
   except train.Preempted as e:
     print(f"selfplay-jax train: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)  # the shell convention for "terminated by signal N"
-  except (ConfigError, OSError, pipeline.DataError, checkpoint.CheckpointError) as e:
+  except (ConfigError, OSError, pipeline.DataError, tasks.EncodingError,
+          checkpoint.CheckpointError) as e:
     _fail(e)
   if "eval/accuracy_after_warmup" in history:
     print(f"held-out accuracy after warm-up: {history['eval/accuracy_after_warmup']:.1%}")

@@ -84,3 +84,10 @@ def test_console_script_installed():
     pytest.skip("console script not installed in this environment")
   result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_train_reports_too_narrow_token_widths_by_key(tmp_path):
+  result = cli("train", "--config.data.max_answer_len=1", "--config.warmup.rounds=1",
+               "--config.rounds=1", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "data.max_answer_len" in result.stderr

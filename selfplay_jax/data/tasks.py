@@ -338,14 +338,18 @@ def build_tokenizer(task: Task, path: str | os.PathLike,
 # ---- batching --------------------------------------------------------------------------------
 
 
+class EncodingError(ValueError):
+  """An example does not fit the configured token widths (names the `data.*` key to raise)."""
+
+
 def _pad(rows: list[list[int]], width: int, left: bool, pad_id: int, what: str,
          width_name: str) -> tuple[np.ndarray, np.ndarray]:
   tokens = np.full((len(rows), width), pad_id, np.int32)
   mask = np.zeros((len(rows), width), bool)
   for i, row in enumerate(rows):
     if len(row) > width:
-      raise ValueError(f"example {i}: {what} has {len(row)} tokens, more than "
-                       f"{width_name}={width}")
+      raise EncodingError(f"data.{width_name}: example {i}: {what} has {len(row)} tokens, more "
+                          f"than {width_name}={width}")
     sl = slice(width - len(row), width) if left else slice(0, len(row))
     tokens[i, sl], mask[i, sl] = row, True
   return tokens, mask
