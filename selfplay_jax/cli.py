@@ -46,6 +46,11 @@ def _fail(message: object) -> None:
   sys.exit(2)
 
 
+def _no_positional_args(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
 def _root_cause(error: BaseException) -> BaseException:
   """The innermost ConfigError behind a flag-parsing error (absl/ml_collections re-wrap it)."""
   found, seen = error, error
@@ -99,8 +104,7 @@ def _train(cfg, workdir: str | None) -> int:
 
 
 def _main(argv: list[str], command: str, overrides: list[str], config: flags.FlagHolder) -> int:
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  _no_positional_args(argv)
   try:
     cfg = config_lib.apply_overrides(config.value, overrides)
     config_lib.validate(cfg)
@@ -125,8 +129,7 @@ def _define_generate_flags() -> None:
 def _generate(argv: list[str]) -> int:
   from selfplay_jax import generate, sampling  # pylint: disable=import-outside-toplevel
 
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  _no_positional_args(argv)
   if not _FLAGS.model:
     _fail("--model: a Hugging Face model directory is required")
   if not _FLAGS.prompt:
@@ -158,8 +161,7 @@ def _define_eval_flags() -> None:
 def _eval(argv: list[str]) -> int:
   from selfplay_jax import checkpoint, evaluate  # pylint: disable=import-outside-toplevel
 
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  _no_positional_args(argv)
   if not _FLAGS.workdir:
     _fail("--workdir: the training workdir to evaluate is required")
   if _FLAGS.k < 0:
@@ -187,8 +189,7 @@ def _define_export_flags() -> None:
 def _export(argv: list[str]) -> int:
   from selfplay_jax import checkpoint, export  # pylint: disable=import-outside-toplevel
 
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  _no_positional_args(argv)
   for name in ("workdir", "out"):
     if not _FLAGS[name].value:
       _fail(f"--{name}: required")

@@ -57,10 +57,10 @@ def completion_logprobs(config: ModelConfig, params, rows: Rows) -> jax.Array:
   """log pi(completion token | prefix) for each completion position: float32 [R, N]."""
   prompt_len = rows["prompt_tokens"].shape[1]
   tokens = jnp.concatenate([rows["prompt_tokens"], rows["tokens"]], axis=1)
-  segments = jnp.concatenate([rows["prompt_mask"], rows["mask"]], axis=1).astype(jnp.int32)
-  # Padding inside the completion keeps segment 1 so positions stay contiguous; it is masked later.
-  segments = jnp.maximum(segments, jnp.pad(jnp.ones_like(rows["mask"], jnp.int32),
-                                           ((0, 0), (prompt_len, 0))))
+  # Every completion slot is segment 1 (padding after the stop token too, so positions stay
+  # contiguous; it is masked in the losses); only prompt padding is segment 0.
+  segments = jnp.concatenate([rows["prompt_mask"], jnp.ones_like(rows["mask"])],
+                             axis=1).astype(jnp.int32)
   logits = decoder.forward(config, params, tokens[:, :-1], segment_ids=segments[:, :-1])
   return losses.token_logprobs(logits[:, prompt_len - 1:], rows["tokens"])
 

@@ -110,8 +110,9 @@ class _StopOnSignal:
 def _anchor_references(state: rnd.TrainState) -> rnd.TrainState:
   """At the end of warm-up, the reference (and ReST-EM's restart point) become the warmed-up
   policy: self-improvement is measured against the model it starts from."""
-  copy = lambda tree: None if tree is None else jax.tree.map(jnp.copy, state.params)
-  return state.replace(ref_params=copy(state.ref_params), base_params=copy(state.base_params))
+  policy_if_kept = lambda slot: None if slot is None else jax.tree.map(jnp.copy, state.params)
+  return state.replace(ref_params=policy_if_kept(state.ref_params),
+                       base_params=policy_if_kept(state.base_params))
 
 
 def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
