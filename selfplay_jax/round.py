@@ -20,11 +20,16 @@ import optax
 
 from selfplay_jax import sampling
 from selfplay_jax.algorithms import losses
+from selfplay_jax.algorithms.preference import concat_rows
 from selfplay_jax.algorithms.spec import LogProbs, Rows, Spec
-from selfplay_jax.models import decoder
 from selfplay_jax.models.config import ModelConfig
+from selfplay_jax.scoring import ranking_agreement
+from selfplay_jax.scoring.likelihood import completion_logprobs
 
 Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# scorer(sample_params, ref_params, batch, rollout, rng) -> (scores [R], metrics); see `scoring`.
+Scorer = Callable[..., tuple[jax.Array, dict]]
+__all__ = ["TrainState", "init_state", "build_round_fn", "completion_logprobs", "empty_replay"]
 
 
 @flax.struct.dataclass
@@ -36,10 +41,28 @@ class TrainState:
   step: jax.Array  # optimizer steps taken
   round: jax.Array  # rounds completed
   rng: jax.Array
+  replay: Any = None  # pairs kept from the previous iteration (SPIN's data mixing); None if unused
 
 
-def init_state(params, optimizer: optax.GradientTransformation, spec: Spec, rng: jax.Array
-               ) -> TrainState:
+def empty_replay(spec: Spec, batch: Rows, sampling_config: sampling.SamplingConfig) -> Rows:
+  """An all-zero-weight replay slot shaped like one round's pairs (`spec.pair_rows`), so that the
+  state has a fixed structure from round one (and checkpoints look the same every round)."""
+  b, n = batch["prompt_tokens"].shape[0], sampling_config.n
+  zeros = lambda shape, dtype: jnp.zeros(shape, dtype)
+  rollout = sampling.Rollout(
+      prompt_tokens=jnp.repeat(jnp.asarray(batch["prompt_tokens"]), n, axis=0),
+      prompt_mask=jnp.repeat(jnp.asarray(batch["prompt_mask"]), n, axis=0),
+      tokens=zeros((b * n, sampling_config.max_new_tokens), jnp.int32),
+      logprobs=zeros((b * n, sampling_config.max_new_tokens), jnp.float32),
+      model_logprobs=zeros((b * n, sampling_config.max_new_tokens), jnp.float32),
+      mask=zeros((b * n, sampling_config.max_new_tokens), bool),
+      lengths=zeros((b * n,), jnp.int32))
+  rows = spec.pair_rows(batch, rollout, zeros((b * n,), jnp.float32))
+  return jax.tree.map(jnp.zeros_like, rows)
+
+
+def init_state(params, optimizer: optax.GradientTransformation, spec: Spec, rng: jax.Array,
+               replay: Rows | None = None) -> TrainState:
   # Copies, so that donating the state never invalidates a caller's arrays or aliases two leaves.
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   params = copy(params)
@@ -50,19 +73,8 @@ def init_state(params, optimizer: optax.GradientTransformation, spec: Spec, rng:
       opt_state=optimizer.init(params),
       step=jnp.zeros((), jnp.int32),
       round=jnp.zeros((), jnp.int32),
-      rng=rng)
-
-
-def completion_logprobs(config: ModelConfig, params, rows: Rows) -> jax.Array:
-  """log pi(completion token | prefix) for each completion position: float32 [R, N]."""
-  prompt_len = rows["prompt_tokens"].shape[1]
-  tokens = jnp.concatenate([rows["prompt_tokens"], rows["tokens"]], axis=1)
-  # Every completion slot is segment 1 (padding after the stop token too, so positions stay
-  # contiguous; it is masked in the losses); only prompt padding is segment 0.
-  segments = jnp.concatenate([rows["prompt_mask"], jnp.ones_like(rows["mask"])],
-                             axis=1).astype(jnp.int32)
-  logits = decoder.forward(config, params, tokens[:, :-1], segment_ids=segments[:, :-1])
-  return losses.token_logprobs(logits[:, prompt_len - 1:], rows["tokens"])
+      rng=rng,
+      replay=replay)
 
 
 def _minibatches(rows: Rows, rng, num_epochs: int, num_minibatches: int) -> Rows:
@@ -81,33 +93,54 @@ def _select(ok, new, old):
 
 def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.GradientTransformation,
                    sampling_config: sampling.SamplingConfig, verifier: Verifier | None, *,
-                   num_epochs: int = 1, num_minibatches: int = 1, state_shardings=None,
-                   batch_shardings=None, num_samples: int = 0, jit: bool = True):
+                   scorer: Scorer | None = None, num_epochs: int = 1, num_minibatches: int = 1,
+                   state_shardings=None, batch_shardings=None, num_samples: int = 0,
+                   jit: bool = True):
   """Returns `round_fn(state, batch) -> (state, metrics)`, jitted once with the state donated.
 
   `batch` holds the data pipeline's arrays: prompt_tokens/mask, response_tokens/mask (gold),
-  answer_tokens/mask (for the verifier). With `num_samples > 0`, metrics also carry the first
+  answer_tokens/mask (for the verifier), chosen/rejected_tokens/mask (pair data). The samples'
+  rewards are the `scorer`'s scores (judge, self-likelihood) when given, else the verifier's; with
+  both, `train/judge_agreement` says how often the scores rank a verified-correct sample above a
+  wrong one of the same prompt. With `num_samples > 0`, metrics also carry the first
   `num_samples` rollout rows under `samples/*` (tokens, lengths, rewards, prompt) for sample dumps.
+
+  Spec options read here (with defaults): `sample_from` ("policy" | "reference": who samples and
+  is scored), `reference_every` (a "previous" reference moves every N rounds), and for specs with
+  a replay slot in the state, `pair_rows` / `annotate` (this round's pairs + the kept ones).
   """
   sc = sampling_config
 
   def logp_fn(params, rows):
     return completion_logprobs(model_config, params, rows)
 
+  sample_from = getattr(spec, "sample_from", "policy")
+  reference_every = getattr(spec, "reference_every", 1)
+
   def round_fn(state: TrainState, batch: Rows):
     rng, k_sample, k_shuffle = jax.random.split(state.rng, 3)
+    k_score = jax.random.fold_in(k_sample, 1)
     metrics: dict[str, jax.Array] = {}
     rollout, rewards = None, None
     if spec.samples:
-      rollout = sampling.sample(model_config, state.params, batch["prompt_tokens"],
+      sampler = state.ref_params if sample_from == "reference" else state.params
+      rollout = sampling.sample(model_config, sampler, batch["prompt_tokens"],
                                 batch["prompt_mask"], k_sample, sc)
+      verified = None
       if verifier is not None:
         rep = lambda x: jnp.repeat(x, sc.n, axis=0)
-        rewards = verifier(rollout.tokens, rollout.mask, rep(batch["answer_tokens"]),
-                           rep(batch["answer_mask"]))
-        metrics["train/reward_mean"] = jnp.mean(rewards)
-        metrics["train/reward_std"] = jnp.std(rewards)
-        metrics["train/accuracy"] = jnp.mean((rewards >= 1.0).astype(jnp.float32))
+        verified = verifier(rollout.tokens, rollout.mask, rep(batch["answer_tokens"]),
+                            rep(batch["answer_mask"]))
+        metrics["train/accuracy"] = jnp.mean((verified >= 1.0).astype(jnp.float32))
+      rewards = verified
+      if scorer is not None:
+        rewards, score_metrics = scorer(sampler, state.ref_params, batch, rollout, k_score)
+        metrics.update(score_metrics)
+        if verified is not None:
+          metrics["train/judge_agreement"] = ranking_agreement(rewards, verified, sc.n)
+      if rewards is not None:
+        metrics["train/reward_mean"] = jnp.nanmean(rewards)
+        metrics["train/reward_std"] = jnp.nanstd(rewards)
       lengths = rollout.lengths.astype(jnp.float32)
       metrics["train/completion_len"] = jnp.mean(lengths)
       # Entropy estimate: mean negative log-prob of the sampled tokens under the model.
@@ -123,10 +156,17 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
 
     logp = LogProbs(old=lambda rows: jax.lax.stop_gradient(logp_fn(state.params, rows)),
                     ref=lambda rows: jax.lax.stop_gradient(logp_fn(state.ref_params, rows)))
-    rows = spec.build(batch, rollout, rewards, logp)
-    if "ref_logp" in rows:
+    moves = (state.round + 1) % reference_every == 0  # does a "previous" reference move now?
+    replay = state.replay  # kept as is by specs without a replay (e.g. the warm-up's SFT)
+    if replay is not None and getattr(spec, "replay", False):
+      fresh = spec.pair_rows(batch, rollout, rewards)
+      rows = spec.annotate(concat_rows(fresh, replay), logp)
+      replay = _select(moves, fresh, replay)
+    else:
+      rows = spec.build(batch, rollout, rewards, logp)
+    if "ref_logp" in rows and "old_logp" in rows:
       metrics["train/kl_ref"] = losses.masked_mean(
-          losses.kl_k3(rows.get("old_logp", rows["ref_logp"]), rows["ref_logp"]), rows["mask"])
+          losses.kl_k3(rows["old_logp"], rows["ref_logp"]), rows["mask"])
 
     start_params = state.params if state.base_params is None else state.base_params
 
@@ -154,9 +194,12 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     metrics["train/skipped_fraction"] = jnp.mean(step_metrics.pop("skipped"))
     metrics.update({f"train/{k}": jnp.mean(v) for k, v in step_metrics.items()})
 
-    ref_params = params if spec.reference == "previous" else state.ref_params
+    ref_params = state.ref_params
+    if spec.reference == "previous":
+      ref_params = params if reference_every == 1 else _select(moves, params, state.ref_params)
     new_state = state.replace(params=params, ref_params=ref_params, opt_state=opt_state,
-                              step=state.step + num_steps, round=state.round + 1, rng=rng)
+                              step=state.step + num_steps, round=state.round + 1, rng=rng,
+                              replay=replay)
     return new_state, metrics
 
   if not jit:

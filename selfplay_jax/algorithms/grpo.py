@@ -1,4 +1,5 @@
-"""The policy-gradient family on group samples: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++.
+"""The policy-gradient family on group samples: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++ (and
+RL-sharpening: the same losses with the self-likelihood as reward).
 
 Rows are the round's rollouts (G = `group_size` contiguous samples per prompt). `lp_old` is the
 log-prob under the parameters that sampled the round, recomputed with a forward pass so that the
@@ -14,7 +15,6 @@ import jax.numpy as jnp
 
 from selfplay_jax.algorithms import ADVANTAGES, PG_LOSS_TYPES, losses
 from selfplay_jax.algorithms.spec import LogProbs, Rows, rollout_rows
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class PolicyGradient:
 
   def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
     rows = rollout_rows(rollout)
-    rewards = rewards.astype(jnp.float32)
+    rewards = jnp.nan_to_num(rewards.astype(jnp.float32))  # a judge's invalid score counts 0
     if self.overlong_buffer:
       rewards = rewards + losses.overlong_penalty(rollout.lengths, self.max_completion_len,
                                                   self.overlong_buffer)

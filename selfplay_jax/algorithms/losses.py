@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from selfplay_jax.algorithms import PG_LOSS_TYPES
+from selfplay_jax.algorithms import DPO_LOSS_TYPES, PG_LOSS_TYPES
 
 Array = jax.Array
 
@@ -347,9 +347,6 @@ def rloo_loss(logp_BxT: Array, old_logp_BxT: Array | None, advantages_B: Array,
 # ----------------------------------------------------------------------------------------------
 # Preference losses (per pair; take the batch mean outside).
 # ----------------------------------------------------------------------------------------------
-
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair",
-                  "sppo_hard", "apo_zero", "discopop")
 
 
 def _pair_aux(chosen_rewards_B: Array, rejected_rewards_B: Array) -> dict[str, Array]:

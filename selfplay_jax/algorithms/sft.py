@@ -35,18 +35,29 @@ class RestEM:
   `restart_from_base`, each round's updates start from the initial parameters (ReST-EM's
   "fine-tune the base model on the new data" each iteration) instead of the previous iterate.
   `max_per_prompt` caps how many correct samples of one prompt are kept (ReST-EM: ~10).
+
+  `select="best"` keeps instead the single highest-reward sample of each prompt (best-of-N; with
+  the self-likelihood as reward this is SFT-sharpening, Huang et al. 2025). NaN rewards never win.
   """
 
   name: str = "rest_em"
   group_size: int = 4
   threshold: float = 1.0
   max_per_prompt: int = 0  # 0 = keep all correct samples
+  select: str = "threshold"  # threshold | best
   restart_from_base: bool = False
   samples: bool = True
   reference: str = "none"
 
   def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
     rows = rollout_rows(rollout)
+    if self.select == "best":
+      scores = jnp.asarray(rewards, jnp.float32).reshape(-1, self.group_size)
+      scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+      best = jnp.argmax(scores, axis=1)
+      keep = (jnp.arange(self.group_size)[None] == best[:, None]) & jnp.isfinite(scores)
+      rows["mask"] = rows["mask"] & keep.reshape(-1)[:, None]
+      return rows
     keep = rewards >= self.threshold
     if self.max_per_prompt:
       keep_NxG = keep.reshape(-1, self.group_size)

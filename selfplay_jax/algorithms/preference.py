@@ -1,0 +1,207 @@
+"""The preference family on pairs: offline DPO (and its loss variants, SimPO, ORPO), SPIN and
+Self-Rewarding; plus the judge-training (EFT) warm-up of Self-Rewarding.
+
+Pair rows carry a completion axis of size 2 (chosen, rejected): `prompt_tokens/prompt_mask`
+[P, 2, Lp], `tokens/mask` [P, 2, N], `weight` [P] (0 = no pair: a tie, a prompt without enough
+valid scores, or an empty replay slot). The round computes log-probs of both completions in one
+forward pass over the flattened rows. Where the pairs come from (`pairs`):
+
+  data          chosen / rejected responses of the data batch (offline DPO)
+  gold_vs_sample  the data's gold response vs each sample of the opponent (SPIN)
+  best_vs_worst   per prompt, the highest- vs the lowest-scored sample (Self-Rewarding; scores
+                  from the judge, or any scorer); ties (gap <= `min_score_gap`) are dropped
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from selfplay_jax.algorithms import DPO_LOSS_TYPES, PREFERENCE_LOSS_TYPES, losses
+from selfplay_jax.algorithms.spec import LogProbs, Rows, gold_rows, rollout_rows
+
+PAIR_SOURCES = ("data", "gold_vs_sample", "best_vs_worst")
+_PAIR_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask")
+
+
+def _pad_right(x: jax.Array, width: int, value=0) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
+def stack_pairs(chosen: Rows, rejected: Rows, weight: jax.Array) -> Rows:
+  """Pair rows from two row sets of equal prompt width (completions padded to one width)."""
+  width = max(chosen["tokens"].shape[1], rejected["tokens"].shape[1])
+  rows = {}
+  for key in _PAIR_KEYS:
+    c, r = chosen[key], rejected[key]
+    if key in ("tokens", "mask"):
+      c, r = _pad_right(c, width), _pad_right(r, width)
+    rows[key] = jnp.stack([c, r], axis=1)
+  rows["weight"] = weight.astype(jnp.float32)
+  return rows
+
+
+def concat_rows(a: Rows, b: Rows) -> Rows:
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference:
+  """One spec for the pair methods; `configs/dpo.py`, `spin.py`, `self_rewarding.py` pick fields.
+
+  loss_type: a DPO `loss_type` (sigmoid, hinge, ipo, robust, exo_pair, nca_pair, bco_pair,
+    sppo_hard, apo_zero, discopop), or simpo / orpo (token-averaged log-probs, no reference).
+  nll_coef: adds `nll_coef * NLL(chosen)` (token mean) per pair (RPO; SimPO's optional SFT term).
+  reference: frozen (DPO: the model training starts from) | previous (SPIN, Self-Rewarding: the
+    previous iterate, moved every `reference_every` rounds) | none (SimPO, ORPO).
+  sample_from: policy | reference (SPIN's opponent and Self-Rewarding's M_t are the iterate the
+    round trains from, i.e. the reference).
+  replay: keep the previous iteration's pairs (SPIN mixes them into each round's data).
+  """
+
+  name: str = "dpo"
+  pairs: str = "data"
+  loss_type: str = "sigmoid"
+  beta: float = 0.1
+  label_smoothing: float = 0.0
+  simpo_gamma: float = 0.5
+  orpo_lambda: float = 0.1
+  nll_coef: float = 0.0
+  group_size: int = 1
+  min_score_gap: float = 0.0
+  reference: str = "frozen"
+  reference_every: int = 1
+  sample_from: str = "policy"
+  replay: bool = False
+  restart_from_base: bool = False
+
+  def __post_init__(self):
+    if self.pairs not in PAIR_SOURCES:
+      raise ValueError(f"algorithm.pairs: {self.pairs!r} is not one of {PAIR_SOURCES}")
+    if self.loss_type not in PREFERENCE_LOSS_TYPES:
+      raise ValueError(f"algorithm.loss_type: {self.loss_type!r} is not one of "
+                       f"{PREFERENCE_LOSS_TYPES}")
+    if self.needs_ref and self.reference == "none":
+      raise ValueError(f"algorithm.loss_type: {self.loss_type} needs a reference model")
+
+  @property
+  def samples(self) -> bool:
+    return self.pairs != "data"
+
+  @property
+  def needs_ref(self) -> bool:
+    return self.loss_type in DPO_LOSS_TYPES
+
+  # ---- pairs ----------------------------------------------------------------------------------
+
+  def pair_rows(self, batch: Rows, rollout, rewards) -> Rows:
+    """This round's pairs, before any log-probs."""
+    if self.pairs == "data":
+      prompt = {"prompt_tokens": batch["prompt_tokens"], "prompt_mask": batch["prompt_mask"]}
+      chosen = {**prompt, "tokens": batch["chosen_tokens"], "mask": batch["chosen_mask"]}
+      rejected = {**prompt, "tokens": batch["rejected_tokens"], "mask": batch["rejected_mask"]}
+      return stack_pairs(chosen, rejected, jnp.ones(batch["prompt_tokens"].shape[0]))
+    sampled = rollout_rows(rollout)
+    if self.pairs == "gold_vs_sample":
+      n = rollout.num_rows // batch["prompt_tokens"].shape[0]
+      gold = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), gold_rows(batch))
+      return stack_pairs(gold, sampled, jnp.ones(rollout.num_rows))
+    g = self.group_size
+    s = jnp.asarray(rewards, jnp.float32).reshape(-1, g)
+    valid = ~jnp.isnan(s)
+    best = jnp.argmax(jnp.where(valid, s, -jnp.inf), axis=1)
+    worst = jnp.argmin(jnp.where(valid, s, jnp.inf), axis=1)
+    pick = lambda x, i: jnp.take_along_axis(x.reshape((-1, g) + x.shape[1:]),
+                                            i.reshape((-1, 1) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+    score_of = lambda i: jnp.take_along_axis(s, i[:, None], axis=1)[:, 0]
+    gap = score_of(best) - score_of(worst)
+    ok = (valid.sum(axis=1) >= 2) & (gap > self.min_score_gap)
+    return stack_pairs(jax.tree.map(lambda x: pick(x, best), sampled),
+                       jax.tree.map(lambda x: pick(x, worst), sampled), ok)
+
+  def annotate(self, rows: Rows, logp: LogProbs) -> Rows:
+    if self.needs_ref:
+      rows = {**rows, "ref_logp": logp.ref(rows)}
+    return rows
+
+  def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
+    return self.annotate(self.pair_rows(batch, rollout, rewards), logp)
+
+  # ---- loss -----------------------------------------------------------------------------------
+
+  def loss(self, logp_PxKxT, rows: Rows):
+    mask = rows["mask"]
+    lp = losses.sequence_logprob(logp_PxKxT, mask)  # [P, 2]
+    avg = losses.sequence_logprob(logp_PxKxT, mask, average=True)
+    if self.loss_type == "simpo":
+      loss_p, aux = losses.simpo_loss(avg[:, 0], avg[:, 1], beta=self.beta, gamma=self.simpo_gamma,
+                                      label_smoothing=self.label_smoothing)
+    elif self.loss_type == "orpo":
+      loss_p, aux = losses.orpo_loss(avg[:, 0], avg[:, 1], -avg[:, 0], lam=self.orpo_lambda)
+    else:
+      ref = losses.sequence_logprob(rows["ref_logp"], mask)
+      length = losses.masked_count(mask, axis=-1)
+      loss_p, aux = losses.dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1],
+                                    loss_type=self.loss_type, beta=self.beta,
+                                    label_smoothing=self.label_smoothing,
+                                    chosen_len_B=length[:, 0], rejected_len_B=length[:, 1])
+    if self.nll_coef:
+      loss_p = loss_p - self.nll_coef * avg[:, 0]
+    w = rows["weight"]
+    total = jnp.maximum(jnp.sum(w), 1.0)
+    mean = lambda x: jnp.sum(x * w) / total
+    metrics = {k: mean(aux[k]) for k in ("chosen_rewards", "rejected_rewards", "margins",
+                                         "accuracy")}
+    metrics["pair_fraction"] = jnp.mean((w > 0).astype(jnp.float32))
+    return mean(loss_p), metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeSFT:
+  """Self-Rewarding's warm-up M1: SFT on gold responses plus judge training (EFT).
+
+  Judge rows are built from the round's own samples and the gold responses, each labelled with
+  the verifier's verdict on the judge's scale (correct = score_max, wrong = score_min), so the
+  policy learns to judge its own kind of outputs. Loss = NLL(gold) + judge_weight * NLL(judge
+  rows), each a token mean. Needs a verifier (the task's, or JSONL answers).
+  """
+
+  judge: object  # scoring.Judge
+  judge_weight: float = 1.0
+  name: str = "sft+judge"
+  samples: bool = True
+  reference: str = "none"
+  restart_from_base: bool = False
+
+  def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
+    j = self.judge
+    gold = gold_rows(batch)
+    sampled = rollout_rows(rollout)
+    lo, hi = float(j.score_min), float(j.score_max)
+    gold_score = jnp.full((gold["tokens"].shape[0],), hi)
+    sample_score = lo + (hi - lo) * jnp.clip(jnp.asarray(rewards, jnp.float32), 0.0, 1.0)
+    width = j.prompt_width(batch["prompt_tokens"].shape[1],
+                           max(gold["tokens"].shape[1], sampled["tokens"].shape[1]))
+    completion = gold["tokens"].shape[1]
+    judged = [j.training_rows(r["prompt_tokens"], r["prompt_mask"], r["tokens"], r["mask"], s,
+                              prompt_width=width, completion_width=completion)
+              for r, s in ((gold, gold_score), (sampled, sample_score))]
+    pad = width - gold["prompt_tokens"].shape[1]
+    sft = {"prompt_tokens": jnp.pad(gold["prompt_tokens"], ((0, 0), (pad, 0)),
+                                    constant_values=j.pad_id),
+           "prompt_mask": jnp.pad(gold["prompt_mask"], ((0, 0), (pad, 0))),
+           "tokens": _pad_right(gold["tokens"], max(completion, 2), j.pad_id),
+           "mask": _pad_right(gold["mask"], max(completion, 2))}
+    rows = concat_rows(sft, concat_rows(*judged))
+    n_sft = sft["tokens"].shape[0]
+    rows["is_judge"] = jnp.arange(rows["tokens"].shape[0]) >= n_sft
+    return rows
+
+  def loss(self, logp_BxT, rows: Rows):
+    mask = rows["mask"].astype(bool)
+    is_judge = rows["is_judge"][:, None]
+    sft = losses.nll_loss(logp_BxT, mask & ~is_judge)
+    judge = losses.nll_loss(logp_BxT, mask & is_judge)
+    return sft + self.judge_weight * judge, {"sft_loss": sft, "judge_loss": judge}

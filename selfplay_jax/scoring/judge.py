@@ -1,0 +1,236 @@
+"""The policy as its own judge (Self-Rewarding Language Models, Yuan et al. 2024).
+
+A judge template wraps (prompt, response) in token space:
+
+  BOS + enc(text before {prompt}) + prompt + enc(text between) + response + enc(text after)
+
+(the prompt without its BOS, the response without its stop token; the pieces of the template are
+encoded separately, the same way for judge training rows and for judging). The score is read from
+the judge's next-token distribution on the score tokens "0".."5":
+
+  expected (default, `num_samples=0`): one forward pass; `Σ_k p(k) · k`, p renormalised over the
+    score tokens.
+  sampled (`num_samples=m`): m judgements sampled (temperature, `max_new_tokens`); each one's score
+    is the score token right after the last `score_marker` in it (without a marker: its first
+    token); the mean of the valid ones, NaN when none is valid.
+
+Everything is jittable: judging runs inside the round on the round's own samples.
+
+  judge = Judge.from_template(TASK_TEMPLATE, tokenizer)   # "{prompt}{response}<score>"
+  scores = judge.score(model_config, params, rollout.prompt_tokens, rollout.prompt_mask,
+                       rollout.tokens, rollout.mask, rng)            # float32 [R]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from selfplay_jax import sampling
+from selfplay_jax.models import decoder
+from selfplay_jax.models.config import ConfigError, ModelConfig
+
+# Built-in tasks: one extra symbol of the task tokenizer (see `tasks.build_tokenizer`). Nothing
+# precedes the prompt, so up to the end of the response the judge reads exactly what the policy
+# read and wrote when it generated it (same tokens, same positions): its own next-token
+# predictions along the response are there to compare with. With a "<judge>" prefix instead,
+# judge agreement on the tiny arithmetic model was lower (see docs/recipes.md).
+JUDGE_SYMBOLS = ("<score>",)
+TASK_TEMPLATE = "{prompt}{response}<score>"
+
+# For natural-language tokenizers: the paper's additive 5-point rubric (Yuan et al. 2024, Fig. 2),
+# ending where the score is read.
+RUBRIC_TEMPLATE = """Review the user's question and the corresponding response using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:
+- Add 1 point if the response is relevant and provides some information related to the user's inquiry, even if it is incomplete or contains some irrelevant content.
+- Add another point if the response addresses a substantial portion of the user's question, but does not completely resolve the query or provide a direct answer.
+- Award a third point if the response answers the basic elements of the user's question in a useful way, regardless of whether it seems to have been written by an AI Assistant or if it has elements typically found in blogs or search results.
+- Grant a fourth point if the response is clearly written from an AI Assistant's perspective, addressing the user's question directly and comprehensively, and is well-organized and helpful, even if there is slight room for improvement in clarity, conciseness or focus.
+- Bestow a fifth point for a response that is impeccably tailored to the user's question by an AI Assistant, without extraneous information, reflecting expert knowledge, and demonstrating a high-quality, engaging, and insightful answer.
+
+User: {prompt}
+<response>{response}</response>
+
+After examining the user's instruction and the response, conclude with the score in the format "Score: <total points>".
+Score: """
+
+
+def _split_template(template: str) -> tuple[str, str, str]:
+  for field in ("{prompt}", "{response}"):
+    if template.count(field) != 1:
+      raise ConfigError(f"judge.template: must contain {field} exactly once, got {template!r}")
+  before, rest = template.split("{prompt}")
+  if "{response}" not in rest:
+    raise ConfigError("judge.template: {prompt} must come before {response}")
+  middle, after = rest.split("{response}")
+  return before, middle, after
+
+
+def left_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Moves each row's masked tokens to the right end, in order (left padding): [R, T]."""
+  order = jnp.argsort(mask, axis=1, stable=True)  # False (padding) first, order kept
+  tokens = jnp.take_along_axis(tokens, order, axis=1)
+  mask = jnp.take_along_axis(mask, order, axis=1)
+  return jnp.where(mask, tokens, pad_id), mask
+
+
+def _left_pad_to(tokens, mask, width: int, pad_id: int):
+  extra = width - tokens.shape[1]
+  return (jnp.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id),
+          jnp.pad(mask, ((0, 0), (extra, 0))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+  """Token-space judge template and score read-out (see the module docstring)."""
+
+  prefix: tuple[int, ...]  # BOS (if the tokenizer has one) + text before {prompt}
+  middle: tuple[int, ...]  # text between {prompt} and {response}
+  suffix: tuple[int, ...]  # text after {response}
+  score_ids: tuple[int, ...]  # token id of each score value score_min..score_max
+  eos_ids: tuple[int, ...]
+  bos_id: int | None = None
+  pad_id: int = 0
+  score_min: int = 0
+  num_samples: int = 0  # 0 = expected score in one forward pass
+  temperature: float = 1.0
+  max_new_tokens: int = 8
+  marker: tuple[int, ...] = ()  # sampled mode: the score follows these tokens
+
+  @classmethod
+  def from_template(cls, template: str, tokenizer, *, score_min: int = 0, score_max: int = 5,
+                    score_marker: str = "", num_samples: int = 0, temperature: float = 1.0,
+                    max_new_tokens: int = 8) -> "Judge":
+    """Encodes `template` ("...{prompt}...{response}...") with `tokenizer`; errors name the
+    `judge.*` key at fault."""
+    if not 0 <= score_min < score_max <= 9:
+      raise ConfigError(f"judge.score_max: need 0 <= score_min < score_max <= 9 (single digits), "
+                        f"got {score_min}..{score_max}")
+    before, middle, after = _split_template(template)
+    enc = lambda s: tuple(tokenizer.encode(s)) if s else ()
+    score_ids = []
+    for value in range(score_min, score_max + 1):
+      ids = tokenizer.encode(str(value))
+      if len(ids) != 1:
+        raise ConfigError(f"judge.score_max: score {value} is {len(ids)} tokens in this tokenizer; "
+                          "each score must be a single token")
+      score_ids.append(ids[0])
+    if tokenizer.eos_id is None:
+      raise ConfigError("judge.template: the tokenizer has no EOS token (judgements end with EOS)")
+    bos = () if tokenizer.bos_id is None else (tokenizer.bos_id,)
+    return cls(prefix=bos + enc(before), middle=enc(middle), suffix=enc(after),
+               score_ids=tuple(score_ids), eos_ids=tuple(tokenizer.eos_ids),
+               bos_id=tokenizer.bos_id,
+               pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+               score_min=score_min, num_samples=num_samples, temperature=temperature,
+               max_new_tokens=max_new_tokens, marker=enc(score_marker))
+
+  @property
+  def score_max(self) -> int:
+    return self.score_min + len(self.score_ids) - 1
+
+  @property
+  def values(self) -> jax.Array:
+    return jnp.arange(self.score_min, self.score_max + 1, dtype=jnp.float32)
+
+  def prompt_width(self, prompt_len: int, response_len: int) -> int:
+    return len(self.prefix) + prompt_len + len(self.middle) + response_len + len(self.suffix)
+
+  # ---- building judge prompts -----------------------------------------------------------------
+
+  def prompts(self, prompt_tokens, prompt_mask, tokens, mask) -> tuple[jax.Array, jax.Array]:
+    """Left-padded judge prompts [R, prompt_width] for prompts [R, P] (left-padded, BOS first) and
+    responses [R, N] (masked; the stop token is dropped)."""
+    r = prompt_tokens.shape[0]
+    fixed = lambda ids: (jnp.broadcast_to(jnp.asarray(ids, jnp.int32), (r, len(ids))),
+                         jnp.ones((r, len(ids)), bool))
+    prompt_keep = prompt_mask.astype(bool)
+    if self.bos_id is not None:
+      prompt_keep &= prompt_tokens != self.bos_id
+    response_keep = mask.astype(bool) & ~jnp.isin(tokens, jnp.asarray(self.eos_ids, jnp.int32))
+    parts = [fixed(self.prefix), (prompt_tokens, prompt_keep), fixed(self.middle),
+             (tokens, response_keep), fixed(self.suffix)]
+    all_tokens = jnp.concatenate([p[0].astype(jnp.int32) for p in parts], axis=1)
+    all_mask = jnp.concatenate([p[1] for p in parts], axis=1)
+    return left_pack(all_tokens, all_mask, self.pad_id)
+
+  def training_rows(self, prompt_tokens, prompt_mask, tokens, mask, target_scores,
+                    prompt_width: int | None = None, completion_width: int = 2) -> dict:
+    """Judge-training (EFT) rows: prompt = the judge prompt, completion = [score token, EOS]
+    for `target_scores` (rounded, clipped to the scale). Widths pad to at least the given ones."""
+    judge_tokens, judge_mask = self.prompts(prompt_tokens, prompt_mask, tokens, mask)
+    if prompt_width is not None and prompt_width > judge_tokens.shape[1]:
+      judge_tokens, judge_mask = _left_pad_to(judge_tokens, judge_mask, prompt_width, self.pad_id)
+    index = jnp.clip(jnp.round(target_scores).astype(jnp.int32) - self.score_min, 0,
+                     len(self.score_ids) - 1)
+    r, width = index.shape[0], max(completion_width, 2)
+    completion = jnp.full((r, width), self.pad_id, jnp.int32)
+    completion = completion.at[:, 0].set(jnp.asarray(self.score_ids, jnp.int32)[index])
+    completion = completion.at[:, 1].set(self.eos_ids[0])
+    completion_mask = jnp.arange(width)[None, :].repeat(r, 0) < 2
+    return {"prompt_tokens": judge_tokens, "prompt_mask": judge_mask, "tokens": completion,
+            "mask": completion_mask}
+
+  # ---- scoring --------------------------------------------------------------------------------
+
+  def expected_scores(self, config: ModelConfig, params, judge_tokens, judge_mask) -> jax.Array:
+    """`Σ_k p(k)·k` over the score tokens at the end of each judge prompt: float32 [R]."""
+    logits = decoder.forward(config, params, judge_tokens, segment_ids=judge_mask.astype(jnp.int32))
+    last = logits[:, -1, :].astype(jnp.float32)
+    probs = jax.nn.softmax(last[:, jnp.asarray(self.score_ids)], axis=-1)
+    return probs @ self.values
+
+  def read_scores(self, tokens, mask) -> jax.Array:
+    """Score of each generated judgement [R, N]: the score token after the last marker (or the
+    first token without a marker); NaN when there is none."""
+    tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool)
+    n = tokens.shape[1]
+    score_ids = jnp.asarray(self.score_ids, jnp.int32)
+    is_score = (tokens[..., None] == score_ids).any(-1) & mask
+    k = len(self.marker)
+    if k:
+      after_marker = jnp.ones_like(mask)
+      for j, marker_id in enumerate(self.marker):  # tokens[i - k + j] == marker[j]
+        shift = k - j
+        hit = jnp.pad((tokens == marker_id) & mask, ((0, 0), (shift, 0)))[:, :n]
+        after_marker &= hit
+      candidates = is_score & after_marker
+    else:
+      candidates = is_score & (jnp.arange(n) == 0)[None]
+    last = n - 1 - jnp.argmax(candidates[:, ::-1], axis=1)
+    token = jnp.take_along_axis(tokens, last[:, None], axis=1)[:, 0]
+    value = jnp.argmax(token[:, None] == score_ids, axis=1).astype(jnp.float32) + self.score_min
+    return jnp.where(candidates.any(axis=1), value, jnp.nan)
+
+  def sampled_scores(self, config: ModelConfig, params, judge_tokens, judge_mask, rng) -> jax.Array:
+    sc = sampling.SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                 n=self.num_samples, eos_ids=self.eos_ids, pad_id=self.pad_id)
+    out = sampling.sample(config, params, judge_tokens, judge_mask, rng, sc)
+    per_sample = self.read_scores(out.tokens, out.mask).reshape(-1, self.num_samples)
+    return jnp.nanmean(per_sample, axis=1)  # NaN where no judgement was valid
+
+  def score(self, config: ModelConfig, params, prompt_tokens, prompt_mask, tokens, mask,
+            rng) -> jax.Array:
+    """Scores of responses [R, N] to prompts [R, P] under `params` as the judge: float32 [R]."""
+    params = jax.lax.stop_gradient(params)
+    judge_tokens, judge_mask = self.prompts(prompt_tokens, prompt_mask, tokens, mask)
+    if self.num_samples:
+      return self.sampled_scores(config, params, judge_tokens, judge_mask, rng)
+    return self.expected_scores(config, params, judge_tokens, judge_mask)
+
+
+def ranking_agreement(scores: jax.Array, verified: jax.Array, group_size: int) -> jax.Array:
+  """How often the scores rank a verified-correct sample above a wrong one of the same prompt.
+
+  Over all (correct, wrong) pairs within each group of `group_size` consecutive samples: 1 for a
+  higher score, 0.5 for a tie, 0 otherwise (or a NaN score on either side). 0.5 = chance.
+  NaN when no group has both a correct and a wrong sample.
+  """
+  s = scores.reshape(-1, group_size)
+  ok = verified.reshape(-1, group_size) >= 1.0
+  pair = ok[:, :, None] & ~ok[:, None, :]  # i correct, j wrong
+  si, sj = s[:, :, None], s[:, None, :]
+  win = jnp.where(si > sj, 1.0, jnp.where(si == sj, 0.5, 0.0))
+  count = pair.sum()
+  return jnp.where(count > 0, jnp.sum(win * pair) / jnp.maximum(count, 1), jnp.nan)

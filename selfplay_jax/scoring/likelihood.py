@@ -1,0 +1,44 @@
+"""Completion log-probabilities and the self-likelihood reward (sharpening, Huang et al. 2025)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from selfplay_jax.models import decoder
+from selfplay_jax.models.config import ModelConfig
+
+Rows = dict[str, jax.Array]
+NORMALIZE = ("sum", "mean")
+
+
+def completion_logprobs(config: ModelConfig, params, rows: Rows) -> jax.Array:
+  """log pi(completion token | prefix) for each completion position: float32 [R, N].
+
+  `rows` holds `prompt_tokens/prompt_mask` [R, P] (left-padded) and `tokens/mask` [R, N]. Rows with
+  an extra completion axis ([R, K, ...], e.g. K = 2 for a preference pair) give [R, K, N].
+  """
+  if rows["tokens"].ndim == 3:
+    keys = ("prompt_tokens", "prompt_mask", "tokens", "mask")
+    flat = {k: rows[k].reshape((-1,) + rows[k].shape[2:]) for k in keys}
+    return completion_logprobs(config, params, flat).reshape(rows["tokens"].shape)
+  prompt_len = rows["prompt_tokens"].shape[1]
+  tokens = jnp.concatenate([rows["prompt_tokens"], rows["tokens"]], axis=1)
+  # Every completion slot is segment 1 (padding after the stop token too, so positions stay
+  # contiguous; it is masked in the losses); only prompt padding is segment 0.
+  segments = jnp.concatenate([rows["prompt_mask"], jnp.ones_like(rows["mask"])],
+                             axis=1).astype(jnp.int32)
+  logits = decoder.forward(config, params, tokens[:, :-1], segment_ids=segments[:, :-1])
+  logp_all = jax.nn.log_softmax(logits[:, prompt_len - 1:].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp_all, rows["tokens"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def self_likelihood(config: ModelConfig, params, rows: Rows, normalize: str = "mean") -> jax.Array:
+  """`log pi(y | x)` of each completion under `params`: summed over its tokens (incl. the stop
+  token), or their mean (`normalize="mean"`, the length-normalised self-reward). float32 [R]."""
+  if normalize not in NORMALIZE:
+    raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+  logp = jax.lax.stop_gradient(completion_logprobs(config, params, rows))
+  mask = rows["mask"].astype(bool)
+  total = jnp.sum(jnp.where(mask, logp, 0.0), axis=-1)
+  return total / jnp.maximum(mask.sum(-1), 1) if normalize == "mean" else total
