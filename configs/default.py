@@ -72,11 +72,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.num_minibatches = 2  # optimizer steps per epoch (must divide batch_size * n)
   cfg.algorithm.kl_coef = 0.02  # weight of the KL penalty to the reference (the warmed-up policy)
   cfg.algorithm.beta = 0.1  # preference temperature (DPO-family / SPIN losses)
-  cfg.algorithm.loss_type = ""  # PG token aggregation: grpo | bnpo | dr_grpo | dapo; "" = the algorithm's
+  cfg.algorithm.loss_type = ""  # PG: grpo|bnpo|dr_grpo|dapo; preference: a DPO loss_type|simpo|orpo
   cfg.algorithm.advantage = ""  # grpo | dr_grpo | rloo | reinforce_pp; "" = the algorithm's own
   cfg.algorithm.clip_low = 0.2  # PPO-style ratio clip below 1
   cfg.algorithm.clip_high = 0.2  # ratio clip above 1 (DAPO clip-higher: 0.28)
   cfg.algorithm.restart_from_base = False  # rest_em: each round fine-tunes from the initial params
+  cfg.algorithm.reward = ""  # verifier | judge | likelihood; "" = the algorithm's own
+  cfg.algorithm.likelihood_normalize = "mean"  # self-likelihood reward: mean or sum token log-prob
+  cfg.algorithm.iteration_rounds = 1  # spin / self_rewarding: rounds per iteration (reference moves)
+  cfg.algorithm.replay_previous = False  # spin: also train on the previous iteration's pairs
+  cfg.algorithm.label_smoothing = 0.0  # DPO sigmoid/robust/exo_pair, SimPO: label smoothing
+  cfg.algorithm.simpo_gamma = 0.5  # SimPO target reward margin
+  cfg.algorithm.orpo_lambda = 0.1  # ORPO odds-ratio weight
+  cfg.algorithm.nll_coef = 0.0  # preference: + nll_coef * NLL(chosen) per pair (RPO)
+  cfg.algorithm.min_score_gap = 0.0  # self_rewarding: pairs need best - worst score > this
+
+  # The policy as its own judge (algorithm.reward=judge; self_rewarding's default).
+  cfg.judge = ml_collections.ConfigDict()
+  cfg.judge.template = ""  # "...{prompt}...{response}..."; "" = built-in task / 5-point rubric
+  cfg.judge.score_min = 0  # lowest score (a single-digit token)
+  cfg.judge.score_max = 5  # highest score
+  cfg.judge.num_samples = 0  # 0 = expected score in one pass; m = mean of m sampled judgements
+  cfg.judge.temperature = 1.0  # sampled judgements: temperature
+  cfg.judge.max_new_tokens = 8  # sampled judgements: length cap
+  cfg.judge.score_marker = ""  # sampled judgements: the score follows this text ("" = first token)
+  cfg.judge.train_in_warmup = True  # warm-up also trains the judge on verifier-labelled samples
+  cfg.judge.loss_weight = 1.0  # warm-up loss = NLL(gold) + loss_weight * NLL(judge rows)
 
   cfg.data = ml_collections.ConfigDict()
   cfg.data.task = arg.task  # built-in task (arithmetic | sort) or a JSONL file of user data

@@ -27,7 +27,9 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from selfplay_jax.algorithms import ADVANTAGES, ALGORITHMS, GROUP_ALGORITHMS, PG_LOSS_TYPES
+from selfplay_jax.algorithms import (ADVANTAGES, ALGORITHMS, GROUP_ALGORITHMS, PG_ALGORITHMS,
+                                     PG_LOSS_TYPES, PREFERENCE_ALGORITHMS,
+                                     PREFERENCE_LOSS_TYPES, REWARDS)
 from selfplay_jax.models.config import PRESETS, ConfigError, ModelConfig, get_preset
 
 __all__ = ["ConfigError", "apply_overrides", "default_config_path", "load_config", "model_config",
@@ -85,6 +87,16 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
                         + _did_you_mean(key, list(defaults)))
     result[key] = _parse_value(f"config arg {key!r}", raw, type(defaults[key]), nullable=False)
   return ml_collections.ConfigDict(result)
+
+
+def pop_arg(arg: str | None, **defaults: Any) -> tuple[ml_collections.ConfigDict, str]:
+  """Splits a config argument into this file's own keys (parsed over `defaults`) and the rest,
+  which a recipe passes on to the config it extends (`configs/sharpen.py:mode=rl,task=sort`)."""
+  own, rest = [], []
+  for item in (s.strip() for s in (arg or "").split(",")):
+    if item:
+      (own if item.partition("=")[0].strip() in defaults else rest).append(item)
+  return parse_arg(",".join(own), **defaults), ",".join(rest)
 
 
 def load_sibling(file: str, name: str = "default.py", arg: str | None = None
@@ -378,8 +390,28 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("optimizer.b1", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optimizer.b2", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("algorithm.name", str, lambda v: v in ALGORITHMS, f"must be one of {ALGORITHMS}"),
-    ("algorithm.loss_type", str, lambda v: v in ("",) + PG_LOSS_TYPES,
-     f"must be '' (the algorithm's own) or one of {PG_LOSS_TYPES}"),
+    ("algorithm.loss_type", str, lambda v: v in ("",) + PG_LOSS_TYPES + PREFERENCE_LOSS_TYPES,
+     f"must be '' (the algorithm's own) or one of {PG_LOSS_TYPES + PREFERENCE_LOSS_TYPES}"),
+    ("algorithm.reward", str, lambda v: v in ("",) + REWARDS,
+     f"must be '' (the algorithm's own) or one of {REWARDS}"),
+    ("algorithm.likelihood_normalize", str, lambda v: v in ("sum", "mean"),
+     "must be 'sum' or 'mean'"),
+    ("algorithm.iteration_rounds", int, _positive, "must be >= 1"),
+    ("algorithm.replay_previous", bool, None, ""),
+    ("algorithm.label_smoothing", float, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    ("algorithm.simpo_gamma", float, None, ""),
+    ("algorithm.orpo_lambda", float, _non_negative, "must be >= 0"),
+    ("algorithm.nll_coef", float, _non_negative, "must be >= 0"),
+    ("algorithm.min_score_gap", float, _non_negative, "must be >= 0"),
+    ("judge.template", str, None, ""),
+    ("judge.score_min", int, lambda v: 0 <= v <= 8, "must be in [0, 8]"),
+    ("judge.score_max", int, lambda v: 1 <= v <= 9, "must be in [1, 9] (single-digit scores)"),
+    ("judge.num_samples", int, _non_negative, "must be >= 0 (0 = expected score)"),
+    ("judge.temperature", float, lambda v: v > 0, "must be > 0"),
+    ("judge.max_new_tokens", int, _positive, "must be >= 1"),
+    ("judge.score_marker", str, None, ""),
+    ("judge.train_in_warmup", bool, None, ""),
+    ("judge.loss_weight", float, _non_negative, "must be >= 0"),
     ("algorithm.advantage", str, lambda v: v in ("",) + ADVANTAGES,
      f"must be '' (the algorithm's own) or one of {ADVANTAGES}"),
     ("algorithm.clip_low", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -473,10 +505,28 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
   """Settings that are fine alone but impossible together."""
-  rows = cfg.data.batch_size * cfg.sampling.n
-  if rows % cfg.algorithm.num_minibatches:
-    raise ConfigError(f"algorithm.num_minibatches: {cfg.algorithm.num_minibatches} must divide "
-                      f"data.batch_size * sampling.n = {rows}")
+  a = cfg.algorithm
+  rows, what = cfg.data.batch_size * cfg.sampling.n, "data.batch_size * sampling.n"
+  if a.name in ("dpo", "self_rewarding"):
+    rows, what = cfg.data.batch_size, "data.batch_size (one pair per prompt)"
+  elif a.name == "spin" and a.replay_previous:
+    rows, what = 2 * rows, "2 * data.batch_size * sampling.n (new and replayed pairs)"
+  elif a.name == "sft":
+    rows, what = cfg.data.batch_size, "data.batch_size"
+  if rows % a.num_minibatches:
+    raise ConfigError(f"algorithm.num_minibatches: {a.num_minibatches} must divide {what} = {rows}")
+  if a.loss_type and a.name in PG_ALGORITHMS and a.loss_type not in PG_LOSS_TYPES:
+    raise ConfigError(f"algorithm.loss_type: {a.name} takes one of {PG_LOSS_TYPES}, got "
+                      f"{a.loss_type!r}")
+  if a.loss_type and a.name in PREFERENCE_ALGORITHMS and a.loss_type not in PREFERENCE_LOSS_TYPES:
+    raise ConfigError(f"algorithm.loss_type: {a.name} takes one of {PREFERENCE_LOSS_TYPES}, got "
+                      f"{a.loss_type!r}")
+  if a.reward in ("judge", "likelihood") and a.name in ("sft", "dpo"):
+    raise ConfigError(f"algorithm.reward: {a.name} does not sample, so nothing is scored; "
+                      "leave algorithm.reward empty")
+  if cfg.judge.score_min >= cfg.judge.score_max:
+    raise ConfigError(f"judge.score_max: must be above judge.score_min, got "
+                      f"{cfg.judge.score_min}..{cfg.judge.score_max}")
   if cfg.algorithm.name in GROUP_ALGORITHMS and cfg.sampling.n < 2:
     raise ConfigError(f"sampling.n: {cfg.algorithm.name} needs >= 2 samples per prompt "
                       "(group-relative advantages)")

@@ -15,35 +15,101 @@ import ml_collections
 import numpy as np
 import optax
 
-from selfplay_jax import checkpoint, config_lib, models, sampling, tokenizers
+from selfplay_jax import checkpoint, config_lib, models, sampling, scoring, tokenizers
 from selfplay_jax import round as rnd
 from selfplay_jax.algorithms import ALGORITHMS
 from selfplay_jax.algorithms.grpo import PolicyGradient
+from selfplay_jax.algorithms.preference import JudgeSFT, Preference
 from selfplay_jax.algorithms.sft import SFT, RestEM
 from selfplay_jax.data import pipeline, tasks
+from selfplay_jax.scoring import judge as judge_lib
 
 PG_DEFAULTS = {"grpo": ("grpo", "grpo"), "dr_grpo": ("dr_grpo", "dr_grpo"), "dapo": ("dapo", "grpo"),
-               "rloo": ("grpo", "rloo"), "reinforce_pp": ("grpo", "reinforce_pp")}
+               "rloo": ("grpo", "rloo"), "reinforce_pp": ("grpo", "reinforce_pp"),
+               "sharpen_rl": ("grpo", "grpo")}
+# Preference algorithms: (pair source, reference, who samples).
+PREFERENCE_DEFAULTS = {"dpo": ("data", "frozen", "policy"),
+                       "spin": ("gold_vs_sample", "previous", "reference"),
+                       "self_rewarding": ("best_vs_worst", "previous", "reference")}
+DEFAULT_REWARD = {"self_rewarding": "judge", "sharpen_sft": "likelihood", "sharpen_rl": "likelihood"}
 
 
 # ---- run set-up (shared with train.py) ---------------------------------------------------------
+
+
+def reward_kind(cfg) -> str:
+  """What scores the samples: `algorithm.reward`, or the algorithm's own default."""
+  return cfg.algorithm.reward or DEFAULT_REWARD.get(cfg.algorithm.name, "verifier")
+
+
+def uses_judge(cfg) -> bool:
+  return reward_kind(cfg) == "judge"
 
 
 def build_spec(cfg):
   a, n = cfg.algorithm, cfg.sampling.n
   if a.name == "sft":
     return SFT()
-  if a.name == "rest_em":
-    return RestEM(group_size=n, restart_from_base=a.restart_from_base)
+  if a.name in ("rest_em", "sharpen_sft"):
+    return RestEM(name=a.name, group_size=n, restart_from_base=a.restart_from_base,
+                  select="best" if a.name == "sharpen_sft" else "threshold")
   if a.name in PG_DEFAULTS:
     loss_type, advantage = PG_DEFAULTS[a.name]
+    # Without a KL term the reference is never read: do not keep a copy (RL-sharpening keeps
+    # it: its reward is the likelihood under the frozen base model).
+    keep_ref = a.kl_coef > 0 or a.name == "sharpen_rl"
     return PolicyGradient(name=a.name, group_size=n, loss_type=a.loss_type or loss_type,
                           advantage=a.advantage or advantage, clip_low=a.clip_low,
                           clip_high=a.clip_high, kl_coef=a.kl_coef, dynamic_filter=a.name == "dapo",
                           max_completion_len=cfg.sampling.max_new_tokens,
-                          # Without a KL term the reference is never read: do not keep a copy.
-                          reference="frozen" if a.kl_coef > 0 else "none")
+                          reference="frozen" if keep_ref else "none")
+  if a.name in PREFERENCE_DEFAULTS:
+    pairs, reference, sample_from = PREFERENCE_DEFAULTS[a.name]
+    loss_type = a.loss_type or "sigmoid"
+    if pairs == "data" and loss_type in ("simpo", "orpo"):
+      reference = "none"  # reference-free losses, nothing samples
+    return Preference(name=a.name, pairs=pairs, loss_type=loss_type, beta=a.beta,
+                      label_smoothing=a.label_smoothing, simpo_gamma=a.simpo_gamma,
+                      orpo_lambda=a.orpo_lambda, nll_coef=a.nll_coef, group_size=n,
+                      min_score_gap=a.min_score_gap, reference=reference,
+                      reference_every=a.iteration_rounds, sample_from=sample_from,
+                      replay=a.name == "spin" and a.replay_previous)
   raise config_lib.ConfigError(f"algorithm.name: unknown algorithm {a.name!r}; choose one of {ALGORITHMS}")
+
+
+def build_judge(cfg, tok) -> scoring.Judge:
+  """The self-critique judge of `cfg.judge` (template "" = the built-in task template, or the
+  additive 5-point rubric for a natural-language tokenizer)."""
+  j = cfg.judge
+  template = j.template or (judge_lib.TASK_TEMPLATE if cfg.data.task in tasks.TASKS
+                            else judge_lib.RUBRIC_TEMPLATE)
+  return scoring.Judge.from_template(
+      template, tok, score_min=j.score_min, score_max=j.score_max, score_marker=j.score_marker,
+      num_samples=j.num_samples, temperature=j.temperature, max_new_tokens=j.max_new_tokens)
+
+
+def build_scorer(cfg, mc, tok):
+  """The round's scorer, or None when the task verifier gives the rewards."""
+  kind = reward_kind(cfg)
+  if kind == "judge":
+    return scoring.judge_scorer(build_judge(cfg, tok), mc)
+  if kind == "likelihood":
+    return scoring.likelihood_scorer(mc, cfg.algorithm.likelihood_normalize)
+  return None
+
+
+def build_warmup_spec(cfg, tok):
+  """Warm-up SFT; with a judge and `judge.train_in_warmup`, SFT plus judge training (EFT)."""
+  if uses_judge(cfg) and cfg.judge.train_in_warmup:
+    return JudgeSFT(build_judge(cfg, tok), judge_weight=cfg.judge.loss_weight)
+  return SFT()
+
+
+def sampling_config(cfg, tok, n: int | None = None) -> sampling.SamplingConfig:
+  s = cfg.sampling
+  return sampling.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                 top_k=s.top_k, top_p=s.top_p, n=s.n if n is None else n,
+                                 eos_ids=tuple(tok.eos_ids))
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:
@@ -70,7 +136,8 @@ def task_and_tokenizer(cfg, workdir: Path):
   kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty, step_by_step=cfg.data.step_by_step),
             "sort": dict(length=cfg.data.difficulty)}.get(cfg.data.task, {})
   task = tasks.get_task(cfg.data.task, **kwargs)
-  return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer")
+  extra = judge_lib.JUDGE_SYMBOLS if uses_judge(cfg) else ()
+  return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer", extra_symbols=extra)
 
 
 def _jsonl_data(cfg):
@@ -79,8 +146,15 @@ def _jsonl_data(cfg):
     raise config_lib.ConfigError("model.tokenizer_path: data.task is a JSONL file, so the run needs "
                                  "a tokenizer (set model.tokenizer_path or model.hf_path)")
   tok = tokenizers.load_tokenizer(source)
-  required = ("prompt", "response") if cfg.algorithm.name == "sft" or cfg.warmup.rounds else ("prompt",)
-  if cfg.algorithm.name != "sft":
+  name = cfg.algorithm.name
+  gold = name in ("sft", "spin") or cfg.warmup.rounds
+  required = ("prompt", "response") if gold else ("prompt",)
+  if name == "dpo":
+    required += ("chosen", "rejected")
+  # Verifier rewards and judge training need answers; SFT, SPIN and DPO do not (held-out accuracy
+  # is then not measured).
+  verifier_rewards = name not in ("sft", "spin") and reward_kind(cfg) == "verifier"
+  if verifier_rewards or (uses_judge(cfg) and cfg.judge.train_in_warmup and cfg.warmup.rounds):
     required += ("answer",)
   data = pipeline.JsonlData.load(cfg.data.task, tokenizer=tok, eval_path=cfg.data.eval_path,
                                  heldout_fraction=cfg.data.heldout_fraction,
@@ -104,9 +178,26 @@ def data_lengths(cfg) -> dict[str, int]:
               max_answer_len=d.max_answer_len)
 
 
+def example_batch(cfg) -> dict[str, np.ndarray]:
+  """An all-zero batch with the data pipeline's keys and shapes (for state layouts)."""
+  d, b = cfg.data, cfg.data.batch_size
+  widths = {"prompt": d.max_prompt_len, "response": d.max_response_len, "answer": d.max_answer_len}
+  if cfg.algorithm.name == "dpo":
+    widths.update(chosen=d.max_response_len, rejected=d.max_response_len)
+  out = {}
+  for name, width in widths.items():
+    out[f"{name}_tokens"] = np.zeros((b, width), np.int32)
+    out[f"{name}_mask"] = np.zeros((b, width), bool)
+  return out
+
+
 def initial_state(cfg, mc: models.ModelConfig, spec, optimizer) -> rnd.TrainState:
   init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
-  return rnd.init_state(models.init_params(mc, init_rng), optimizer, spec, state_rng)
+  replay = None
+  if getattr(spec, "replay", False):
+    sc = sampling.SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, n=cfg.sampling.n)
+    replay = rnd.empty_replay(spec, example_batch(cfg), sc)
+  return rnd.init_state(models.init_params(mc, init_rng), optimizer, spec, state_rng, replay)
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -147,7 +238,17 @@ def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
   path = Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: is {workdir} a selfplay-jax training workdir?")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  saved = json.loads(path.read_text())
+  # Keys added to the config since the run was made take their defaults.
+  cfg = config_lib.load_config(str(config_lib.default_config_path())).to_dict()
+
+  def merge(base: dict, over: dict) -> dict:
+    for key, value in over.items():
+      base[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(
+          base.get(key), dict) else value
+    return base
+
+  return ml_collections.ConfigDict(merge(cfg, saved))
 
 
 def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8,

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 from absl import logging
 
-from selfplay_jax import checkpoint, config_lib, sampling
+from selfplay_jax import checkpoint, config_lib
 from selfplay_jax import evaluate as ev
 from selfplay_jax import round as rnd
-from selfplay_jax.algorithms.sft import SFT
-from selfplay_jax.data import pipeline
+from selfplay_jax.data import pipeline, tasks
 
 NUM_SAMPLES = 8  # rollout rows dumped per round to samples/round_XXXX.jsonl
 
@@ -42,7 +42,8 @@ def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> 
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-_SUMMARY_KEYS = (("train/loss", "loss"), ("train/reward_mean", "reward"), ("train/kl_ref", "kl"),
+_SUMMARY_KEYS = (("train/loss", "loss"), ("train/judge_loss", "judge_loss"), ("train/reward_mean", "reward"), ("train/kl_ref", "kl"),
+                 ("train/margins", "margin"), ("train/judge_agreement", "judge_agree"),
                  ("train/completion_len", "len"), ("eval/accuracy", "heldout_acc"))
 
 
@@ -121,21 +122,26 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   task, tok = ev.task_and_tokenizer(cfg, workdir)
   model_cfg = ev.model_config(cfg, tok)
   d, lens = cfg.data, ev.data_lengths(cfg)
-  sc = sampling.SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens,
-                               temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k,
-                               top_p=cfg.sampling.top_p, n=cfg.sampling.n, eos_ids=tuple(tok.eos_ids))
-  verify = task.make_verifier(tok)
+  sc = ev.sampling_config(cfg, tok)
+  verify = task.make_verifier(tok) if task.has_answers else None
   spec, optimizer = ev.build_spec(cfg), ev.build_optimizer(cfg)
-  warm_spec = SFT()
+  warm_spec = ev.build_warmup_spec(cfg, tok)
   main_fn = rnd.build_round_fn(model_cfg, spec, optimizer, sc, verify,
+                               scorer=ev.build_scorer(cfg, model_cfg, tok),
                                num_epochs=cfg.algorithm.num_epochs,
                                num_minibatches=cfg.algorithm.num_minibatches, num_samples=NUM_SAMPLES)
+  # Judge training labels `sampling.n` samples per prompt; plain SFT does not sample at all.
   warm_fn = rnd.build_round_fn(model_cfg, warm_spec, optimizer, sc, verify,
                                num_minibatches=cfg.warmup.num_minibatches)
   eval_data = pipeline.eval_batches(task, "heldout", cfg.eval.num_examples, tokenizer=tok,
                                     batch_size=cfg.eval.batch_size, **lens)
-  data_iter = pipeline.make_iterator(task.source("train", cfg.seed), tokenizer=tok,
-                                     batch_size=d.batch_size, seed=cfg.seed, **lens)
+  if verify is None:
+    logging.warning("%s has no answers: held-out accuracy is not measured", cfg.data.task)
+  pairs = cfg.algorithm.name == "dpo"
+  source = task.source("train", cfg.seed, pairs=True) if pairs and cfg.data.task in tasks.TASKS \
+      else task.source("train", cfg.seed)
+  data_iter = pipeline.make_iterator(source, tokenizer=tok, batch_size=d.batch_size, seed=cfg.seed,
+                                     **lens)
 
   state = ev.initial_state(cfg, model_cfg, spec, optimizer)
   ckpt = checkpoint.Checkpointer(str(workdir), keep=cfg.checkpoint.keep)
@@ -150,6 +156,8 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   (workdir / "config.json").write_text(config_json)
 
   def eval_now(params):
+    if verify is None:
+      return None
     return ev.greedy_accuracy(model_cfg, params, eval_data, verify, tok.eos_ids,
                               cfg.sampling.max_new_tokens)
 
@@ -172,7 +180,8 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       samples = {k: metrics.pop(k) for k in list(metrics) if k.startswith("samples/")}
       if samples:
         _write_samples(workdir / "samples" / f"round_{r + 1:04d}.jsonl", tok, samples)
-      metrics = {k: float(v) for k, v in metrics.items()}
+      # NaN (e.g. judge agreement in a round without a correct and a wrong sample) -> None.
+      metrics = {k: float(v) if np.isfinite(v) else None for k, v in metrics.items()}
       metrics["time/round_s"] = time.perf_counter() - start
       metrics.update(extra, round=r + 1, phase="warmup" if warm else cfg.algorithm.name)
       # Keys every line carries; None where a round does not measure it.

@@ -137,6 +137,12 @@ def test_group_and_malformed_overrides():
     ("algorithm.num_minibatches=3", "algorithm.num_minibatches"),  # 8 * 4 rows
     ("sampling.max_new_tokens=9000", "sampling.max_new_tokens"),
     ("model.hf_path=/does/not/exist", "model.hf_path"),
+    ("algorithm.reward=oracle", "algorithm.reward"),
+    ("algorithm.loss_type=hingy", "algorithm.loss_type"),
+    ("algorithm.label_smoothing=0.5", "algorithm.label_smoothing"),
+    ("algorithm.iteration_rounds=0", "algorithm.iteration_rounds"),
+    ("judge.score_max=10", "judge.score_max"),
+    ("judge.temperature=0", "judge.temperature"),
 ])
 def test_invalid_values_name_dotted_key(override, key):
   with pytest.raises(ConfigError) as e:
@@ -232,3 +238,26 @@ def test_model_config_from_real_hf_config_json(tmp_path):
 def test_hf_path_without_config_json_names_key(tmp_path):
   with pytest.raises(ConfigError, match=r"^model.hf_path: "):
     config_lib.validate(load(f"model.hf_path={tmp_path}"))
+
+
+@pytest.mark.parametrize("overrides, key, text", [
+    (["algorithm.name=grpo", "algorithm.loss_type=sigmoid"], "algorithm.loss_type", "grpo takes"),
+    (["algorithm.name=dpo", "algorithm.loss_type=dapo"], "algorithm.loss_type", "dpo takes"),
+    (["algorithm.name=sft", "algorithm.reward=judge"], "algorithm.reward", "does not sample"),
+    (["judge.score_min=5", "judge.score_max=5"], "judge.score_max", "above judge.score_min"),
+    (["algorithm.name=self_rewarding", "sampling.n=1"], "sampling.n", ">= 2"),
+    (["algorithm.name=dpo", "data.batch_size=6", "algorithm.num_minibatches=4"],
+     "algorithm.num_minibatches", "one pair per prompt"),
+])
+def test_preference_settings_that_conflict(overrides, key, text):
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(config_lib.load_config(str(config_lib.default_config_path()), overrides))
+  assert str(e.value).startswith(f"{key}:") and text in str(e.value), str(e.value)
+
+
+def test_recipe_config_arg_passes_unknown_keys_through():
+  cfg = config_lib.load_config("configs/sharpen.py:mode=rl,task=sort")
+  assert cfg.algorithm.name == "sharpen_rl" and cfg.data.task == "sort"
+  assert config_lib.load_config("configs/sharpen.py").algorithm.name == "sharpen_sft"
+  with pytest.raises(ConfigError, match="mode must be"):
+    config_lib.load_config("configs/sharpen.py:mode=dpo")

@@ -5,7 +5,9 @@ own rounds through the real round engine with the spec and optimizer its config 
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from selfplay_jax import config_lib, models, sampling
@@ -17,11 +19,12 @@ from selfplay_jax.data import pipeline
 WARMUP_ROUNDS, RECIPE_ROUNDS = 150, 30
 SMALL = ["data.batch_size=32", "sampling.n=8", "algorithm.num_minibatches=1", "eval.num_examples=128",
          f"warmup.rounds={WARMUP_ROUNDS}"]
-RECIPES = ["sft", "rest_em", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp"]
+RECIPES = ["sft", "rest_em", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "spin", "dpo"]
 
 
 def _cfg(recipe: str):
-  cfg = config_lib.load_config(f"configs/{recipe}.py", SMALL)
+  name, _, arg = recipe.partition(":")
+  cfg = config_lib.load_config(f"configs/{name}.py" + (f":{arg}" if arg else ""), SMALL)
   config_lib.validate(cfg)
   return cfg
 
@@ -67,8 +70,9 @@ def test_recipe_improves_heldout_accuracy(warmed, recipe):
   round_fn = rnd.build_round_fn(mc, spec, opt, _sampling(cfg, tok), task.make_verifier(tok),
                                 num_minibatches=cfg.algorithm.num_minibatches)
   state = rnd.init_state(params, opt, spec, jax.random.key(2)).replace(opt_state=opt_state)
-  it = pipeline.make_iterator(task.source("train", 1), tokenizer=tok, batch_size=cfg.data.batch_size,
-                              seed=1, **ev.data_lengths(cfg))
+  source = task.source("train", 1, pairs=recipe == "dpo")  # dpo: gold vs wrong-answer pairs
+  it = pipeline.make_iterator(source, tokenizer=tok, batch_size=cfg.data.batch_size, seed=1,
+                              **ev.data_lengths(cfg))
   skipped = []
   for _ in range(RECIPE_ROUNDS):
     state, metrics = round_fn(state, next(it))
@@ -78,3 +82,33 @@ def test_recipe_improves_heldout_accuracy(warmed, recipe):
   assert after > before, (recipe, before, after)
   assert not any(skipped)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, name", [("sharpen", "sharpen_sft"), ("sharpen:mode=rl", "sharpen_rl")])
+def test_sharpening_raises_the_self_likelihood_of_samples(warmed, recipe, name):
+  """Sharpening optimises the model's own likelihood of what it samples; no answers are read.
+  Held-out accuracy is printed (docs/recipes.md), not asserted: sharpening need not help it."""
+  task, tok, mc, (params, opt_state), accuracy, before = warmed
+  cfg = _cfg(recipe)
+  spec, opt = ev.build_spec(cfg), ev.build_optimizer(cfg)
+  assert spec.name == name
+  scorer = ev.build_scorer(cfg, mc, tok)
+  round_fn = rnd.build_round_fn(mc, spec, opt, _sampling(cfg, tok), None, scorer=scorer,
+                                num_minibatches=cfg.algorithm.num_minibatches)
+  state = rnd.init_state(params, opt, spec, jax.random.key(2)).replace(opt_state=opt_state)
+  it = pipeline.make_iterator(task.source("train", 1), tokenizer=tok, batch_size=cfg.data.batch_size,
+                              seed=1, **ev.data_lengths(cfg))
+  # The self-likelihood of fresh samples under the *current* policy, measured each round.
+  probe = rnd.build_round_fn(mc, ev.build_spec(_cfg("sharpen")), optax.sgd(0.0), _sampling(cfg, tok),
+                             None, scorer=ev.build_scorer(_cfg("sharpen"), mc, tok))
+  likelihood = []
+  for _ in range(RECIPE_ROUNDS):
+    p = rnd.init_state(jax.tree.map(jnp.copy, state.params), optax.sgd(0.0),
+                       ev.build_spec(_cfg("sharpen")), jax.random.key(len(likelihood)))
+    likelihood.append(float(probe(p, next(it))[1]["train/self_likelihood"]))
+    state, _ = round_fn(state, next(it))
+  after = accuracy(state.params)
+  print(f"{name}: self-likelihood {np.mean(likelihood[:5]):.3f} -> {np.mean(likelihood[-5:]):.3f}; "
+        f"held-out accuracy {before:.3f} -> {after:.3f}")
+  assert np.mean(likelihood[-5:]) > np.mean(likelihood[:5])

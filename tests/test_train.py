@@ -100,7 +100,7 @@ def test_eval_command_matches_training_eval(tmp_path):
 def _jsonl_dataset(tmp_path, bad_rows=()):
   from selfplay_jax.data import tasks
   task = tasks.get_task("arithmetic", num_digits=1)
-  tok = tasks.build_tokenizer(task, tmp_path / "tok")
+  tasks.build_tokenizer(task, tmp_path / "tok")
   model_file = next((tmp_path / "tok").glob("*.model"))
   rows = [json.dumps(e) for e in task.examples("train", seed=0, num=60)]
   path = tmp_path / "data.jsonl"
@@ -175,3 +175,66 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
   assert older.returncode == 0 and "exported round 5" in older.stdout
   missing = _cli("export", f"--workdir={run}", f"--out={tmp_path / 'hf1'}", "--round=1")
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def _hf_and_pair_jsonl(tmp_path):
+  """A tiny random HF Llama (vocab = the task tokenizer's) and JSONL rows with every field."""
+  from selfplay_jax.data import tasks
+  from selfplay_jax.scoring import judge
+  from tests import hf_models
+  task = tasks.get_task("arithmetic", num_digits=1)
+  tok = tasks.build_tokenizer(task, tmp_path / "tok", extra_symbols=judge.JUDGE_SYMBOLS)
+  model_file = next((tmp_path / "tok").glob("*.model"))
+  hf_dir = tmp_path / "hf"
+  hf_models.make_hf_model("llama", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                          eos_token_id=tok.eos_id, pad_token_id=tok.pad_id).save_pretrained(hf_dir)
+  examples = [task.preference_example("train", i) for i in range(60)]
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+  return path, model_file, hf_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["dpo.py", "spin.py", "self_rewarding.py", "sharpen.py",
+                                    "sharpen.py:mode=rl"])
+def test_preference_recipes_run_on_an_hf_checkpoint_and_jsonl(tmp_path, recipe):
+  path, model_file, hf_dir = _hf_and_pair_jsonl(tmp_path)
+  small = [o for o in OVERRIDES if not o.startswith(("model.", "sampling.n"))]
+  res = _cli("train", f"--config=configs/{recipe}", f"--workdir={tmp_path / 'run'}",
+             f"--config.data.task={path}", f"--config.model.hf_path={hf_dir}",
+             f"--config.model.tokenizer_path={model_file}", "--config.judge.template="
+             "{prompt}{response}<score>", "--config.algorithm.num_minibatches=1",
+             *[f"--config.{o}" for o in small])
+  assert res.returncode == 0, res.stderr[-3000:]
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert len(lines) == 6 and lines[-1]["eval/accuracy"] is not None
+  main = lines[-1]
+  assert main["phase"] == ev.build_spec(config_lib.load_config(f"configs/{recipe}")).name
+  assert np.isfinite(main["train/loss"])
+  if recipe == "self_rewarding.py":
+    assert "judge/score_mean" in main and "train/judge_loss" in lines[0]
+
+
+@pytest.mark.slow
+def test_spin_with_replay_resumes_bit_identically(tmp_path):
+  """The replay slot (SPIN's previous-iteration pairs) is part of the checkpointed state."""
+  extra = ["algorithm.name=spin", "algorithm.replay_previous=true", "algorithm.iteration_rounds=2",
+           "sampling.n=1"]
+  full, part = tmp_path / "full", tmp_path / "part"
+  train.train_and_evaluate(_cfg(*extra), full)
+  train.train_and_evaluate(_cfg(*extra, "rounds=2"), part)
+  train.train_and_evaluate(_cfg(*extra), part)
+  cfg = _cfg(*extra)
+  states = []
+  for workdir in (full, part):
+    task, tok = ev.task_and_tokenizer(cfg, workdir)
+    mc = ev.model_config(cfg, tok)
+    like = ev.initial_state(cfg, mc, ev.build_spec(cfg), ev.build_optimizer(cfg))
+    with checkpoint.Checkpointer(str(workdir)) as ckpt:
+      states.append(jax.device_get(ckpt.restore(abstract_state=like)[0]))
+  a, b = states
+  assert int(a.round) == 6 and float(np.asarray(a.replay["weight"]).min()) == 1.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

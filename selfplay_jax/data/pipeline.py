@@ -399,6 +399,11 @@ class JsonlData:
                         f"{heldout_fraction:.0%} for evaluation; pass data.eval_path")
     return cls(tuple(train), tuple(heldout), answer_marker)
 
+  @property
+  def has_answers(self) -> bool:
+    """Every row has an answer, so samples can be verified and held-out accuracy measured."""
+    return all(r["answer"] for r in self.train_rows + self.heldout_rows)
+
   def source(self, split: str, seed: int = 0) -> list[dict[str, str]]:
     del seed  # the rows are fixed; the iterator shuffles them
     return list(self.train_rows if split == "train" else self.heldout_rows)

@@ -36,7 +36,7 @@ from selfplay_jax import tokenizers
 
 __all__ = ["ANSWER_MARKER", "DIGITS", "SPLITS", "Task", "ArithmeticTask", "SortTask", "TASKS",
            "get_task", "build_tokenizer", "check_tokenizer", "encode_examples",
-           "make_answer_verifier", "extract_answer"]
+           "make_answer_verifier", "extract_answer", "wrong_response"]
 
 ANSWER_MARKER = "####"
 DIGITS = tuple("0123456789")
@@ -69,6 +69,7 @@ class Task(abc.ABC):
   answer_symbols: ClassVar[tuple[str, ...]] = DIGITS
   max_size: ClassVar[dict[str, int]] = {"train": 100_000, "heldout": 1_000}
   max_tries: ClassVar[int] = 10_000
+  has_answers: ClassVar[bool] = True  # every example can be verified
   heldout_fraction: float
 
   # ---- problem hooks -------------------------------------------------------------------------
@@ -119,9 +120,17 @@ class Task(abc.ABC):
     frac = self.heldout_fraction if _check_split(split) else 1.0 - self.heldout_fraction
     return int(min(self.max_size[split], max(1, round(self._num_problems() * frac))))
 
-  def source(self, split: str, seed: int = 0) -> "TaskSource":
-    """A random-access source (`len`, `[i]`) for `grain.MapDataset.source`."""
-    return TaskSource(self, split, seed)
+  def source(self, split: str, seed: int = 0, pairs: bool = False) -> "TaskSource":
+    """A random-access source (`len`, `[i]`) for `grain.MapDataset.source`; with `pairs`, each
+    example also has `chosen` (the gold response) and `rejected` (`wrong_response`)."""
+    return TaskSource(self, split, seed, pairs)
+
+  def preference_example(self, split: str, index: int, seed: int = 0) -> Example:
+    """`example(...)` plus a synthetic preference pair: chosen = the gold response, rejected =
+    the same response with a wrong final answer (offline DPO on a built-in task)."""
+    ex = self.example(split, index, seed)
+    rng = np.random.default_rng([seed, _check_split(split), index, 1])
+    return {**ex, "chosen": ex["response"], "rejected": wrong_response(ex, rng)}
 
   def corpus(self, num: int = 1000) -> list[str]:
     """Texts to train the task tokenizer on (train prompts + responses, plus every symbol)."""
@@ -145,12 +154,27 @@ class TaskSource:
   task: Task
   split: str
   seed: int = 0
+  pairs: bool = False
 
   def __len__(self) -> int:
     return self.task.size(self.split)
 
   def __getitem__(self, index: int) -> Example:
+    if self.pairs:
+      return self.task.preference_example(self.split, int(index), self.seed)
     return self.task.example(self.split, int(index), self.seed)
+
+
+def wrong_response(example: Example, rng: np.random.Generator) -> str:
+  """The response with one digit of its final answer changed (so the answer is wrong)."""
+  answer = example["answer"]
+  digits = [i for i, ch in enumerate(answer) if ch.isdigit()]
+  if not digits:
+    raise ValueError(f"cannot build a wrong answer for {example!r}: its answer has no digit")
+  i = digits[rng.integers(len(digits))]
+  wrong = answer[:i] + str((int(answer[i]) + int(rng.integers(1, 10))) % 10) + answer[i + 1:]
+  head = example["response"][:len(example["response"]) - len(answer)]
+  return head + wrong
 
 
 # ---- arithmetic ------------------------------------------------------------------------------
@@ -311,23 +335,25 @@ def check_tokenizer(task: Task, tokenizer: tokenizers.Tokenizer) -> None:
     raise ValueError(f"tokenizer {tokenizer!r} has no EOS token; task responses end with EOS")
 
 
-def build_tokenizer(task: Task, path: str | os.PathLike,
-                    vocab_size: int = 64) -> tokenizers.SentencePieceTokenizer:
+def build_tokenizer(task: Task, path: str | os.PathLike, vocab_size: int = 64,
+                    extra_symbols: Sequence[str] = ()) -> tokenizers.SentencePieceTokenizer:
   """Trains (or loads from cache) the task's tiny SentencePiece tokenizer; no downloads.
 
   `path` is a `.model` file, or a directory that gets `<task.name>-<digest>.model`, the digest
   covering the corpus, symbols and vocab size (so different tasks never share a cached file).
+  `extra_symbols` become single tokens too (e.g. the judge template's `scoring.judge.JUDGE_SYMBOLS`).
   Training is deterministic and written atomically (safe with concurrent processes).
   """
   path = os.fspath(path)
   corpus = task.corpus()
+  symbols = tuple(task.symbols) + tuple(s for s in extra_symbols if s not in task.symbols)
   if not path.endswith(".model"):
-    blob = "\n".join([str(vocab_size), *task.symbols, *corpus]).encode("utf-8")
+    blob = "\n".join([str(vocab_size), *symbols, *corpus]).encode("utf-8")
     digest = hashlib.blake2b(blob, digest_size=6).hexdigest()
     path = os.path.join(path, f"{task.name}-{digest}.model")
   if not os.path.isfile(path):
     tmp = f"{path[:-len('.model')]}.tmp{os.getpid()}"
-    tokenizers.train_sentencepiece(corpus, vocab_size, tmp, user_defined_symbols=task.symbols)
+    tokenizers.train_sentencepiece(corpus, vocab_size, tmp, user_defined_symbols=symbols)
     os.replace(tmp + ".model", path)
     os.replace(tmp + ".vocab", path[:-len(".model")] + ".vocab")
   tok = tokenizers.SentencePieceTokenizer(path)
@@ -362,7 +388,9 @@ def encode_examples(examples: Sequence[Example], tokenizer: tokenizers.Tokenizer
 
   Returns `prompt_tokens` [B, P] (BOS + prompt, left-padded), `response_tokens` [B, R] (response
   + EOS, right-padded), `answer_tokens` [B, A] (answer, right-padded), each int32, plus the bool
-  `*_mask` of each. Raises ValueError naming the example index when a row does not fit.
+  `*_mask` of each; when every example has `chosen` and `rejected`, also `chosen_tokens` and
+  `rejected_tokens` [B, R] (like responses). Raises ValueError naming the example index when a row
+  does not fit.
   """
   if tokenizer.eos_id is None:
     raise ValueError("encode_examples needs a tokenizer with an EOS token")
@@ -370,6 +398,9 @@ def encode_examples(examples: Sequence[Example], tokenizer: tokenizers.Tokenizer
   fields = (("prompt", dict(add_bos=True), max_prompt_len, True, "max_prompt_len"),
             ("response", dict(add_eos=True), max_response_len, False, "max_response_len"),
             ("answer", {}, max_answer_len, False, "max_answer_len"))
+  if examples and all("chosen" in e and "rejected" in e for e in examples):
+    fields += tuple((f, dict(add_eos=True), max_response_len, False, "max_response_len")
+                    for f in ("chosen", "rejected"))
   out = {}
   for field, kw, width, left, width_name in fields:
     rows = [tokenizer.encode(e[field], **kw) for e in examples]
