@@ -29,8 +29,9 @@ def completion_logprobs(config: ModelConfig, params, rows: Rows) -> jax.Array:
   segments = jnp.concatenate([rows["prompt_mask"], jnp.ones_like(rows["mask"])],
                              axis=1).astype(jnp.int32)
   logits = decoder.forward(config, params, tokens[:, :-1], segment_ids=segments[:, :-1])
-  logp_all = jax.nn.log_softmax(logits[:, prompt_len - 1:].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(logp_all, rows["tokens"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+  logits = logits[:, prompt_len - 1:].astype(jnp.float32)
+  target = jnp.take_along_axis(logits, rows["tokens"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return target - jax.nn.logsumexp(logits, axis=-1)
 
 
 def self_likelihood(config: ModelConfig, params, rows: Rows, normalize: str = "mean") -> jax.Array:
