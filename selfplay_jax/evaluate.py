@@ -153,7 +153,7 @@ def _jsonl_data(cfg):
     required += ("chosen", "rejected")
   # Verifier rewards and judge training need answers; SFT, SPIN and DPO do not (held-out accuracy
   # is then not measured).
-  verifier_rewards = name not in ("sft", "spin") and reward_kind(cfg) == "verifier"
+  verifier_rewards = name not in ("sft", "spin", "dpo") and reward_kind(cfg) == "verifier"
   if verifier_rewards or (uses_judge(cfg) and cfg.judge.train_in_warmup and cfg.warmup.rounds):
     required += ("answer",)
   data = pipeline.JsonlData.load(cfg.data.task, tokenizer=tok, eval_path=cfg.data.eval_path,

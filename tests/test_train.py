@@ -238,3 +238,20 @@ def test_spin_with_replay_resumes_bit_identically(tmp_path):
     if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x, y = jax.random.key_data(x), jax.random.key_data(y)
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_dpo_on_pairs_without_answers_trains_and_skips_heldout_accuracy(tmp_path):
+  path, model_file, _ = _hf_and_pair_jsonl(tmp_path)
+  rows = [json.loads(l) for l in path.read_text().splitlines()]
+  path.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
+                          for r in rows))
+  small = [o for o in OVERRIDES if not o.startswith("warmup.rounds")]
+  res = _cli("train", "--config=configs/dpo.py", f"--workdir={tmp_path / 'run'}",
+             f"--config.data.task={path}", f"--config.model.tokenizer_path={model_file}",
+             "--config.warmup.rounds=0", *[f"--config.{o}" for o in small])
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "has no answers" in res.stderr
+  lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert len(lines) == 3 and all(l["eval/accuracy"] is None for l in lines)
+  assert all(l["train/pair_fraction"] == 1.0 and np.isfinite(l["train/loss"]) for l in lines)

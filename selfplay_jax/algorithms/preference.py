@@ -152,8 +152,10 @@ class Preference:
     w = rows["weight"]
     total = jnp.maximum(jnp.sum(w), 1.0)
     mean = lambda x: jnp.sum(x * w) / total
-    metrics = {k: mean(aux[k]) for k in ("chosen_rewards", "rejected_rewards", "margins",
-                                         "accuracy")}
+    metrics = {k: mean(aux[k]) for k in ("chosen_rewards", "rejected_rewards", "margins")}
+    # How often the implicit reward ranks chosen above rejected (not `accuracy`: that key is the
+    # verified accuracy of the round's samples).
+    metrics["pair_accuracy"] = mean(aux["accuracy"])
     metrics["pair_fraction"] = jnp.mean((w > 0).astype(jnp.float32))
     return mean(loss_p), metrics
 
