@@ -136,6 +136,11 @@ def task_and_tokenizer(cfg, workdir: Path):
   kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty, step_by_step=cfg.data.step_by_step),
             "sort": dict(length=cfg.data.difficulty)}.get(cfg.data.task, {})
   task = tasks.get_task(cfg.data.task, **kwargs)
+  try:  # a problem space too small to hold out a split fails here, not mid-run with a traceback
+    for split in tasks.SPLITS:
+      task.example(split, 0)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"data.difficulty: {e}") from None
   extra = judge_lib.JUDGE_SYMBOLS if uses_judge(cfg) else ()
   return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer", extra_symbols=extra)
 

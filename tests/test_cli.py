@@ -91,3 +91,10 @@ def test_train_reports_too_narrow_token_widths_by_key(tmp_path):
                "--config.rounds=1", f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 2 and "Traceback" not in result.stderr
   assert "data.max_answer_len" in result.stderr
+
+
+def test_task_too_small_to_hold_out_is_a_config_error(tmp_path):
+  result = cli("train", "--config=configs/default.py:task=sort", "--config.data.difficulty=1",
+               f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "error: data.difficulty:" in result.stderr and "heldout" in result.stderr
