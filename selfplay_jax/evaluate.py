@@ -46,6 +46,11 @@ def uses_judge(cfg) -> bool:
   return reward_kind(cfg) == "judge"
 
 
+def uses_pair_data(cfg) -> bool:
+  """Do the data batches carry chosen / rejected responses (offline DPO)?"""
+  return PREFERENCE_DEFAULTS.get(cfg.algorithm.name, ("",))[0] == "data"
+
+
 def build_spec(cfg):
   a, n = cfg.algorithm, cfg.sampling.n
   if a.name == "sft":
@@ -154,11 +159,12 @@ def _jsonl_data(cfg):
   name = cfg.algorithm.name
   gold = name in ("sft", "spin") or cfg.warmup.rounds
   required = ("prompt", "response") if gold else ("prompt",)
-  if name == "dpo":
+  if uses_pair_data(cfg):
     required += ("chosen", "rejected")
   # Verifier rewards and judge training need answers; SFT, SPIN and DPO do not (held-out accuracy
   # is then not measured).
-  verifier_rewards = name not in ("sft", "spin", "dpo") and reward_kind(cfg) == "verifier"
+  verifier_rewards = (name not in ("sft", "spin") and not uses_pair_data(cfg)
+                      and reward_kind(cfg) == "verifier")
   if verifier_rewards or (uses_judge(cfg) and cfg.judge.train_in_warmup and cfg.warmup.rounds):
     required += ("answer",)
   data = pipeline.JsonlData.load(cfg.data.task, tokenizer=tok, eval_path=cfg.data.eval_path,
@@ -187,7 +193,7 @@ def example_batch(cfg) -> dict[str, np.ndarray]:
   """An all-zero batch with the data pipeline's keys and shapes (for state layouts)."""
   d, b = cfg.data, cfg.data.batch_size
   widths = {"prompt": d.max_prompt_len, "response": d.max_response_len, "answer": d.max_answer_len}
-  if cfg.algorithm.name == "dpo":
+  if uses_pair_data(cfg):
     widths.update(chosen=d.max_response_len, rejected=d.max_response_len)
   out = {}
   for name, width in widths.items():

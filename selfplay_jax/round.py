@@ -47,17 +47,15 @@ class TrainState:
 def empty_replay(spec: Spec, batch: Rows, sampling_config: sampling.SamplingConfig) -> Rows:
   """An all-zero-weight replay slot shaped like one round's pairs (`spec.pair_rows`), so that the
   state has a fixed structure from round one (and checkpoints look the same every round)."""
-  b, n = batch["prompt_tokens"].shape[0], sampling_config.n
-  zeros = lambda shape, dtype: jnp.zeros(shape, dtype)
+  rows_n, width = batch["prompt_tokens"].shape[0] * sampling_config.n, sampling_config.max_new_tokens
+  repeat = lambda x: jnp.repeat(jnp.asarray(x), sampling_config.n, axis=0)
   rollout = sampling.Rollout(
-      prompt_tokens=jnp.repeat(jnp.asarray(batch["prompt_tokens"]), n, axis=0),
-      prompt_mask=jnp.repeat(jnp.asarray(batch["prompt_mask"]), n, axis=0),
-      tokens=zeros((b * n, sampling_config.max_new_tokens), jnp.int32),
-      logprobs=zeros((b * n, sampling_config.max_new_tokens), jnp.float32),
-      model_logprobs=zeros((b * n, sampling_config.max_new_tokens), jnp.float32),
-      mask=zeros((b * n, sampling_config.max_new_tokens), bool),
-      lengths=zeros((b * n,), jnp.int32))
-  rows = spec.pair_rows(batch, rollout, zeros((b * n,), jnp.float32))
+      prompt_tokens=repeat(batch["prompt_tokens"]), prompt_mask=repeat(batch["prompt_mask"]),
+      tokens=jnp.zeros((rows_n, width), jnp.int32),
+      logprobs=jnp.zeros((rows_n, width), jnp.float32),
+      model_logprobs=jnp.zeros((rows_n, width), jnp.float32),
+      mask=jnp.zeros((rows_n, width), bool), lengths=jnp.zeros((rows_n,), jnp.int32))
+  rows = spec.pair_rows(batch, rollout, jnp.zeros((rows_n,), jnp.float32))
   return jax.tree.map(jnp.zeros_like, rows)
 
 

@@ -42,8 +42,8 @@ def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> 
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-_SUMMARY_KEYS = (("train/loss", "loss"), ("train/judge_loss", "judge_loss"), ("train/reward_mean", "reward"), ("train/kl_ref", "kl"),
-                 ("train/margins", "margin"), ("train/judge_agreement", "judge_agree"),
+_SUMMARY_KEYS = (("train/loss", "loss"), ("train/judge_loss", "judge_loss"),
+                 ("train/reward_mean", "reward"), ("train/kl_ref", "kl"), ("train/margins", "margin"), ("train/judge_agreement", "judge_agree"),
                  ("train/completion_len", "len"), ("eval/accuracy", "heldout_acc"))
 
 
@@ -137,9 +137,9 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
                                     batch_size=cfg.eval.batch_size, **lens)
   if verify is None:
     logging.warning("%s has no answers: held-out accuracy is not measured", cfg.data.task)
-  pairs = cfg.algorithm.name == "dpo"
-  source = task.source("train", cfg.seed, pairs=True) if pairs and cfg.data.task in tasks.TASKS \
-      else task.source("train", cfg.seed)
+  # Built-in tasks synthesise pairs on demand; JSONL rows carry their own chosen / rejected.
+  pairs = ev.uses_pair_data(cfg) and cfg.data.task in tasks.TASKS
+  source = task.source("train", cfg.seed, pairs=True) if pairs else task.source("train", cfg.seed)
   data_iter = pipeline.make_iterator(source, tokenizer=tok, batch_size=d.batch_size, seed=cfg.seed,
                                      **lens)
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from selfplay_jax.algorithms import DPO_LOSS_TYPES, PREFERENCE_LOSS_TYPES, losses
 from selfplay_jax.algorithms.spec import LogProbs, Rows, gold_rows, rollout_rows
+from selfplay_jax.scoring.judge import left_pad_to
 
 PAIR_SOURCES = ("data", "gold_vs_sample", "best_vs_worst")
 _PAIR_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask")
@@ -134,7 +135,8 @@ class Preference:
   def loss(self, logp_PxKxT, rows: Rows):
     mask = rows["mask"]
     lp = losses.sequence_logprob(logp_PxKxT, mask)  # [P, 2]
-    avg = losses.sequence_logprob(logp_PxKxT, mask, average=True)
+    length = losses.masked_count(mask, axis=-1)  # >= 1
+    avg = lp / length
     if self.loss_type == "simpo":
       loss_p, aux = losses.simpo_loss(avg[:, 0], avg[:, 1], beta=self.beta, gamma=self.simpo_gamma,
                                       label_smoothing=self.label_smoothing)
@@ -142,7 +144,6 @@ class Preference:
       loss_p, aux = losses.orpo_loss(avg[:, 0], avg[:, 1], -avg[:, 0], lam=self.orpo_lambda)
     else:
       ref = losses.sequence_logprob(rows["ref_logp"], mask)
-      length = losses.masked_count(mask, axis=-1)
       loss_p, aux = losses.dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1],
                                     loss_type=self.loss_type, beta=self.beta,
                                     label_smoothing=self.label_smoothing,
@@ -190,10 +191,9 @@ class JudgeSFT:
     judged = [j.training_rows(r["prompt_tokens"], r["prompt_mask"], r["tokens"], r["mask"], s,
                               prompt_width=width, completion_width=completion)
               for r, s in ((gold, gold_score), (sampled, sample_score))]
-    pad = width - gold["prompt_tokens"].shape[1]
-    sft = {"prompt_tokens": jnp.pad(gold["prompt_tokens"], ((0, 0), (pad, 0)),
-                                    constant_values=j.pad_id),
-           "prompt_mask": jnp.pad(gold["prompt_mask"], ((0, 0), (pad, 0))),
+    prompt_tokens, prompt_mask = left_pad_to(gold["prompt_tokens"], gold["prompt_mask"], width,
+                                             j.pad_id)
+    sft = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
            "tokens": _pad_right(gold["tokens"], max(completion, 2), j.pad_id),
            "mask": _pad_right(gold["mask"], max(completion, 2))}
     rows = concat_rows(sft, concat_rows(*judged))

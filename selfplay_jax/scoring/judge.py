@@ -75,7 +75,8 @@ def left_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.
   return jnp.where(mask, tokens, pad_id), mask
 
 
-def _left_pad_to(tokens, mask, width: int, pad_id: int):
+def left_pad_to(tokens, mask, width: int, pad_id: int = 0):
+  """Left-pads [R, T] tokens / mask to [R, width]."""
   extra = width - tokens.shape[1]
   return (jnp.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id),
           jnp.pad(mask, ((0, 0), (extra, 0))))
@@ -161,7 +162,7 @@ class Judge:
     for `target_scores` (rounded, clipped to the scale). Widths pad to at least the given ones."""
     judge_tokens, judge_mask = self.prompts(prompt_tokens, prompt_mask, tokens, mask)
     if prompt_width is not None and prompt_width > judge_tokens.shape[1]:
-      judge_tokens, judge_mask = _left_pad_to(judge_tokens, judge_mask, prompt_width, self.pad_id)
+      judge_tokens, judge_mask = left_pad_to(judge_tokens, judge_mask, prompt_width, self.pad_id)
     index = jnp.clip(jnp.round(target_scores).astype(jnp.int32) - self.score_min, 0,
                      len(self.score_ids) - 1)
     r, width = index.shape[0], max(completion_width, 2)
