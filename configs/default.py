@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.optimizer.grad_clip = 1.0  # global-norm clipping threshold; 0 = off
   cfg.optimizer.b1 = 0.9  # Adam first-moment decay
   cfg.optimizer.b2 = 0.999  # Adam second-moment decay
+  cfg.optimizer.max_bad_updates = 20  # stop after N consecutive non-finite updates (skipped); 0 = never
 
   cfg.algorithm = ml_collections.ConfigDict()
   cfg.algorithm.name = arg.algorithm  # algorithm spec in selfplay_jax/algorithms/
@@ -120,6 +121,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.debug.kill_at_round = 0  # fault injection for tests: SIGKILL this process at round N; 0 = off
   cfg.debug.kill_point = "save"  # "round": as round N starts; "save": right after its save starts
   cfg.debug.kill_signal = "SIGKILL"  # SIGKILL (no clean-up) | SIGTERM | SIGINT (graceful stop)
+  cfg.debug.nan_from_round = 0  # fault injection: NaN loss in every update from round N; 0 = off
+  cfg.debug.nan_to_round = 0  # ... through round N (inclusive); 0 = to the end
 
   cfg.mesh = ml_collections.ConfigDict()
   cfg.mesh.data = -1  # data-parallel axis size; -1 = fill the remaining devices

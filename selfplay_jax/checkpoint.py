@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -61,6 +62,23 @@ class CheckpointCorruptedError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError, ValueError):
   """The checkpoint's tree structure, shapes or dtypes differ from the restore target."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+  """A checkpoint could not be written (disk full, no permission, ...); older steps are intact."""
+
+
+_SPACE_MARGIN = 1 << 18  # bytes of metadata / JSON items on top of the arrays
+
+
+def state_nbytes(state: PyTree) -> int:
+  """Bytes of the arrays in `state` (what one checkpoint step needs on disk, before metadata)."""
+  total = 0
+  for leaf in jax.tree.leaves(state):
+    spec = _stored_spec(leaf)
+    if spec is not None:
+      total += math.prod(spec[0]) * spec[1].itemsize
+  return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,11 +262,17 @@ class Checkpointer:
     if best_metric is not None and keep_best > 0:
       policies.append(_BestByMetric(n=keep_best, mode=best_mode, metric_of=self._metric_cache.get))
     options = ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=async_save,
+        create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
         preservation_policy=ocp_managers.AnyPreservationPolicy(policies))
     handlers = {_STATE: ocp.StandardCheckpointHandler(),
                 **{name: ocp.JsonCheckpointHandler() for name in (_DATA, _CONFIG, _METRICS)}}
-    self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
+                                            options=options)
+    except OSError as e:
+      raise CheckpointWriteError(f"cannot create or clean {self.directory}: "
+                                 f"{e.strerror or e}") from None
+    self._pending: int | None = None  # the step whose async save may still be running
     for step in self._manager.all_steps():  # steps of earlier runs compete for "best" too
       self._metric_cache[step] = self._read_metric(step)
 
@@ -276,18 +300,60 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
+  def _write_failed(self, step: int | None, error: BaseException) -> CheckpointWriteError:
+    """A clear error for a failed save (Orbax raises it from its writer threads as ValueError)."""
+    text = str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
+    try:
+      done = [s for s in self.all_steps() if s != step]
+    except OSError:
+      done = []
+    kept = (f"the last complete checkpoint is step {done[-1]}" if done else
+            "no complete checkpoint exists yet")
+    return CheckpointWriteError(f"writing checkpoint step {step} in {self.directory} failed "
+                                f"({text}); {kept}")
+
   def wait(self) -> None:
     """Blocks until pending async saves are finalized (and old steps deleted)."""
-    self._manager.wait_until_finished()
+    pending, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_failed(pending, e) from None
 
   def close(self) -> None:
+    self.wait()
     self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self
 
-  def __exit__(self, *exc: Any) -> None:
-    self.close()
+  def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    if exc_type is None:
+      self.close()
+      return
+    try:  # already failing: finish or drop pending saves quietly, keep the original error
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("while stopping after an error: %s", e)
+
+  def check_space(self, step: int, state: PyTree) -> None:
+    """Raises CheckpointWriteError before writing when the disk cannot hold one more step (with an
+    async save still writing, it is counted too; when that makes the difference, it is waited for
+    and the check repeated)."""
+    one = state_nbytes(state) * 21 // 20 + _SPACE_MARGIN
+    try:
+      free = shutil.disk_usage(str(self.directory)).free
+    except (OSError, ValueError):
+      return  # e.g. a remote filesystem without statvfs: let the write itself report
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self._pending = None
+    if self._pending is not None and free < 2 * one:
+      self.wait()
+      free = shutil.disk_usage(str(self.directory)).free
+    if free < one:
+      raise self._write_failed(step, OSError(
+          f"no space left: {free / 2**20:.2f} MiB free, about {one / 2**20:.2f} MiB needed; "
+          "nothing written"))
 
   # -- save ----------------------------------------------------------------------------------
 
@@ -318,12 +384,21 @@ class Checkpointer:
     self._metric_cache[step] = _metric_value(metrics_json, self.best_metric)  # seen by retention
     saved = False
     try:
+      if self.directory.exists():
+        self.check_space(step, state)
       saved = self._manager.save(step, args=args, force=force)
+    except CheckpointWriteError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # Saving first waits for the previous async save, whose failure surfaces here.
+      raise self._write_failed(self._pending if self._pending is not None else step, e) from None
     finally:
       if not saved:
         self._metric_cache.pop(step)
         if had:
           self._metric_cache[step] = previous
+    if saved:
+      self._pending = step
     return saved
 
   # -- restore -------------------------------------------------------------------------------
@@ -364,6 +439,16 @@ class Checkpointer:
       return out
     raise CheckpointCorruptedError(f"no usable checkpoint in {self.directory}: "
                                    + "; ".join(problems))
+
+  def read_config(self, step: int) -> str | None:
+    """The config JSON saved with `step`, or None when it cannot be read (restore reports why)."""
+    try:
+      item = self._manager.restore(step, args=ocp.args.Composite(
+          **{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
+      return item["config_json"]
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("checkpoint step %d: cannot read its config (%s)", step, e)
+      return None
 
   def _restore_step(self, step: int, abstract_state: PyTree):
     meta = self._manager.item_metadata(step)

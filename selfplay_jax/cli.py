@@ -4,7 +4,10 @@
 
 `--config=file.py[:arg]` is an `ml_collections` config-file flag; `--config.a.b=value` overrides are
 parsed and checked by `config_lib.apply_overrides`, so the CLI and `config_lib.load_config` agree.
-Config errors print one line, `error: <dotted key>: <problem>`, and exit with status 2.
+Config errors print one line, `error: <dotted key>: <problem>`, and exit with status 2; so does any
+other bad input (data file, model directory, checkpoint, workdir). `train` exits with 3 when the run
+diverged (`optimizer.max_bad_updates` consecutive non-finite updates) and with 128 + N after signal N
+(SIGTERM / SIGINT: the round in flight was finished and saved).
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ def usage() -> str:
   return "\n".join(lines)
 
 
-def _fail(message: object) -> None:
+def _fail(message: object, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def _no_positional_args(argv: Sequence[str]) -> None:
@@ -92,6 +95,8 @@ def _train(cfg, workdir: str | None) -> int:
   except train.Preempted as e:
     print(f"selfplay-jax train: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)  # the shell convention for "terminated by signal N"
+  except train.Diverged as e:
+    _fail(e, code=3)
   except (ConfigError, OSError, pipeline.DataError, tasks.EncodingError,
           checkpoint.CheckpointError) as e:
     _fail(e)

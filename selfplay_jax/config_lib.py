@@ -20,7 +20,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -433,6 +433,9 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("debug.kill_point", str, lambda v: v in ("round", "save"), "must be 'round' or 'save'"),
     ("debug.kill_signal", str, lambda v: v in ("SIGKILL", "SIGTERM", "SIGINT"),
      "must be SIGKILL, SIGTERM or SIGINT"),
+    ("debug.nan_from_round", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("debug.nan_to_round", int, _non_negative, "must be >= 0 (0 = no end)"),
+    ("optimizer.max_bad_updates", int, _non_negative, "must be >= 0 (0 = never stop)"),
     ("algorithm.num_epochs", int, _positive, "must be >= 1"),
     ("algorithm.num_minibatches", int, _positive, "must be >= 1"),
     ("algorithm.kl_coef", float, _non_negative, "must be >= 0"),
@@ -524,6 +527,9 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   if a.reward in ("judge", "likelihood") and a.name in ("sft", "dpo"):
     raise ConfigError(f"algorithm.reward: {a.name} does not sample, so nothing is scored; "
                       "leave algorithm.reward empty")
+  if cfg.debug.nan_to_round and cfg.debug.nan_to_round < cfg.debug.nan_from_round:
+    raise ConfigError(f"debug.nan_to_round: {cfg.debug.nan_to_round} is before "
+                      f"debug.nan_from_round={cfg.debug.nan_from_round}")
   if cfg.judge.score_min >= cfg.judge.score_max:
     raise ConfigError(f"judge.score_max: must be above judge.score_min, got "
                       f"{cfg.judge.score_min}..{cfg.judge.score_max}")
@@ -550,3 +556,34 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
 def to_json(cfg: ml_collections.ConfigDict) -> str:
   """The resolved config as indented, key-sorted JSON (tuples become lists)."""
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+# Keys whose change makes a run's checkpoints a different experiment (resuming would silently mix
+# two runs); prefixes end with ".". Everything else (rounds, learning rate, eval, logging, ...) may
+# change between restarts and is reported as a warning.
+RUN_IDENTITY_KEYS = ("model.", "algorithm.name", "data.task", "data.difficulty")
+_RESUME_KNOBS = ("model.dtype", "model.remat", "model.preset")  # compute settings, not the model
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def resume_differences(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict
+                       ) -> tuple[list[str], list[str]]:
+  """(identity keys, other keys) whose values differ between a saved run config and `cfg`, each
+  as `key: saved -> now`. Keys missing on one side (added since the run was made) are skipped."""
+  old, new = _flatten(saved), _flatten(json.loads(to_json(cfg)))
+  identity, other = [], []
+  for key in sorted(old.keys() & new.keys()):
+    if old[key] != new[key]:
+      is_identity = key not in _RESUME_KNOBS and any(
+          key == k or (k.endswith(".") and key.startswith(k)) for k in RUN_IDENTITY_KEYS)
+      (identity if is_identity else other).append(f"{key}: {old[key]!r} -> {new[key]!r}")
+  return identity, other
+

@@ -6,7 +6,9 @@
 Inside: sample -> score -> build rows (pairs / advantages) -> old and reference log-probs ->
 `num_epochs x num_minibatches` optax updates in a `lax.scan` -> reference update -> metrics.
 A non-finite loss or gradient skips that update (counted in `train/skipped_fraction`); it is never
-written to the state. Python decides when to save and evaluate; nothing here touches the host.
+written to the state. `state.bad_updates` counts consecutive skipped updates across rounds (reset by
+the first good one), so the loop can stop a run that keeps diverging. Python decides when to save
+and evaluate; nothing here touches the host.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class TrainState:
   step: jax.Array  # optimizer steps taken
   round: jax.Array  # rounds completed
   rng: jax.Array
+  bad_updates: jax.Array  # consecutive updates skipped for a non-finite loss / gradient
   replay: Any = None  # pairs kept from the previous iteration (SPIN's data mixing); None if unused
 
 
@@ -72,6 +75,7 @@ def init_state(params, optimizer: optax.GradientTransformation, spec: Spec, rng:
       step=jnp.zeros((), jnp.int32),
       round=jnp.zeros((), jnp.int32),
       rng=rng,
+      bad_updates=jnp.zeros((), jnp.int32),
       replay=replay)
 
 
@@ -93,7 +97,7 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
                    sampling_config: sampling.SamplingConfig, verifier: Verifier | None, *,
                    scorer: Scorer | None = None, num_epochs: int = 1, num_minibatches: int = 1,
                    state_shardings=None, batch_shardings=None, num_samples: int = 0,
-                   jit: bool = True):
+                   nan_rounds: tuple[int, int] | None = None, jit: bool = True):
   """Returns `round_fn(state, batch) -> (state, metrics)`, jitted once with the state donated.
 
   `batch` holds the data pipeline's arrays: prompt_tokens/mask, response_tokens/mask (gold),
@@ -106,6 +110,9 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
   Spec options read here (with defaults): `sample_from` ("policy" | "reference": who samples and
   is scored), `reference_every` (a "previous" reference moves every N rounds), and for specs with
   a replay slot in the state, `pair_rows` / `annotate` (this round's pairs + the kept ones).
+
+  `nan_rounds=(first, last)` (fault injection, `debug.nan_*`): every update of rounds `first..last`
+  (1-based, `last=0`: no end) gets a NaN loss, to exercise the non-finite guard.
   """
   sc = sampling_config
 
@@ -168,28 +175,37 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
 
     start_params = state.params if state.base_params is None else state.base_params
 
+    poison = None
+    if nan_rounds is not None:
+      first, last = nan_rounds
+      this = state.round + 1
+      poison = jnp.where((this >= first) & ((last == 0) | (this <= last)), jnp.nan, 0.0)
+
     def step(carry, minibatch):
-      params, opt_state = carry
+      params, opt_state, bad = carry
 
       def loss_fn(p):
-        return spec.loss(logp_fn(p, minibatch), minibatch)
+        loss, aux = spec.loss(logp_fn(p, minibatch), minibatch)
+        return (loss if poison is None else loss + poison), aux
 
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       grad_norm = optax.tree.norm(grads)
       ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, new_opt_state = optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
-      carry = (_select(ok, new_params, params), _select(ok, new_opt_state, opt_state))
+      carry = (_select(ok, new_params, params), _select(ok, new_opt_state, opt_state),
+               jnp.where(ok, 0, bad + 1))
       return carry, {"loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32),
                      **aux}
 
     minibatches = _minibatches(rows, k_shuffle, num_epochs, num_minibatches)
-    (params, opt_state), step_metrics = jax.lax.scan(step, (start_params, state.opt_state),
-                                                     minibatches)
+    (params, opt_state, bad_updates), step_metrics = jax.lax.scan(
+        step, (start_params, state.opt_state, state.bad_updates), minibatches)
     num_steps = num_epochs * num_minibatches
     metrics["train/loss"] = jnp.mean(step_metrics.pop("loss"))
     metrics["train/grad_norm"] = jnp.mean(step_metrics.pop("grad_norm"))
     metrics["train/skipped_fraction"] = jnp.mean(step_metrics.pop("skipped"))
+    metrics["train/consecutive_skipped"] = bad_updates
     metrics.update({f"train/{k}": jnp.mean(v) for k, v in step_metrics.items()})
 
     ref_params = state.ref_params
@@ -197,7 +213,7 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
       ref_params = params if reference_every == 1 else _select(moves, params, state.ref_params)
     new_state = state.replace(params=params, ref_params=ref_params, opt_state=opt_state,
                               step=state.step + num_steps, round=state.round + 1, rng=rng,
-                              replay=replay)
+                              bad_updates=bad_updates, replay=replay)
     return new_state, metrics
 
   if not jit:

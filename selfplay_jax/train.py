@@ -9,9 +9,11 @@ a restart with the same workdir resumes exactly where the last complete checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,31 @@ from selfplay_jax.data import pipeline, tasks
 NUM_SAMPLES = 8  # rollout rows dumped per round to samples/round_XXXX.jsonl
 
 
+class WorkdirError(OSError):
+  """The workdir (or a file in it) cannot be created or written."""
+
+
+def _writable_workdir(workdir: Path) -> None:
+  """Creates `workdir` and checks that files can be written there, naming it in the error."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"workdir {workdir} is not usable: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+  """Re-raises a failed write (disk full, read-only) as one error naming the file."""
+  try:
+    yield
+  except OSError as e:
+    if isinstance(e, WorkdirError):
+      raise
+    raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> None:
   """Decoded prompts, completions and rewards of the round's first rollout rows."""
   rows = []
@@ -39,8 +66,9 @@ def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> 
     reward = samples.get("samples/rewards")
     rows.append({"prompt": tok.decode(prompt), "completion": tok.decode(completion),
                  "reward": None if reward is None else float(reward[i])})
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with _writing(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 _SUMMARY_KEYS = (("train/loss", "loss"), ("train/judge_loss", "judge_loss"),
                  ("train/reward_mean", "reward"), ("train/kl_ref", "kl"), ("train/margins", "margin"), ("train/judge_agreement", "judge_agree"),
@@ -60,7 +88,8 @@ def _truncate_metrics(path: Path, last_round: int) -> None:
     lines = [l for l in path.read_text().splitlines() if l.strip()]
     kept = [l for l in lines if json.loads(l).get("round", 0) <= last_round]
     if len(kept) != len(lines):
-      path.write_text("".join(l + "\n" for l in kept))
+      with _writing(path):
+        path.write_text("".join(l + "\n" for l in kept))
 
 
 def _maybe_kill(cfg, round_number: int, point: str) -> None:
@@ -79,16 +108,40 @@ class Preempted(Exception):
                      f"{round_number} in {workdir}/checkpoints; run the same command to resume")
 
 
+class Diverged(Exception):
+  """Too many consecutive updates had a non-finite loss or gradient (`optimizer.max_bad_updates`)."""
+
+
+def _jax_preemption_service() -> bool:
+  """Whether JAX's multi-host preemption service runs (it owns SIGTERM; see `_StopOnSignal`)."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  return distributed.global_state.preemption_sync_manager is not None
+
+
 class _StopOnSignal:
   """SIGTERM / SIGINT (preemption notice, Ctrl-C) ask the loop to finish the round in flight, save
   it and stop. A second signal gets the default behaviour (immediate exit). Handlers are installed
-  only in the main thread and restored on exit."""
+  only in the main thread and restored on exit.
 
-  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  Multi-host (`jax.distributed` initialized, with its preemption service): JAX catches SIGTERM on
+  whichever host gets the notice and agrees with every host on a round to stop at;
+  `requested(round)` asks it each round (`multihost_utils.reached_preemption_sync_point`), so all
+  hosts save the same round and exit together. Only SIGINT is handled here then.
+  """
 
   def __init__(self):
     self.signal = 0
     self._previous = {}
+    self._multihost = _jax_preemption_service()
+    self._SIGNALS = (signal.SIGINT,) if self._multihost else (signal.SIGTERM, signal.SIGINT)
+
+  def requested(self, round_number: int) -> bool:
+    """Whether to save `round_number` and stop (call once per round, on every host)."""
+    if self._multihost and not self.signal:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      if multihost_utils.reached_preemption_sync_point(round_number):
+        self.signal = signal.SIGTERM
+    return bool(self.signal)
 
   def _handle(self, signum, frame):
     del frame
@@ -108,6 +161,49 @@ class _StopOnSignal:
       signal.signal(s, handler)
 
 
+def _check_updates(cfg, metrics: dict, metrics_path: Path, metrics_file, ckpt) -> None:
+  """Warns about skipped (non-finite) updates; after `optimizer.max_bad_updates` consecutive ones,
+  logs the round's metrics and raises `Diverged` without saving the round (the last complete
+  checkpoint stays the newest, so a restart with a fixed config resumes from it)."""
+  skipped, bad = metrics.get("train/skipped_fraction"), metrics.get("train/consecutive_skipped")
+  if not skipped:
+    return
+  limit = cfg.optimizer.max_bad_updates
+  logging.warning("round %d: %.0f%% of the updates had a non-finite loss or gradient and were "
+                  "skipped (%d consecutive; the run stops at optimizer.max_bad_updates=%d)",
+                  metrics["round"], 100 * skipped, bad, limit)
+  if limit and bad >= limit:
+    with _writing(metrics_path):
+      metrics_file.write(json.dumps(metrics) + "\n")
+      metrics_file.flush()
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = (f"the last complete checkpoint is round {last} in {ckpt.directory}" if last is not None
+            else "no checkpoint was written")
+    raise Diverged(
+        f"round {metrics['round']}: {int(bad)} consecutive updates had a non-finite loss or "
+        f"gradient (optimizer.max_bad_updates={limit}); stopped without saving this round, {kept}."
+        f" Lower optimizer.learning_rate (or warmup.learning_rate), set optimizer.grad_clip, or "
+        f"check the data; metrics up to this round are in {metrics_path}")
+
+
+def _check_resume_config(ckpt: checkpoint.Checkpointer, cfg, workdir: Path) -> None:
+  """Resuming a run under a config that makes it another experiment (model, algorithm, task) is
+  an error naming the keys; other changes (more rounds, a lower learning rate) are logged."""
+  step = ckpt.latest_step()
+  saved = ckpt.read_config(step)
+  if not saved:
+    return
+  identity, other = config_lib.resume_differences(json.loads(saved), cfg)
+  if identity:
+    raise checkpoint.CheckpointMismatchError(
+        f"{identity[0].split(':')[0]}: {workdir} holds a run (checkpoint round {step}) made with a "
+        f"different {', '.join(identity)}; resume it with its own config ({workdir / 'config.json'})"
+        " or use a new --workdir")
+  if other:
+    logging.warning("resuming %s with changed settings: %s", workdir, "; ".join(other))
+
+
 def _anchor_references(state: rnd.TrainState) -> rnd.TrainState:
   """At the end of warm-up, the reference (and ReST-EM's restart point) become the warmed-up
   policy: self-improvement is measured against the model it starts from."""
@@ -118,7 +214,7 @@ def _anchor_references(state: rnd.TrainState) -> rnd.TrainState:
 
 def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  _writable_workdir(workdir)
   task, tok = ev.task_and_tokenizer(cfg, workdir)
   model_cfg = ev.model_config(cfg, tok)
   d, lens = cfg.data, ev.data_lengths(cfg)
@@ -126,13 +222,17 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   verify = task.make_verifier(tok) if task.has_answers else None
   spec, optimizer = ev.build_spec(cfg), ev.build_optimizer(cfg)
   warm_spec = ev.build_warmup_spec(cfg, tok)
+  nan_rounds = None
+  if cfg.debug.nan_from_round:  # fault injection: NaN losses in these rounds
+    nan_rounds = (cfg.debug.nan_from_round, cfg.debug.nan_to_round)
   main_fn = rnd.build_round_fn(model_cfg, spec, optimizer, sc, verify,
                                scorer=ev.build_scorer(cfg, model_cfg, tok),
                                num_epochs=cfg.algorithm.num_epochs,
-                               num_minibatches=cfg.algorithm.num_minibatches, num_samples=NUM_SAMPLES)
+                               num_minibatches=cfg.algorithm.num_minibatches, num_samples=NUM_SAMPLES,
+                               nan_rounds=nan_rounds)
   # Judge training labels `sampling.n` samples per prompt; plain SFT does not sample at all.
   warm_fn = rnd.build_round_fn(model_cfg, warm_spec, optimizer, sc, verify,
-                               num_minibatches=cfg.warmup.num_minibatches)
+                               num_minibatches=cfg.warmup.num_minibatches, nan_rounds=nan_rounds)
   eval_data = pipeline.eval_batches(task, "heldout", cfg.eval.num_examples, tokenizer=tok,
                                     batch_size=cfg.eval.batch_size, **lens)
   if verify is None:
@@ -147,13 +247,20 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   ckpt = checkpoint.Checkpointer(str(workdir), keep=cfg.checkpoint.keep)
   total_rounds = cfg.warmup.rounds + cfg.rounds
   if ckpt.latest_step() is not None:
-    state, data_state, _, _ = ckpt.restore(abstract_state=state)
+    _check_resume_config(ckpt, cfg, workdir)
+    try:
+      state, data_state, _, _ = ckpt.restore(abstract_state=state)
+    except checkpoint.CheckpointMismatchError as e:
+      raise checkpoint.CheckpointMismatchError(
+          f"{e}; {workdir} holds a run whose saved state does not fit this config: resume it with "
+          f"its own config ({workdir / 'config.json'}) or use a new --workdir") from None
     data_iter.set_state(data_state)
     _truncate_metrics(workdir / "metrics.jsonl", ckpt.restored_step)
     logging.info("resumed from round %d", ckpt.restored_step)
     print(f"resumed from {workdir}/checkpoints at round {ckpt.restored_step}")
   config_json = config_lib.to_json(cfg)
-  (workdir / "config.json").write_text(config_json)
+  with _writing(workdir / "config.json"):
+    (workdir / "config.json").write_text(config_json)
 
   def eval_now(params):
     if verify is None:
@@ -189,17 +296,20 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       metrics["eval/accuracy"] = None
       if (r + 1) % cfg.eval.every_rounds == 0 or r + 1 == total_rounds:
         metrics["eval/accuracy"] = eval_now(state.params)
+      _check_updates(cfg, metrics, workdir / "metrics.jsonl", metrics_file, ckpt)
       every = cfg.checkpoint.every_rounds
-      if (every and ((r + 1) % every == 0 or r + 1 == total_rounds)) or stop.signal:
+      stopping = stop.requested(r + 1)
+      if (every and ((r + 1) % every == 0 or r + 1 == total_rounds)) or stopping:
         ckpt.save(r + 1, state, data_state=data_iter.get_state(), config_json=config_json,
                   metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
         _maybe_kill(cfg, r + 1, "save")
-      metrics_file.write(json.dumps(metrics) + "\n")
-      metrics_file.flush()
+      with _writing(workdir / "metrics.jsonl"):
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
       if cfg.log_every_round:
         tqdm.tqdm.write(_summary_line(metrics))
       history.update({k: v for k, v in metrics.items() if v is not None})
-      if stop.signal:
+      if stopping:
         ckpt.wait()
         raise Preempted(stop.signal, r + 1, workdir)
     ckpt.wait()

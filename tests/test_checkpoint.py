@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from selfplay_jax import checkpoint as ckpt_lib
+from tests.fault_fs import tmpfs
 
 # A failed tensorstore read (the corruption tests) can leave an "Event loop is closed" callback error
 # that surfaces later, during any test: Orbax-internal noise after the error we test for was raised.
@@ -221,6 +222,7 @@ def test_in_progress_tmp_dir_is_ignored(tmp_path):
   _truncate_largest_data_file(tmp_dir)
   with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+    assert not tmp_dir.exists()  # deleted at start-up: its space comes back
     ckpt.restore(abstract_state=jax.eval_shape(lambda: _state(0)))
     assert ckpt.restored_step == 2
     _save_steps(ckpt, [3])  # the resumed run writes step 3 for real
@@ -255,3 +257,47 @@ def test_grain_iterator_state_roundtrip(tmp_path):
   fresh.set_state(data_state)
   for want in expected:
     np.testing.assert_array_equal(next(fresh), want)
+
+
+def _big_state(value: float):
+  w = jax.random.normal(jax.random.key(value), (64, 1024), jnp.float32)  # 256 KiB, incompressible
+  return {"w": w, "step": jnp.int32(value)}
+
+
+def test_space_is_checked_before_writing(tmp_path, monkeypatch):
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, _big_state(1))
+    ckpt.wait()
+    free = lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 300 << 10)  # 300 KiB free
+    monkeypatch.setattr(ckpt_lib.shutil, "disk_usage", free)
+    with pytest.raises(ckpt_lib.CheckpointWriteError,
+                       match=r"writing checkpoint step 2 in .*checkpoints failed \(no space left: "
+                             r"0\.29 MiB free, about 0\.51 MiB needed; nothing written\); the last "
+                             r"complete checkpoint is step 1"):
+      ckpt.save(2, _big_state(2))
+    assert ckpt.all_steps() == [1]
+    assert not list((tmp_path / "checkpoints").glob("2*"))
+  # 64 * 1024 * 4 + 4 array bytes, + 5% + 256 KiB of metadata = 537399 bytes = 0.51 MiB
+  assert ckpt_lib.state_nbytes(_big_state(0)) == 64 * 1024 * 4 + 4
+
+
+def test_failed_async_write_is_reported_and_older_steps_survive(monkeypatch):
+  """A real ENOSPC inside Orbax's writer threads (the space check fooled) surfaces at the next save
+  or wait as one CheckpointWriteError naming the step; the previous step still restores."""
+  monkeypatch.setattr(ckpt_lib.shutil, "disk_usage",
+                      lambda path: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40))
+  with tmpfs("600k") as mnt:
+    ckpt = ckpt_lib.Checkpointer(str(mnt))
+    ckpt.save(1, _big_state(1))
+    ckpt.wait()
+    with pytest.raises(ckpt_lib.CheckpointWriteError) as info:
+      ckpt.save(2, _big_state(2))
+      ckpt.wait()
+    message = str(info.value)
+    assert "writing checkpoint step 2" in message and "No space left on device" in message
+    assert message.endswith("the last complete checkpoint is step 1")
+    ckpt.close()
+    with ckpt_lib.Checkpointer(str(mnt)) as again:  # start-up removes the half-written step
+      assert again.all_steps() == [1]
+      state = again.restore(abstract_state=jax.eval_shape(lambda: _big_state(0)))[0]
+      _assert_tree_equal(_big_state(1), state)

@@ -8,6 +8,7 @@ import pytest
 from ml_collections import config_dict
 
 from selfplay_jax import config_lib
+from selfplay_jax import evaluate as ev
 from selfplay_jax.models.config import PRESETS, ConfigError, ModelConfig
 
 DEFAULT = str(Path(__file__).resolve().parent.parent / "configs" / "default.py")
@@ -261,3 +262,56 @@ def test_recipe_config_arg_passes_unknown_keys_through():
   assert config_lib.load_config("configs/sharpen.py").algorithm.name == "sharpen_sft"
   with pytest.raises(ConfigError, match="mode must be"):
     config_lib.load_config("configs/sharpen.py:mode=dpo")
+
+
+# ---- fuzzing: any override is accepted or rejected with one ConfigError naming a key ---------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_BASE = load()
+_KEYS = config_lib._flat_keys(_BASE)  # pylint: disable=protected-access
+_VALUES = st.one_of(
+    st.integers(-3, 300).map(str), st.floats(0, 2).map(repr), st.sampled_from(
+        ["true", "False", "None", "()", "(1,2)", "('a', 'b')", "[1]", "{}", "-1", "0", "1e400",
+         "0x10", "'quoted'", "\"\"", "=", "nan", "inf", "grpo", "dpo", "sigmoid", "bfloat16",
+         "mean", "SIGTERM", "round", "sort", "llama", "gemma2"]),
+    st.text(max_size=12), st.integers(-10**12, 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr))
+_LEAVES = [k for k in _KEYS if not isinstance(config_lib._get(_BASE, k), config_dict.ConfigDict)]  # pylint: disable=protected-access
+_ANY_KEYS = st.one_of(
+    st.sampled_from(_KEYS), st.sampled_from(_KEYS).map(lambda k: k + "x"),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz._", min_size=1, max_size=20), st.text(max_size=8))
+_FUZZ = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _accepted_or_one_named_error(pairs):
+  overrides = [f"{key}={value}" for key, value in pairs]
+  try:
+    cfg = config_lib.apply_overrides(_BASE, overrides)
+    config_lib.validate(cfg)
+  except ConfigError as e:
+    message = str(e)
+    named = message.split(":", 1)[0]
+    given_keys = {key.strip().removeprefix("config.") for key, _ in pairs}
+    assert "\n" not in message
+    assert named in set(_KEYS) | given_keys or message.startswith("override "), message
+    return False
+  # Accepted: every override is really in the config (no silent drop) and it round-trips to JSON.
+  for key, value in pairs:
+    assert key.strip().removeprefix("config.") in _KEYS, (key, value)
+  assert json.loads(config_lib.to_json(cfg))
+  ev.build_spec(cfg), ev.build_optimizer(cfg)  # what validation accepts, the builders take
+  return True
+
+
+@settings(max_examples=400, **_FUZZ)
+@given(st.lists(st.tuples(st.sampled_from(_LEAVES), _VALUES), min_size=1, max_size=3))
+def test_fuzzed_values_are_valid_or_one_config_error_naming_a_key(pairs):
+  _accepted_or_one_named_error(pairs)
+
+
+@settings(max_examples=150, **_FUZZ)
+@given(st.lists(st.tuples(_ANY_KEYS, _VALUES), min_size=1, max_size=2))
+def test_fuzzed_keys_are_known_or_one_config_error_naming_them(pairs):
+  _accepted_or_one_named_error(pairs)

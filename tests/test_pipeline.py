@@ -237,3 +237,52 @@ def test_eval_batches(arith, arith_tok):
   merged = np.concatenate([np.concatenate([h0["index"], h1["index"]])
                            for h0, h1 in zip(*halves)])
   assert merged.tolist() == ids.tolist()
+
+
+# ---- fuzzing: every row is kept or skipped with a reason; strict mode names the same line ------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=10),
+                     st.text(alphabet="abc 12", min_size=1, max_size=9))
+_JSON = st.recursive(_SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(
+    st.text(max_size=4), c, max_size=3), max_leaves=6)
+_OBJECTS = st.dictionaries(st.sampled_from(P.FIELDS + ("id", "meta")), _JSON, max_size=5)
+_LINES = st.one_of(
+    _OBJECTS.map(lambda o: json.dumps(o).encode()),
+    _JSON.map(lambda o: json.dumps(o).encode()),
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")),
+    st.just(b'{"prompt": "' + b"a" * (P.MAX_LINE_BYTES + 1) + b'"}'),
+    st.just(b""), st.just(b"\xef\xbb\xbf{\"prompt\": \"ab\"}"))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_LINES, min_size=1, max_size=6))
+def test_fuzzed_rows_are_kept_or_skipped_with_a_reason(tmp_path, char_tok, lines):
+  path = tmp_path / "fuzz.jsonl"
+  path.write_bytes(b"".join(l + b"\n" for l in lines))
+  try:
+    rows, report = P.load_jsonl(path, tokenizer=char_tok, **LENS)
+  except P.DataError as e:  # nothing valid: one error naming the file and the reasons
+    assert str(path) in str(e) and "\n" not in str(e)
+    rows, report = [], None
+  if report is not None:
+    assert report.num_valid == len(rows) == report.num_rows - report.num_skipped
+    assert set(report.counts) <= set(P.REASONS)
+    for row in rows:
+      assert isinstance(row["prompt"], str) and row["prompt"].strip()
+      assert all(isinstance(v, str) for v in row.values())
+  # Strict mode stops at the first line that lenient mode skipped, and names it.
+  first_bad = report.examples[0][0] if report is not None and report.examples else None
+  try:
+    P.load_jsonl(path, tokenizer=char_tok, strict=True, **LENS)
+  except P.DataError as e:
+    if first_bad is not None:
+      assert f"line {first_bad}: {report.examples[0][1]}" in str(e)
+    else:
+      assert report is None
+  else:
+    assert first_bad is None

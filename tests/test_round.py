@@ -139,9 +139,36 @@ def test_non_finite_update_is_skipped_and_counted(setup):
   assert not np.isfinite(float(metrics["train/loss"]))
   _leaves_close(state.params, before, atol=0)  # bitwise unchanged
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.opt_state))
+  assert int(state.bad_updates) == 1 and int(metrics["train/consecutive_skipped"]) == 1
+  state, metrics = round_fn(state, {**batch, "poison": np.array(True)})
+  assert int(state.bad_updates) == 2  # consecutive skips are counted across rounds
+  _leaves_close(state.params, before, atol=0)
   state, metrics = round_fn(state, {**batch, "poison": np.array(False)})
   assert float(metrics["train/skipped_fraction"]) == 0.0
+  assert int(state.bad_updates) == 0  # a good update resets the count
   assert not np.array_equal(np.asarray(state.params["embedding"]), before["embedding"])
+
+
+@pytest.mark.parametrize("first, last, poisoned", [(2, 3, [False, True, True, False]),
+                                                   (3, 0, [False, False, True, True])])
+def test_nan_injection_poisons_exactly_the_configured_rounds(setup, first, last, poisoned):
+  """`nan_rounds` (debug.nan_*) NaNs every update of rounds first..last; the guard skips them all,
+  and the consecutive count is the number of minibatch updates since the last good one."""
+  cfg, params, batch, sc, verify = setup
+  spec, opt = SFT(), optax.adam(1e-2)
+  round_fn = rnd.build_round_fn(cfg, spec, opt, sc, verify, num_minibatches=2,
+                                nan_rounds=(first, last))
+  state = rnd.init_state(params, opt, spec, jax.random.key(0))
+  run = 0
+  for bad in poisoned:
+    before = jax.device_get(state.params)
+    state, metrics = round_fn(state, batch)
+    assert float(metrics["train/skipped_fraction"]) == float(bad)
+    assert np.isfinite(float(metrics["train/loss"])) != bad
+    run = run + 2 if bad else 0
+    assert int(state.bad_updates) == run
+    if bad:
+      _leaves_close(state.params, before, atol=0)
 
 
 def test_previous_iterate_reference_moves(setup):

@@ -1,0 +1,203 @@
+"""Faults a long run meets: divergence (non-finite updates), a full or read-only disk, a workdir
+that holds another run, and the multi-host preemption notice. Each ends in one clear error (or a
+clean stop) that loses nothing saved, and the restarted run matches an uninterrupted one."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from selfplay_jax import checkpoint
+from tests.fault_fs import tmpfs
+from tests.test_resume_kill import OVERRIDES, _state, _train
+
+pytestmark = pytest.mark.slow
+
+
+def _assert_same_run(a, b):
+  (state_a, data_a, step_a), (state_b, data_b, step_b) = a, b
+  assert step_a == step_b
+  for x, y in zip(jax.tree.leaves((state_a.params, state_a.opt_state, state_a.ref_params)),
+                  jax.tree.leaves((state_b.params, state_b.opt_state, state_b.ref_params))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  np.testing.assert_array_equal(jax.random.key_data(state_a.rng), jax.random.key_data(state_b.rng))
+  assert data_a == data_b
+
+
+def _rounds(workdir):
+  return [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tree_bytes(directory):
+  """{relative path: bytes} of every file under `directory` (to show nothing was touched)."""
+  return {str(p.relative_to(directory)): p.read_bytes()
+          for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+# ---- divergence --------------------------------------------------------------------------------
+
+NAN_ROUND_4 = ["debug.nan_from_round=4", "debug.nan_to_round=4", "optimizer.max_bad_updates=0"]
+
+
+def test_divergence_stops_with_the_last_good_checkpoint_then_resumes(tmp_path):
+  """NaN losses from round 4 on (2 updates per round): after 4 consecutive skipped updates (end of
+  round 5) the run exits 3 without saving round 5. Restarted with the fault gone after round 4, it
+  ends bit-identical to a run whose only bad round was round 4."""
+  ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+  assert _train(ref_dir, *NAN_ROUND_4).returncode == 0
+  bad = _train(run_dir, "debug.nan_from_round=4", "optimizer.max_bad_updates=4")
+  assert bad.returncode == 3, bad.stderr
+  assert "Traceback" not in bad.stderr
+  assert ("error: round 5: 4 consecutive updates had a non-finite loss or gradient "
+          "(optimizer.max_bad_updates=4); stopped without saving this round, the last complete "
+          "checkpoint is round 4") in bad.stderr
+  with checkpoint.Checkpointer(str(run_dir)) as ckpt:
+    assert ckpt.all_steps()[-1] == 4
+  lines = _rounds(run_dir)
+  assert [m["round"] for m in lines] == [1, 2, 3, 4, 5]
+  assert [m["train/skipped_fraction"] for m in lines[2:]] == [0.0, 1.0, 1.0]
+  assert [m["train/consecutive_skipped"] for m in lines[2:]] == [0.0, 2.0, 4.0]
+  assert lines[3]["train/loss"] is None  # NaN is logged as null
+  resumed = _train(run_dir, *NAN_ROUND_4)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resumed from" in resumed.stdout and "at round 4" in resumed.stdout
+  _assert_same_run(_state(ref_dir), _state(run_dir))
+  assert [m["round"] for m in _rounds(run_dir)] == list(range(1, 7))
+
+
+# ---- disks that refuse writes ------------------------------------------------------------------
+
+
+def test_full_disk_stops_with_a_clear_error_then_resumes_bit_identically(tmp_path):
+  """On a 1.5 MiB filesystem the third checkpoint does not fit: the run stops with one error naming
+  the step and the last complete checkpoint, before writing anything. After the disk grows, the same
+  command resumes and ends where an uninterrupted run ends."""
+  ref_dir = tmp_path / "reference"
+  assert _train(ref_dir).returncode == 0
+  with tmpfs("1536k") as mnt:
+    workdir = mnt / "run"
+    full = _train(workdir)
+    assert full.returncode == 2, full.stderr
+    assert "Traceback" not in full.stderr
+    error = full.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: writing checkpoint step ") and "no space left" in error, error
+    assert f"in {workdir}/checkpoints failed" in error
+    failed_step = int(error.split("checkpoint step ")[1].split()[0])
+    with checkpoint.Checkpointer(str(workdir)) as ckpt:
+      steps = ckpt.all_steps()
+    assert steps and steps[-1] == failed_step - 1 and f"last complete checkpoint is step {steps[-1]}" in error
+    assert _state(workdir)[2] == steps[-1]  # the newest complete step restores
+    subprocess.run(["mount", "-o", "remount,size=32m", str(mnt)], check=True)
+    resumed = _train(workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(_state(ref_dir), _state(workdir))
+
+
+def test_read_only_and_impossible_workdirs_are_named(tmp_path):
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("x")
+  res = _train(not_a_dir / "run")
+  assert res.returncode == 2 and "Traceback" not in res.stderr
+  assert f"error: workdir {not_a_dir}/run is not usable: Not a directory" in res.stderr
+  with tmpfs("1m", "ro") as mnt:
+    res = _train(mnt / "run")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"error: workdir {mnt}/run is not usable: Read-only file system" in res.stderr
+
+
+# ---- a workdir that holds another run ----------------------------------------------------------
+
+SPIN = ["algorithm.name=spin", "sampling.n=1", "algorithm.num_minibatches=1", "rounds=1"]
+
+
+@pytest.fixture(scope="module")
+def spin_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("spin")
+  res = _train(workdir, *SPIN)
+  assert res.returncode == 0, res.stderr
+  return workdir
+
+
+@pytest.mark.parametrize("change, text", [
+    ("algorithm.name=dpo", "error: algorithm.name: {w} holds a run (checkpoint round 3) made with "
+                            "a different algorithm.name: 'spin' -> 'dpo'"),
+    ("model.num_layers=2", "error: model.num_layers: {w} holds a run (checkpoint round 3) made with "
+                           "a different model.num_layers: 1 -> 2"),
+    # Not an identity key, but SPIN's replay slot changes the saved state's structure.
+    ("algorithm.replay_previous=true", "does not fit this config: resume it with its own config"),
+])
+def test_resuming_another_run_is_one_error_and_touches_nothing(spin_run, change, text):
+  before = _tree_bytes(spin_run)
+  res = _train(spin_run, *SPIN, "rounds=2", change)
+  assert res.returncode == 2, res.stderr
+  assert "Traceback" not in res.stderr
+  assert text.format(w=spin_run) in res.stderr.strip().splitlines()[-1]
+  assert _tree_bytes(spin_run) == before
+
+
+def test_resuming_with_changed_settings_warns_and_continues(spin_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(spin_run, workdir)
+  res = _train(workdir, *SPIN, "rounds=2", "optimizer.learning_rate=0.0001")
+  assert res.returncode == 0, res.stderr
+  assert "resuming" in res.stderr and "optimizer.learning_rate: 0.0003 -> 0.0001" in res.stderr
+  assert "rounds: 1 -> 2" in res.stderr
+  assert [m["round"] for m in _rounds(workdir)] == [1, 2, 3, 4]
+
+
+# ---- multi-host preemption notice --------------------------------------------------------------
+
+_PREEMPTED_WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=1, process_id=0)
+    from selfplay_jax import config_lib, train
+    cfg = config_lib.load_config(str(config_lib.default_config_path()), sys.argv[3:])
+    try:
+      train.train_and_evaluate(cfg, sys.argv[1])
+    except train.Preempted as e:
+      print(f"PREEMPTED {e.round}", flush=True)
+      sys.exit(143)
+    print("FINISHED", flush=True)
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_jax_preemption_notice_stops_all_hosts_at_the_sync_round(tmp_path):
+  """Under `jax.distributed` (here 1 process on localhost), SIGTERM goes to JAX's preemption
+  notifier rather than our handler; the loop asks `reached_preemption_sync_point` every round and
+  saves and stops at the agreed round. The restarted run matches an uninterrupted one."""
+  extra = ["rounds=40", "eval.every_rounds=100", "checkpoint.every_rounds=5"]
+  ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+  assert _train(ref_dir, *extra).returncode == 0
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  script = tmp_path / "worker.py"
+  script.write_text(_PREEMPTED_WORKER)
+  args = [f"{o}" for o in OVERRIDES + extra + ["debug.kill_at_round=4", "debug.kill_point=round",
+                                               "debug.kill_signal=SIGTERM"]]
+  res = subprocess.run([sys.executable, str(script), str(run_dir), f"localhost:{_free_port()}",
+                        *args], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parent.parent)
+  assert res.returncode == 143, res.stdout + res.stderr
+  stopped = int(res.stdout.split("PREEMPTED ")[1].split()[0])
+  assert 4 <= stopped < 42
+  assert "SIGTERM caught" in res.stderr  # JAX's notifier, not Python's handler, took the signal
+  with checkpoint.Checkpointer(str(run_dir)) as ckpt:
+    assert ckpt.latest_step() == stopped  # saved although not a checkpoint.every_rounds round
+  assert [m["round"] for m in _rounds(run_dir)] == list(range(1, stopped + 1))
+  resumed = _train(run_dir, *extra)
+  assert resumed.returncode == 0, resumed.stderr
+  _assert_same_run(_state(ref_dir), _state(run_dir))
