@@ -23,7 +23,10 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from selfplay_jax import config_lib
+from selfplay_jax.checkpoint import CheckpointError
 from selfplay_jax.models.config import ConfigError
+from selfplay_jax.models.hf import CheckpointFormatError
+from selfplay_jax.tokenizers import TokenizerError
 
 COMMANDS = {
     "train": "run self-improvement rounds from a config (checkpoints and metrics in --workdir)",
@@ -33,6 +36,8 @@ COMMANDS = {
     "plan": "print parameter count, memory and sharding for a config without allocating",
 }
 _AVAILABLE = ("train", "generate", "eval", "export")
+# Bad input (config, files, checkpoints, workdir) -> one `error:` line, never a traceback.
+_INPUT_ERRORS = (ConfigError, OSError, CheckpointError, CheckpointFormatError, TokenizerError)
 _FLAGS = flags.FLAGS
 
 
@@ -81,7 +86,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _train(cfg, workdir: str | None) -> int:
-  from selfplay_jax import checkpoint, train  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import train  # pylint: disable=import-outside-toplevel
   from selfplay_jax.data import pipeline, tasks  # pylint: disable=import-outside-toplevel
 
   workdir = workdir or "runs/default"
@@ -97,8 +102,7 @@ def _train(cfg, workdir: str | None) -> int:
     sys.exit(128 + e.signum)  # the shell convention for "terminated by signal N"
   except train.Diverged as e:
     _fail(e, code=3)
-  except (ConfigError, OSError, pipeline.DataError, tasks.EncodingError,
-          checkpoint.CheckpointError) as e:
+  except _INPUT_ERRORS + (pipeline.DataError, tasks.EncodingError) as e:
     _fail(e)
   if "eval/accuracy_after_warmup" in history:
     print(f"held-out accuracy after warm-up: {history['eval/accuracy_after_warmup']:.1%}")
@@ -164,7 +168,7 @@ def _define_eval_flags() -> None:
 
 
 def _eval(argv: list[str]) -> int:
-  from selfplay_jax import checkpoint, evaluate  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import evaluate  # pylint: disable=import-outside-toplevel
 
   _no_positional_args(argv)
   if not _FLAGS.workdir:
@@ -174,7 +178,7 @@ def _eval(argv: list[str]) -> int:
   try:
     result = evaluate.evaluate_workdir(_FLAGS.workdir, step=_FLAGS.round, k=_FLAGS.k,
                                        num_examples=_FLAGS.num_examples)
-  except (ConfigError, ValueError, OSError, checkpoint.CheckpointError) as e:
+  except _INPUT_ERRORS + (ValueError,) as e:
     _fail(e)
   out = Path(_FLAGS.workdir) / f"eval_round_{int(result['round']):04d}.json"
   out.write_text(json.dumps(result, indent=2))
@@ -192,7 +196,7 @@ def _define_export_flags() -> None:
 
 
 def _export(argv: list[str]) -> int:
-  from selfplay_jax import checkpoint, export  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import export  # pylint: disable=import-outside-toplevel
 
   _no_positional_args(argv)
   for name in ("workdir", "out"):
@@ -200,7 +204,7 @@ def _export(argv: list[str]) -> int:
       _fail(f"--{name}: required")
   try:
     out, step = export.export_workdir(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.round, dtype=_FLAGS.dtype)
-  except (ConfigError, ValueError, OSError, checkpoint.CheckpointError) as e:
+  except _INPUT_ERRORS + (ValueError,) as e:
     _fail(e)
   print(f"exported round {step} of {_FLAGS.workdir} to {out} (transformers.AutoModelForCausalLM)")
   return 0

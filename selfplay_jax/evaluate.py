@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -22,6 +23,7 @@ from selfplay_jax.algorithms.grpo import PolicyGradient
 from selfplay_jax.algorithms.preference import JudgeSFT, Preference
 from selfplay_jax.algorithms.sft import SFT, RestEM
 from selfplay_jax.data import pipeline, tasks
+from selfplay_jax.models import hf
 from selfplay_jax.scoring import judge as judge_lib
 
 PG_DEFAULTS = {"grpo": ("grpo", "grpo"), "dr_grpo": ("dr_grpo", "dr_grpo"), "dapo": ("dapo", "grpo"),
@@ -202,13 +204,30 @@ def example_batch(cfg) -> dict[str, np.ndarray]:
   return out
 
 
-def initial_state(cfg, mc: models.ModelConfig, spec, optimizer) -> rnd.TrainState:
+def initial_state(cfg, mc: models.ModelConfig, spec, optimizer, *, pretrained: bool = True
+                  ) -> rnd.TrainState:
+  """The state a run starts from: the `model.hf_path` checkpoint's weights (when set and
+  `pretrained`), else parameters initialised from `cfg.seed`."""
   init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
   replay = None
   if getattr(spec, "replay", False):
     sc = sampling.SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, n=cfg.sampling.n)
     replay = rnd.empty_replay(spec, example_batch(cfg), sc)
-  return rnd.init_state(models.init_params(mc, init_rng), optimizer, spec, state_rng, replay)
+  if cfg.model.hf_path and pretrained:
+    loaded, params = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
+                                        param_dtype=mc.param_dtype)
+    if loaded.replace(remat=mc.remat) != mc:
+      raise models.ConfigError(f"model.hf_path: {cfg.model.hf_path} config.json does not match the "
+                               "run's model config")
+    params = jax.tree.map(jnp.asarray, params)
+  else:
+    params = models.init_params(mc, init_rng)
+  return rnd.init_state(params, optimizer, spec, state_rng, replay)
+
+
+def abstract_state(cfg, mc: models.ModelConfig, spec, optimizer) -> rnd.TrainState:
+  """Shapes and dtypes of `initial_state` (a restore target), without reading or making weights."""
+  return jax.eval_shape(lambda: initial_state(cfg, mc, spec, optimizer, pretrained=False))
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -270,7 +289,7 @@ def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8
   task, tok = task_and_tokenizer(cfg, workdir)
   mc = model_config(cfg, tok)
   spec, optimizer = build_spec(cfg), build_optimizer(cfg)
-  like = initial_state(cfg, mc, spec, optimizer)
+  like = abstract_state(cfg, mc, spec, optimizer)
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
     state, _, _, _ = ckpt.restore(step, abstract_state=like)
     used = ckpt.restored_step

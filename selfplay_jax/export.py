@@ -42,7 +42,7 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, step: 
   cfg = ev.load_run_config(workdir)
   _, tok = ev.task_and_tokenizer(cfg, workdir)
   mc = ev.model_config(cfg, tok)
-  like = ev.initial_state(cfg, mc, ev.build_spec(cfg), ev.build_optimizer(cfg))
+  like = ev.abstract_state(cfg, mc, ev.build_spec(cfg), ev.build_optimizer(cfg))
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
     state, _, _, _ = ckpt.restore(step, abstract_state=like)
     used = ckpt.restored_step

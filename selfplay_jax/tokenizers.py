@@ -27,9 +27,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer",
+__all__ = ["TokenizerError", "Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer",
            "check_vocab", "train_sentencepiece", "END_OF_TURN_PIECES", "SP_PAD_ID", "SP_BOS_ID",
            "SP_EOS_ID", "SP_UNK_ID"]
+
+
+class TokenizerError(ValueError):
+  """A tokenizer file that cannot be used, or a tokenizer that does not fit the model or input."""
+
 
 # Special-id convention of `train_sentencepiece`.
 SP_PAD_ID, SP_BOS_ID, SP_EOS_ID, SP_UNK_ID = 0, 1, 2, 3
@@ -92,7 +97,7 @@ class Tokenizer(abc.ABC):
       ids = [self.bos_id] + ids
     if add_eos:
       if self.eos_id is None:
-        raise ValueError("add_eos=True but the tokenizer has no EOS token; pass eos=...")
+        raise TokenizerError("add_eos=True but the tokenizer has no EOS token; pass eos=...")
       ids = ids + [self.eos_id]
     return ids
 
@@ -105,7 +110,7 @@ class Tokenizer(abc.ABC):
     """
     arr = np.asarray(ids)
     if arr.ndim != 1:
-      raise ValueError(f"decode expects a 1-D sequence of ids, got shape {arr.shape}")
+      raise TokenizerError(f"decode expects a 1-D sequence of ids, got shape {arr.shape}")
     id_list = [int(i) for i in arr.tolist()]
     drop: set[int] = set()
     if self.pad_id is not None and (skip_special or self.pad_id not in self.eos_ids):
@@ -117,7 +122,7 @@ class Tokenizer(abc.ABC):
     id_list = [i for i in id_list if i not in drop]
     for i in id_list:
       if not 0 <= i < self.vocab_size:
-        raise ValueError(f"token id {i} is out of range for vocab_size {self.vocab_size}")
+        raise TokenizerError(f"token id {i} is out of range for vocab_size {self.vocab_size}")
     return self._decode(id_list, skip_special)
 
   def encode_batch(self, texts: Sequence[str], max_len: int, add_bos: bool = True,
@@ -138,7 +143,7 @@ class Tokenizer(abc.ABC):
     if isinstance(texts, str):
       raise TypeError("encode_batch expects a sequence of strings, got a single str")
     if max_len < 1:
-      raise ValueError(f"max_len must be positive, got {max_len}")
+      raise TokenizerError(f"max_len must be positive, got {max_len}")
     rows = [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
     tokens = np.full((len(rows), max_len), self.pad_id if self.pad_id is not None else 0,
                      dtype=np.int32)
@@ -146,7 +151,7 @@ class Tokenizer(abc.ABC):
     for b, row in enumerate(rows):
       n = len(row)
       if n > max_len:
-        raise ValueError(f"row {b} has {n} tokens, more than max_len={max_len}: "
+        raise TokenizerError(f"row {b} has {n} tokens, more than max_len={max_len}: "
                          f"{texts[b][:60]!r}")
       if n == 0:
         continue
@@ -170,12 +175,12 @@ class Tokenizer(abc.ABC):
     if isinstance(spec, (int, np.integer)):
       spec = int(spec)
       if not 0 <= spec < self.vocab_size:
-        raise ValueError(f"{what} id {spec} is out of range for vocab_size {self.vocab_size}")
+        raise TokenizerError(f"{what} id {spec} is out of range for vocab_size {self.vocab_size}")
       return spec
     if isinstance(spec, str):
       token_id = self.piece_to_id(spec)
       if token_id is None:
-        raise ValueError(f"{what} token {spec!r} is not in the vocabulary")
+        raise TokenizerError(f"{what} token {spec!r} is not in the vocabulary")
       return token_id
     raise TypeError(f"{what} must be a token string or id, got {type(spec).__name__}")
 
@@ -206,7 +211,7 @@ class SentencePieceTokenizer(Tokenizer):
     try:
       self._sp = spm.SentencePieceProcessor(model_file=self.path)
     except (RuntimeError, OSError) as e:
-      raise ValueError(f"cannot read SentencePiece model {self.path}: {e}") from e
+      raise TokenizerError(f"cannot read SentencePiece model {self.path}: {e}") from e
     self.vocab_size = int(self._sp.get_piece_size())
     own = lambda i: None if i < 0 else int(i)
     self.bos_id = own(self._sp.bos_id()) if bos is ... else self._resolve(bos, "bos")
@@ -236,7 +241,7 @@ class SentencePieceTokenizer(Tokenizer):
 
   def id_to_piece(self, token_id: int) -> str:
     if not 0 <= int(token_id) < self.vocab_size:
-      raise ValueError(f"token id {token_id} is out of range for vocab_size {self.vocab_size}")
+      raise TokenizerError(f"token id {token_id} is out of range for vocab_size {self.vocab_size}")
     return self._sp.id_to_piece(int(token_id))
 
   def piece_to_id(self, piece: str) -> int | None:
@@ -258,9 +263,9 @@ def _read_json(path: str) -> dict[str, Any] | None:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"cannot read {path}: {e}") from e
+    raise TokenizerError(f"cannot read {path}: {e}") from e
   if not isinstance(data, dict):
-    raise ValueError(f"{path} does not hold a JSON object")
+    raise TokenizerError(f"{path} does not hold a JSON object")
   return data
 
 
@@ -307,7 +312,7 @@ class HFTokenizer(Tokenizer):
     try:
       self._tok = tokenizers.Tokenizer.from_file(self.path)
     except Exception as e:  # tokenizers raises a bare Exception on parse errors.
-      raise ValueError(f"cannot read Hugging Face tokenizer {self.path}: {e}") from e
+      raise TokenizerError(f"cannot read Hugging Face tokenizer {self.path}: {e}") from e
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self.vocab_size = max(vocab.values(), default=-1) + 1
     self._special = frozenset(
@@ -348,7 +353,7 @@ class HFTokenizer(Tokenizer):
   def id_to_piece(self, token_id: int) -> str:
     piece = self._tok.id_to_token(int(token_id))
     if piece is None:
-      raise ValueError(f"token id {token_id} is not in the vocabulary "
+      raise TokenizerError(f"token id {token_id} is not in the vocabulary "
                        f"(vocab_size {self.vocab_size})")
     return piece
 
@@ -393,7 +398,7 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   multiple of 64 or 128).
   """
   if tokenizer.vocab_size > model_vocab_size:
-    raise ValueError(
+    raise TokenizerError(
         f"tokenizer vocab_size {tokenizer.vocab_size} > model vocab_size {model_vocab_size}: "
         "the tokenizer has more ids than the model's embedding rows")
 
@@ -417,10 +422,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path_prefix: str 
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
   if model_type not in ("bpe", "unigram", "char", "word"):
-    raise ValueError(f"model_type must be bpe, unigram, char or word, got {model_type!r}")
+    raise TokenizerError(f"model_type must be bpe, unigram, char or word, got {model_type!r}")
   texts = [t for t in texts if t]  # the trainer rejects empty sentences
   if not texts:
-    raise ValueError("train_sentencepiece needs at least one non-empty text")
+    raise TokenizerError("train_sentencepiece needs at least one non-empty text")
   prefix = os.fspath(path_prefix)
   os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
   options = dict(
@@ -433,5 +438,5 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path_prefix: str 
   try:
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), **options)
   except RuntimeError as e:
-    raise ValueError(f"SentencePiece training failed for {prefix}.model: {e}") from e
+    raise TokenizerError(f"SentencePiece training failed for {prefix}.model: {e}") from e
   return SentencePieceTokenizer(prefix + ".model")

@@ -243,13 +243,15 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   data_iter = pipeline.make_iterator(source, tokenizer=tok, batch_size=d.batch_size, seed=cfg.seed,
                                      **lens)
 
-  state = ev.initial_state(cfg, model_cfg, spec, optimizer)
   ckpt = checkpoint.Checkpointer(str(workdir), keep=cfg.checkpoint.keep)
   total_rounds = cfg.warmup.rounds + cfg.rounds
-  if ckpt.latest_step() is not None:
+  if ckpt.latest_step() is None:  # a new run: the HF checkpoint's weights or a fresh init
+    state = ev.initial_state(cfg, model_cfg, spec, optimizer)
+  else:
     _check_resume_config(ckpt, cfg, workdir)
     try:
-      state, data_state, _, _ = ckpt.restore(abstract_state=state)
+      state, data_state, _, _ = ckpt.restore(
+          abstract_state=ev.abstract_state(cfg, model_cfg, spec, optimizer))
     except checkpoint.CheckpointMismatchError as e:
       raise checkpoint.CheckpointMismatchError(
           f"{e}; {workdir} holds a run whose saved state does not fit this config: resume it with "

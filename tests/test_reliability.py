@@ -201,3 +201,63 @@ def test_jax_preemption_notice_stops_all_hosts_at_the_sync_round(tmp_path):
   resumed = _train(run_dir, *extra)
   assert resumed.returncode == 0, resumed.stderr
   _assert_same_run(_state(ref_dir), _state(run_dir))
+
+
+# ---- bad model directories and tokenizers, through the train command ---------------------------
+
+
+def _bad_model_dirs(root):
+  """(name, model dir, tokenizer file, text the error must contain) for a set of broken inputs."""
+  import safetensors.numpy
+
+  from selfplay_jax.data import tasks
+  from tests import hf_models
+  task = tasks.get_task("arithmetic", num_digits=1)
+  tok = tasks.build_tokenizer(task, root / "tok")
+  model_file = next((root / "tok").glob("*.model"))
+
+  def model(name, vocab_size=tok.vocab_size, edit=None):
+    d = root / name
+    hf_models.make_hf_model("llama", vocab_size=vocab_size, bos_token_id=tok.bos_id,
+                            eos_token_id=tok.eos_id, pad_token_id=tok.pad_id).save_pretrained(d)
+    if edit:
+      edit(d)
+    return d
+
+  def misshape(d):
+    t = safetensors.numpy.load_file(str(d / "model.safetensors"))
+    t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:5]
+    safetensors.numpy.save_file(t, str(d / "model.safetensors"))
+
+  def truncate(d):
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+  def unsupported(d):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+
+  return [
+      ("misshaped", model("misshaped", edit=misshape), model_file,
+       "model.layers.0.mlp.up_proj.weight"),
+      ("truncated", model("truncated", edit=truncate), model_file, "model.safetensors"),
+      ("unsupported", model("unsupported", edit=unsupported), model_file,
+       "model_type='gpt2' is not supported"),
+      ("small_vocab", model("small_vocab", vocab_size=tok.vocab_size - 4), model_file,
+       f"tokenizer vocab_size {tok.vocab_size} > model vocab_size {tok.vocab_size - 4}"),
+  ]
+
+
+def test_bad_model_directories_and_tokenizers_are_one_error(tmp_path):
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "response": f"{i + 1}",
+                                      "answer": str(i + 1)}) + "\n" for i in range(40)))
+  for name, model_dir, tokenizer, text in _bad_model_dirs(tmp_path):
+    workdir = tmp_path / f"run_{name}"
+    res = _train(workdir, f"model.hf_path={model_dir}", f"model.tokenizer_path={tokenizer}",
+                 f"data.task={data}")
+    assert res.returncode == 2, (name, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr, name
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and text in last, (name, last)
+    assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())

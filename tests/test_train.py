@@ -209,6 +209,35 @@ def _hf_and_pair_jsonl(tmp_path):
 
 
 @pytest.mark.slow
+def test_training_starts_from_the_hf_checkpoint_weights(tmp_path):
+  """With model.hf_path the run starts from that checkpoint's weights: the frozen reference saved
+  after round 1 gives the same logits as `transformers` on the directory."""
+  import torch
+  import transformers
+  path, model_file, hf_dir = _hf_and_pair_jsonl(tmp_path)
+  small = [o for o in OVERRIDES if not o.startswith(("model.", "warmup.rounds", "rounds"))]
+  run = tmp_path / "run"
+  res = _cli("train", f"--workdir={run}", f"--config.data.task={path}",
+             f"--config.model.hf_path={hf_dir}", f"--config.model.tokenizer_path={model_file}",
+             "--config.warmup.rounds=0", "--config.rounds=1", *[f"--config.{o}" for o in small])
+  assert res.returncode == 0, res.stderr[-3000:]
+  cfg = ev.load_run_config(run)
+  task, tok = ev.task_and_tokenizer(cfg, run)
+  mc = ev.model_config(cfg, tok)
+  with checkpoint.Checkpointer(str(run)) as ckpt:
+    state = ckpt.restore(abstract_state=ev.abstract_state(cfg, mc, ev.build_spec(cfg),
+                                                          ev.build_optimizer(cfg)))[0]
+  ids = tok.encode("3+4=", add_bos=True)
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+  with torch.no_grad():
+    ref = model(torch.tensor([ids])).logits.numpy()
+  np.testing.assert_allclose(np.asarray(models.forward(mc, state.ref_params, np.array([ids]))), ref,
+                             atol=1e-4, rtol=0)
+  assert not np.array_equal(np.asarray(state.params["embedding"]),
+                            np.asarray(state.ref_params["embedding"]))  # and it trained
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["dpo.py", "spin.py", "self_rewarding.py", "sharpen.py",
                                     "sharpen.py:mode=rl"])
 def test_preference_recipes_run_on_an_hf_checkpoint_and_jsonl(tmp_path, recipe):
