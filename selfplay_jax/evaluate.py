@@ -268,7 +268,12 @@ def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
   path = Path(workdir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: is {workdir} a selfplay-jax training workdir?")
-  saved = json.loads(path.read_text())
+  try:
+    saved = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise config_lib.ConfigError(f"{path}: not a readable run config ({e})") from None
+  if not isinstance(saved, dict):
+    raise config_lib.ConfigError(f"{path}: not a run config (a JSON {type(saved).__name__})")
   # Keys added to the config since the run was made take their defaults.
   cfg = config_lib.load_config(str(config_lib.default_config_path())).to_dict()
 

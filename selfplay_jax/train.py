@@ -82,11 +82,21 @@ def _summary_line(metrics: dict) -> str:
           f" ({metrics['time/round_s']:.2f}s)")
 
 
+def _line_round(line: str) -> int | None:
+  """The round of one metrics line; None for a line cut short by a killed process."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  return record.get("round", 0) if isinstance(record, dict) else None
+
+
 def _truncate_metrics(path: Path, last_round: int) -> None:
-  """Drops metric lines of rounds after the restored checkpoint (they will be run again)."""
+  """Drops metric lines of rounds after the restored checkpoint (they will be run again) and any
+  partial line a killed process left behind."""
   if path.is_file():
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    kept = [l for l in lines if json.loads(l).get("round", 0) <= last_round]
+    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    kept = [l for l in lines if (n := _line_round(l)) is not None and n <= last_round]
     if len(kept) != len(lines):
       with _writing(path):
         path.write_text("".join(l + "\n" for l in kept))
@@ -301,9 +311,12 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       _check_updates(cfg, metrics, workdir / "metrics.jsonl", metrics_file, ckpt)
       every = cfg.checkpoint.every_rounds
       stopping = stop.requested(r + 1)
+      save = lambda: ckpt.save(r + 1, state, data_state=data_iter.get_state(),
+                               config_json=config_json,
+                               metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+      saved = False
       if (every and ((r + 1) % every == 0 or r + 1 == total_rounds)) or stopping:
-        ckpt.save(r + 1, state, data_state=data_iter.get_state(), config_json=config_json,
-                  metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+        saved = save()
         _maybe_kill(cfg, r + 1, "save")
       with _writing(workdir / "metrics.jsonl"):
         metrics_file.write(json.dumps(metrics) + "\n")
@@ -311,7 +324,9 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       if cfg.log_every_round:
         tqdm.tqdm.write(_summary_line(metrics))
       history.update({k: v for k, v in metrics.items() if v is not None})
-      if stopping:
+      if stopping or stop.signal:  # a signal that came during the save stops here too
+        if not saved:
+          save()
         ckpt.wait()
         raise Preempted(stop.signal, r + 1, workdir)
     ckpt.wait()
