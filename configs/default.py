@@ -69,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   cfg.algorithm = ml_collections.ConfigDict()
   cfg.algorithm.name = arg.algorithm  # algorithm spec in selfplay_jax/algorithms/
+  cfg.algorithm.spec = ""  # your own spec, "path/file.py:Name" or "module:Name" (docs/extending.md)
+  cfg.algorithm.scorer = ""  # your own scorer factory, "file.py:make" or "module:make"; "" = reward
   cfg.algorithm.num_epochs = 1  # passes over each round's rollouts
   cfg.algorithm.num_minibatches = 2  # optimizer steps per epoch (must divide batch_size * n)
   cfg.algorithm.kl_coef = 0.02  # weight of the KL penalty to the reference (the warmed-up policy)
@@ -112,6 +114,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
   cfg.data.max_response_len = 32  # gold response length incl. EOS (tokens)
   cfg.data.max_answer_len = 8  # answer length for the verifier (tokens)
+
+  cfg.metrics = ml_collections.ConfigDict()
+  cfg.metrics.plot_every_rounds = 1  # redraw plots/metrics.png every N rounds (and at the end); 0 = off
+  cfg.metrics.tensorboard = False  # also write TensorBoard event files to <workdir>/tensorboard
+  cfg.metrics.wandb = False  # also log to Weights & Biases (needs `pip install wandb`)
+  cfg.metrics.wandb_project = "selfplay_jax"  # W&B project
+  cfg.metrics.wandb_name = ""  # W&B run name; "" = the workdir's name
 
   cfg.checkpoint = ml_collections.ConfigDict()
   cfg.checkpoint.every_rounds = 1  # save every N rounds (and the last); 0 = never (no resume)

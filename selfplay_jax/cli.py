@@ -33,9 +33,10 @@ COMMANDS = {
     "eval": "evaluate a checkpoint or preset on the config's task",
     "export": "write a checkpoint as a Hugging Face model directory",
     "generate": "sample completions from a checkpoint or preset",
+    "report": "write a self-contained HTML report of a run (summary, plots, rounds, samples)",
     "plan": "print parameter count, memory and sharding for a config without allocating",
 }
-_AVAILABLE = ("train", "generate", "eval", "export")
+_AVAILABLE = ("train", "generate", "eval", "export", "report")
 # Bad input (config, files, checkpoints, workdir) -> one `error:` line, never a traceback.
 _INPUT_ERRORS = (ConfigError, OSError, CheckpointError, CheckpointFormatError, TokenizerError)
 _FLAGS = flags.FLAGS
@@ -210,6 +211,25 @@ def _export(argv: list[str]) -> int:
   return 0
 
 
+def _define_report_flags() -> None:
+  flags.DEFINE_string("workdir", None, "training workdir (config.json + metrics.jsonl)")
+  flags.DEFINE_string("out", None, "HTML file to write (default: <workdir>/report.html)")
+
+
+def _report(argv: list[str]) -> int:
+  from selfplay_jax import report  # pylint: disable=import-outside-toplevel
+
+  _no_positional_args(argv)
+  if not _FLAGS.workdir:
+    _fail("--workdir: the training workdir to report on is required")
+  try:
+    out = report.write_report(_FLAGS.workdir, _FLAGS.out)
+  except _INPUT_ERRORS as e:
+    _fail(e)
+  print(f"report written to {out}")
+  return 0
+
+
 def run(argv: Sequence[str] | None = None) -> None:
   """Console-script entry: `selfplay-jax <command> [flags]`."""
   argv = list(sys.argv if argv is None else argv)
@@ -232,6 +252,9 @@ def run(argv: Sequence[str] | None = None) -> None:
   if command == "export":
     _define_export_flags()
     app.run(_export, argv=argv, flags_parser=_parse_flags)
+  if command == "report":
+    _define_report_flags()
+    app.run(_report, argv=argv, flags_parser=_parse_flags)
   try:
     absl_argv, overrides = config_lib.split_argv(argv)
   except ConfigError as e:

@@ -18,6 +18,7 @@ import difflib
 import importlib.util
 import json
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -389,7 +390,14 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("optimizer.grad_clip", float, _non_negative, "must be >= 0 (0 = off)"),
     ("optimizer.b1", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("optimizer.b2", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("algorithm.name", str, lambda v: v in ALGORITHMS, f"must be one of {ALGORITHMS}"),
+    ("algorithm.name", str, bool, "must be non-empty"),
+    ("algorithm.spec", str, None, ""),
+    ("algorithm.scorer", str, None, ""),
+    ("metrics.plot_every_rounds", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("metrics.tensorboard", bool, None, ""),
+    ("metrics.wandb", bool, None, ""),
+    ("metrics.wandb_project", str, bool, "must be non-empty"),
+    ("metrics.wandb_name", str, None, ""),
     ("algorithm.loss_type", str, lambda v: v in ("",) + PG_LOSS_TYPES + PREFERENCE_LOSS_TYPES,
      f"must be '' (the algorithm's own) or one of {PG_LOSS_TYPES + PREFERENCE_LOSS_TYPES}"),
     ("algorithm.reward", str, lambda v: v in ("",) + REWARDS,
@@ -509,6 +517,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
   """Settings that are fine alone but impossible together."""
   a = cfg.algorithm
+  if not a.spec and a.name not in ALGORITHMS:
+    raise ConfigError(f"algorithm.name: must be one of {ALGORITHMS} (or set algorithm.spec to your "
+                      f"own spec), got {a.name!r}")
+  for key in ("algorithm.spec", "algorithm.scorer"):
+    if _get(cfg, key):
+      import_object(_get(cfg, key), key)  # a bad reference fails here, naming the key
+  if a.scorer and a.reward:
+    raise ConfigError("algorithm.scorer: set either algorithm.scorer (your own) or "
+                      f"algorithm.reward={a.reward!r} (built-in), not both")
   rows, what = cfg.data.batch_size * cfg.sampling.n, "data.batch_size * sampling.n"
   if a.name in ("dpo", "self_rewarding"):
     rows, what = cfg.data.batch_size, "data.batch_size (one pair per prompt)"
@@ -516,7 +533,7 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     rows, what = 2 * rows, "2 * data.batch_size * sampling.n (new and replayed pairs)"
   elif a.name == "sft":
     rows, what = cfg.data.batch_size, "data.batch_size"
-  if rows % a.num_minibatches:
+  if rows % a.num_minibatches and not a.spec:  # own specs: checked when the round is traced
     raise ConfigError(f"algorithm.num_minibatches: {a.num_minibatches} must divide {what} = {rows}")
   if a.loss_type and a.name in PG_ALGORITHMS and a.loss_type not in PG_LOSS_TYPES:
     raise ConfigError(f"algorithm.loss_type: {a.name} takes one of {PG_LOSS_TYPES}, got "
@@ -586,4 +603,40 @@ def resume_differences(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict
           key == k or (k.endswith(".") and key.startswith(k)) for k in RUN_IDENTITY_KEYS)
       (identity if is_identity else other).append(f"{key}: {old[key]!r} -> {new[key]!r}")
   return identity, other
+
+
+# ----------------------------------------------------------------------------------------------
+# User code named in a config (research forks: algorithm.spec, algorithm.scorer, data.task)
+
+
+def import_object(ref: str, key: str) -> Any:
+  """The object `ref` names: "path/to/file.py:name" or "package.module:name". Every failure is a
+  ConfigError naming `key` (file or module missing, import error, no such name)."""
+  module_ref, sep, name = ref.rpartition(":")
+  if not sep or not module_ref or not name.isidentifier():
+    raise ConfigError(f"{key}: expected 'path/to/file.py:name' or 'package.module:name', got {ref!r}")
+  if module_ref.endswith(".py"):
+    path = Path(module_ref).resolve()
+    if not path.is_file():
+      raise ConfigError(f"{key}: file {module_ref} not found")
+    module_name = f"_selfplay_user_{path.stem}_{abs(hash(str(path))):x}"
+    module = sys.modules.get(module_name)
+    if module is None:
+      spec = importlib.util.spec_from_file_location(module_name, path)
+      module = importlib.util.module_from_spec(spec)
+      sys.modules[module_name] = module  # dataclasses and pickling-free lookups need it registered
+      try:
+        spec.loader.exec_module(module)
+      except Exception as e:  # pylint: disable=broad-except
+        del sys.modules[module_name]
+        raise ConfigError(f"{key}: importing {module_ref} failed: {type(e).__name__}: {e}") from None
+  else:
+    try:
+      module = importlib.import_module(module_ref)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConfigError(f"{key}: cannot import {module_ref!r} ({type(e).__name__}: {e}); is it on "
+                        "PYTHONPATH?") from None
+  if not hasattr(module, name):
+    raise ConfigError(f"{key}: {module_ref} has no {name!r}")
+  return getattr(module, name)
 

@@ -19,6 +19,7 @@ import optax
 from selfplay_jax import checkpoint, config_lib, models, sampling, scoring, tokenizers
 from selfplay_jax import round as rnd
 from selfplay_jax.algorithms import ALGORITHMS
+from selfplay_jax.algorithms.spec import REFERENCES
 from selfplay_jax.algorithms.grpo import PolicyGradient
 from selfplay_jax.algorithms.preference import JudgeSFT, Preference
 from selfplay_jax.algorithms.sft import SFT, RestEM
@@ -40,8 +41,43 @@ DEFAULT_REWARD = {"self_rewarding": "judge", "sharpen_sft": "likelihood", "sharp
 
 
 def reward_kind(cfg) -> str:
-  """What scores the samples: `algorithm.reward`, or the algorithm's own default."""
+  """What scores the samples: "custom" (`algorithm.scorer`), `algorithm.reward`, or the
+  algorithm's own default."""
+  if cfg.algorithm.scorer:
+    return "custom"
   return cfg.algorithm.reward or DEFAULT_REWARD.get(cfg.algorithm.name, "verifier")
+
+
+def is_jsonl_data(cfg) -> bool:
+  """User rows from a JSONL file (else a task object, built-in or the user's, generates them)."""
+  return cfg.data.task.endswith(".jsonl")
+
+
+_SPEC_ATTRIBUTES = ("name", "samples", "reference", "restart_from_base", "build", "loss")
+
+
+def _custom_spec(cfg):
+  """`algorithm.spec`: a class with `from_config(cfg)`, or a function `f(cfg)`, giving a spec."""
+  ref = cfg.algorithm.spec
+  obj = config_lib.import_object(ref, "algorithm.spec")
+  if isinstance(obj, type):
+    if not hasattr(obj, "from_config"):
+      raise config_lib.ConfigError(f"algorithm.spec: class {ref} needs a from_config(cfg) "
+                                   "classmethod (or name a function f(cfg) -> spec)")
+    spec = obj.from_config(cfg)
+  elif callable(obj):
+    spec = obj(cfg)
+  else:
+    raise config_lib.ConfigError(f"algorithm.spec: {ref} is not a spec class or a function (got "
+                                 f"a {type(obj).__name__} object)")
+  missing = [a for a in _SPEC_ATTRIBUTES if not hasattr(spec, a)]
+  if missing:
+    raise config_lib.ConfigError(f"algorithm.spec: {ref} gave a {type(spec).__name__} without "
+                                 f"{', '.join(missing)} (see selfplay_jax/algorithms/spec.py)")
+  if spec.reference not in REFERENCES:
+    raise config_lib.ConfigError(f"algorithm.spec: {ref}.reference must be one of {REFERENCES}, "
+                                 f"got {spec.reference!r}")
+  return spec
 
 
 def uses_judge(cfg) -> bool:
@@ -55,6 +91,8 @@ def uses_pair_data(cfg) -> bool:
 
 def build_spec(cfg):
   a, n = cfg.algorithm, cfg.sampling.n
+  if a.spec:
+    return _custom_spec(cfg)
   if a.name == "sft":
     return SFT()
   if a.name in ("rest_em", "sharpen_sft"):
@@ -88,16 +126,23 @@ def build_judge(cfg, tok) -> scoring.Judge:
   """The self-critique judge of `cfg.judge` (template "" = the built-in task template, or the
   additive 5-point rubric for a natural-language tokenizer)."""
   j = cfg.judge
-  template = j.template or (judge_lib.TASK_TEMPLATE if cfg.data.task in tasks.TASKS
-                            else judge_lib.RUBRIC_TEMPLATE)
+  template = j.template or (judge_lib.RUBRIC_TEMPLATE if is_jsonl_data(cfg)
+                            else judge_lib.TASK_TEMPLATE)
   return scoring.Judge.from_template(
       template, tok, score_min=j.score_min, score_max=j.score_max, score_marker=j.score_marker,
       num_samples=j.num_samples, temperature=j.temperature, max_new_tokens=j.max_new_tokens)
 
 
-def build_scorer(cfg, mc, tok):
-  """The round's scorer, or None when the task verifier gives the rewards."""
+def build_scorer(cfg, mc, tok, task=None):
+  """The round's scorer, or None when the task verifier gives the rewards. `algorithm.scorer`
+  names your own factory, called as `f(cfg, model_config, tokenizer, task)`."""
   kind = reward_kind(cfg)
+  if kind == "custom":
+    scorer = config_lib.import_object(cfg.algorithm.scorer, "algorithm.scorer")(cfg, mc, tok, task)
+    if not callable(scorer):
+      raise config_lib.ConfigError(f"algorithm.scorer: {cfg.algorithm.scorer} returned a "
+                                   f"{type(scorer).__name__}, not a scorer function")
+    return scorer
   if kind == "judge":
     return scoring.judge_scorer(build_judge(cfg, tok), mc)
   if kind == "likelihood":
@@ -135,14 +180,22 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
 
 def task_and_tokenizer(cfg, workdir: Path):
   """The run's data (a built-in task, or `JsonlData` when `data.task` is a .jsonl path) and tokenizer."""
-  if cfg.data.task.endswith(".jsonl"):
+  if is_jsonl_data(cfg):
     return _jsonl_data(cfg)
-  if cfg.data.task not in tasks.TASKS:
+  if ":" in cfg.data.task:  # the user's own task: a factory f(cfg) -> tasks.Task
+    task = config_lib.import_object(cfg.data.task, "data.task")(cfg)
+    if not isinstance(task, tasks.Task):
+      raise config_lib.ConfigError(f"data.task: {cfg.data.task} returned a {type(task).__name__}, "
+                                   "not a selfplay_jax.data.tasks.Task")
+  elif cfg.data.task in tasks.TASKS:
+    kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty,
+                                 step_by_step=cfg.data.step_by_step),
+              "sort": dict(length=cfg.data.difficulty)}.get(cfg.data.task, {})
+    task = tasks.get_task(cfg.data.task, **kwargs)
+  else:
     raise config_lib.ConfigError(f"data.task: {cfg.data.task!r} is neither a built-in task "
-                                 f"({', '.join(sorted(tasks.TASKS))}) nor a .jsonl file")
-  kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty, step_by_step=cfg.data.step_by_step),
-            "sort": dict(length=cfg.data.difficulty)}.get(cfg.data.task, {})
-  task = tasks.get_task(cfg.data.task, **kwargs)
+                                 f"({', '.join(sorted(tasks.TASKS))}), a .jsonl file, nor "
+                                 "'file.py:factory' / 'module:factory'")
   try:  # a problem space too small to hold out a split fails here, not mid-run with a traceback
     for split in tasks.SPLITS:
       task.example(split, 0)

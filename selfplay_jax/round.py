@@ -24,7 +24,7 @@ from selfplay_jax import sampling
 from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.preference import concat_rows
 from selfplay_jax.algorithms.spec import LogProbs, Rows, Spec
-from selfplay_jax.models.config import ModelConfig
+from selfplay_jax.models.config import ConfigError, ModelConfig
 from selfplay_jax.scoring import ranking_agreement
 from selfplay_jax.scoring.likelihood import completion_logprobs
 
@@ -82,6 +82,9 @@ def init_state(params, optimizer: optax.GradientTransformation, spec: Spec, rng:
 def _minibatches(rows: Rows, rng, num_epochs: int, num_minibatches: int) -> Rows:
   """[epochs * minibatches, rows / minibatches, ...], rows shuffled per epoch."""
   n = jax.tree.leaves(rows)[0].shape[0]
+  if n % num_minibatches:  # static: raised while tracing, before anything runs
+    raise ConfigError(f"algorithm.num_minibatches: {num_minibatches} does not divide the {n} "
+                      "training rows this round builds")
   keys = jax.random.split(rng, num_epochs)
   perms = jax.vmap(lambda k: jax.random.permutation(k, n))(keys).reshape(-1)
   return jax.tree.map(

@@ -9,7 +9,6 @@ a restart with the same workdir resumes exactly where the last complete checkpoi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -25,15 +24,16 @@ import tqdm
 from absl import logging
 
 from selfplay_jax import checkpoint, config_lib
+from selfplay_jax import metrics as metrics_lib
 from selfplay_jax import evaluate as ev
 from selfplay_jax import round as rnd
-from selfplay_jax.data import pipeline, tasks
+from selfplay_jax.data import pipeline
 
 NUM_SAMPLES = 8  # rollout rows dumped per round to samples/round_XXXX.jsonl
 
 
-class WorkdirError(OSError):
-  """The workdir (or a file in it) cannot be created or written."""
+WorkdirError = metrics_lib.WorkdirError
+_writing = metrics_lib.writing
 
 
 def _writable_workdir(workdir: Path) -> None:
@@ -44,17 +44,6 @@ def _writable_workdir(workdir: Path) -> None:
       pass
   except OSError as e:
     raise WorkdirError(f"workdir {workdir} is not usable: {e.strerror or e}") from None
-
-
-@contextlib.contextmanager
-def _writing(path: Path):
-  """Re-raises a failed write (disk full, read-only) as one error naming the file."""
-  try:
-    yield
-  except OSError as e:
-    if isinstance(e, WorkdirError):
-      raise
-    raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> None:
@@ -80,26 +69,6 @@ def _summary_line(metrics: dict) -> str:
   parts = [f"{name}={metrics[key]:.4g}" for key, name in _SUMMARY_KEYS if metrics.get(key) is not None]
   return (f"round {metrics['round']} [{metrics['phase']}] " + " ".join(parts) +
           f" ({metrics['time/round_s']:.2f}s)")
-
-
-def _line_round(line: str) -> int | None:
-  """The round of one metrics line; None for a line cut short by a killed process."""
-  try:
-    record = json.loads(line)
-  except ValueError:
-    return None
-  return record.get("round", 0) if isinstance(record, dict) else None
-
-
-def _truncate_metrics(path: Path, last_round: int) -> None:
-  """Drops metric lines of rounds after the restored checkpoint (they will be run again) and any
-  partial line a killed process left behind."""
-  if path.is_file():
-    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
-    kept = [l for l in lines if (n := _line_round(l)) is not None and n <= last_round]
-    if len(kept) != len(lines):
-      with _writing(path):
-        path.write_text("".join(l + "\n" for l in kept))
 
 
 def _maybe_kill(cfg, round_number: int, point: str) -> None:
@@ -171,7 +140,7 @@ class _StopOnSignal:
       signal.signal(s, handler)
 
 
-def _check_updates(cfg, metrics: dict, metrics_path: Path, metrics_file, ckpt) -> None:
+def _check_updates(cfg, metrics: dict, metrics_path: Path, writer, ckpt) -> None:
   """Warns about skipped (non-finite) updates; after `optimizer.max_bad_updates` consecutive ones,
   logs the round's metrics and raises `Diverged` without saving the round (the last complete
   checkpoint stays the newest, so a restart with a fixed config resumes from it)."""
@@ -183,9 +152,7 @@ def _check_updates(cfg, metrics: dict, metrics_path: Path, metrics_file, ckpt) -
                   "skipped (%d consecutive; the run stops at optimizer.max_bad_updates=%d)",
                   metrics["round"], 100 * skipped, bad, limit)
   if limit and bad >= limit:
-    with _writing(metrics_path):
-      metrics_file.write(json.dumps(metrics) + "\n")
-      metrics_file.flush()
+    writer.write(metrics)
     ckpt.wait()
     last = ckpt.latest_step()
     kept = (f"the last complete checkpoint is round {last} in {ckpt.directory}" if last is not None
@@ -236,7 +203,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   if cfg.debug.nan_from_round:  # fault injection: NaN losses in these rounds
     nan_rounds = (cfg.debug.nan_from_round, cfg.debug.nan_to_round)
   main_fn = rnd.build_round_fn(model_cfg, spec, optimizer, sc, verify,
-                               scorer=ev.build_scorer(cfg, model_cfg, tok),
+                               scorer=ev.build_scorer(cfg, model_cfg, tok, task),
                                num_epochs=cfg.algorithm.num_epochs,
                                num_minibatches=cfg.algorithm.num_minibatches, num_samples=NUM_SAMPLES,
                                nan_rounds=nan_rounds)
@@ -248,7 +215,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   if verify is None:
     logging.warning("%s has no answers: held-out accuracy is not measured", cfg.data.task)
   # Built-in tasks synthesise pairs on demand; JSONL rows carry their own chosen / rejected.
-  pairs = ev.uses_pair_data(cfg) and cfg.data.task in tasks.TASKS
+  pairs = ev.uses_pair_data(cfg) and not ev.is_jsonl_data(cfg)
   source = task.source("train", cfg.seed, pairs=True) if pairs else task.source("train", cfg.seed)
   data_iter = pipeline.make_iterator(source, tokenizer=tok, batch_size=d.batch_size, seed=cfg.seed,
                                      **lens)
@@ -267,7 +234,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
           f"{e}; {workdir} holds a run whose saved state does not fit this config: resume it with "
           f"its own config ({workdir / 'config.json'}) or use a new --workdir") from None
     data_iter.set_state(data_state)
-    _truncate_metrics(workdir / "metrics.jsonl", ckpt.restored_step)
+    metrics_lib.truncate_jsonl(workdir / "metrics.jsonl", ckpt.restored_step)
     logging.info("resumed from round %d", ckpt.restored_step)
     print(f"resumed from {workdir}/checkpoints at round {ckpt.restored_step}")
   config_json = config_lib.to_json(cfg)
@@ -284,7 +251,9 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   history: dict = {}
   bar = tqdm.tqdm(range(first, total_rounds), initial=first, total=total_rounds, desc="rounds",
                   disable=not cfg.progress_bar)
-  with ckpt, open(workdir / "metrics.jsonl", "a") as metrics_file, _StopOnSignal() as stop:
+  main_process = jax.process_index() == 0  # only process 0 writes logs, samples and plots
+  writer = metrics_lib.writers_from_config(cfg, workdir, process_index=jax.process_index())
+  with ckpt, writer, _StopOnSignal() as stop:
     for r in bar:
       _maybe_kill(cfg, r + 1, "round")
       warm = r < cfg.warmup.rounds
@@ -297,7 +266,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       state, metrics = (warm_fn if warm else main_fn)(state, batch)
       metrics = jax.device_get(metrics)
       samples = {k: metrics.pop(k) for k in list(metrics) if k.startswith("samples/")}
-      if samples:
+      if samples and main_process:
         _write_samples(workdir / "samples" / f"round_{r + 1:04d}.jsonl", tok, samples)
       # NaN (e.g. judge agreement in a round without a correct and a wrong sample) -> None.
       metrics = {k: float(v) if np.isfinite(v) else None for k, v in metrics.items()}
@@ -308,7 +277,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       metrics["eval/accuracy"] = None
       if (r + 1) % cfg.eval.every_rounds == 0 or r + 1 == total_rounds:
         metrics["eval/accuracy"] = eval_now(state.params)
-      _check_updates(cfg, metrics, workdir / "metrics.jsonl", metrics_file, ckpt)
+      _check_updates(cfg, metrics, workdir / "metrics.jsonl", writer, ckpt)
       every = cfg.checkpoint.every_rounds
       stopping = stop.requested(r + 1)
       save = lambda: ckpt.save(r + 1, state, data_state=data_iter.get_state(),
@@ -318,10 +287,8 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       if (every and ((r + 1) % every == 0 or r + 1 == total_rounds)) or stopping:
         saved = save()
         _maybe_kill(cfg, r + 1, "save")
-      with _writing(workdir / "metrics.jsonl"):
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-      if cfg.log_every_round:
+      writer.write(metrics)
+      if cfg.log_every_round and main_process:
         tqdm.tqdm.write(_summary_line(metrics))
       history.update({k: v for k, v in metrics.items() if v is not None})
       if stopping or stop.signal:  # a signal that came during the save stops here too

@@ -315,3 +315,18 @@ def test_fuzzed_values_are_valid_or_one_config_error_naming_a_key(pairs):
 @given(st.lists(st.tuples(_ANY_KEYS, _VALUES), min_size=1, max_size=2))
 def test_fuzzed_keys_are_known_or_one_config_error_naming_them(pairs):
   _accepted_or_one_named_error(pairs)
+
+
+def test_configuration_reference_is_current():
+  """docs/configuration.md is generated from configs/ (`python -m selfplay_jax.config_reference
+  docs/configuration.md`); every key of the default config is in it with its comment."""
+  from selfplay_jax import config_reference
+  text = config_reference.reference_markdown()
+  committed = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+  assert committed == text, "regenerate: python -m selfplay_jax.config_reference docs/configuration.md"
+  comments = config_reference.default_comments(DEFAULT)
+  for key in config_lib._flat_keys(load()):  # pylint: disable=protected-access
+    if not isinstance(config_lib._get(load(), key), config_dict.ConfigDict):  # pylint: disable=protected-access
+      assert f"| `{key}` |" in text, key
+      if not key.startswith("model."):
+        assert comments.get(key), f"configs/default.py: {key} has no comment"

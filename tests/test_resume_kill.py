@@ -13,6 +13,7 @@ import pytest
 
 from selfplay_jax import checkpoint, config_lib
 from selfplay_jax import evaluate as ev
+from tests.fault_fs import tmpfs
 
 OVERRIDES = ["warmup.rounds=2", "rounds=4", "eval.every_rounds=3", "eval.num_examples=8",
              "eval.batch_size=8", "data.batch_size=4", "sampling.n=2", "sampling.max_new_tokens=6",
@@ -79,3 +80,33 @@ def test_kill_then_resume_is_bit_identical(reference, tmp_path, kill_round, poin
   assert [m["round"] for m in lines] == list(range(1, 7))
   for m, r in zip(lines, ref_lines):
     assert m["train/loss"] == r["train/loss"] and m["eval/accuracy"] == r["eval/accuracy"]
+
+
+@pytest.mark.slow
+def test_full_disk_stops_with_a_clear_error_then_resumes_bit_identically(reference):
+  """On a 1.5 MiB filesystem the third checkpoint does not fit: the run stops with one error naming
+  the step and the last complete checkpoint, before writing anything. After the disk grows, the same
+  command resumes and ends where an uninterrupted run ends."""
+  (ref_state, ref_data, ref_step), _ = reference
+  with tmpfs("1536k") as mnt:
+    workdir = mnt / "run"
+    full = _train(workdir)
+    assert full.returncode == 2, full.stderr
+    assert "Traceback" not in full.stderr
+    error = full.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: writing checkpoint step ") and "no space left" in error, error
+    assert f"in {workdir}/checkpoints failed" in error
+    failed_step = int(error.split("checkpoint step ")[1].split()[0])
+    with checkpoint.Checkpointer(str(workdir)) as ckpt:
+      steps = ckpt.all_steps()
+    assert steps and steps[-1] == failed_step - 1 and f"last complete checkpoint is step {steps[-1]}" in error
+    assert _state(workdir)[2] == steps[-1]  # the newest complete step restores
+    subprocess.run(["mount", "-o", "remount,size=32m", str(mnt)], check=True)
+    resumed = _train(workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    state, data_state, step = _state(workdir)
+    assert step == ref_step == 6 and data_state == ref_data
+    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state)):
+      if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
