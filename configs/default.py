@@ -117,6 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   cfg.metrics = ml_collections.ConfigDict()
   cfg.metrics.plot_every_rounds = 1  # redraw plots/metrics.png every N rounds (and at the end); 0 = off
+  cfg.metrics.plot_min_interval_s = 10.0  # ... but at most once per this many seconds (0 = every time)
   cfg.metrics.tensorboard = False  # also write TensorBoard event files to <workdir>/tensorboard
   cfg.metrics.wandb = False  # also log to Weights & Biases (needs `pip install wandb`)
   cfg.metrics.wandb_project = "selfplay_jax"  # W&B project

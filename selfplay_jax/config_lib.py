@@ -394,6 +394,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("algorithm.spec", str, None, ""),
     ("algorithm.scorer", str, None, ""),
     ("metrics.plot_every_rounds", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("metrics.plot_min_interval_s", float, _non_negative, "must be >= 0"),
     ("metrics.tensorboard", bool, None, ""),
     ("metrics.wandb", bool, None, ""),
     ("metrics.wandb_project", str, bool, "must be non-empty"),

@@ -191,3 +191,18 @@ def test_report_command_writes_one_self_contained_page(run, tmp_path):
                            timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
   assert "config.json not found" in missing.stderr
+
+
+@pytest.mark.parametrize("every, interval, drawn", [(2, 0.0, [2, 4, 5]), (1, 3600.0, [1, 5]),
+                                                    (0, 0.0, [])])
+def test_plot_is_redrawn_every_n_rounds_but_not_more_often_than_the_interval(
+    tmp_path, every, interval, drawn):
+  plotter = metrics.Plotter(tmp_path / "p.png", every=every, min_interval_s=interval)
+  seen = []
+  plotter._render = lambda snapshot: seen.append(len(snapshot))  # pylint: disable=protected-access
+  for r in range(1, 6):
+    plotter.write({"round": r, "train/loss": 1.0 / r})
+    if plotter._future is not None:  # pylint: disable=protected-access
+      plotter._future.result()  # let each background render finish before the next round
+  plotter.close()
+  assert seen == drawn  # the last render (on close) always holds every round
