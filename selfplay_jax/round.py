@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from selfplay_jax import sampling
+from selfplay_jax import sampling, sharding
 from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.preference import concat_rows
 from selfplay_jax.algorithms.spec import LogProbs, Rows, Spec
@@ -100,7 +100,8 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
                    sampling_config: sampling.SamplingConfig, verifier: Verifier | None, *,
                    scorer: Scorer | None = None, num_epochs: int = 1, num_minibatches: int = 1,
                    state_shardings=None, batch_shardings=None, num_samples: int = 0,
-                   nan_rounds: tuple[int, int] | None = None, jit: bool = True):
+                   nan_rounds: tuple[int, int] | None = None, mesh=None, rules=None,
+                   jit: bool = True):
   """Returns `round_fn(state, batch) -> (state, metrics)`, jitted once with the state donated.
 
   `batch` holds the data pipeline's arrays: prompt_tokens/mask, response_tokens/mask (gold),
@@ -113,6 +114,11 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
   Spec options read here (with defaults): `sample_from` ("policy" | "reference": who samples and
   is scored), `reference_every` (a "previous" reference moves every N rounds), and for specs with
   a replay slot in the state, `pair_rows` / `annotate` (this round's pairs + the kept ones).
+
+  Sharded: `mesh` and `rules` (see `sharding.py`) make the model's logical activation constraints
+  real while the round is traced; `state_shardings` / `batch_shardings` (`sharding.state_shardings`,
+  `sharding.batch_shardings`) are the jit's in/out shardings. Without them the round is the
+  single-device program.
 
   `nan_rounds=(first, last)` (fault injection, `debug.nan_*`): every update of rounds `first..last`
   (1-based, `last=0`: no end) gets a NaN loss, to exercise the non-finite guard.
@@ -220,9 +226,20 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     return new_state, metrics
 
   if not jit:
+    if mesh is not None:
+      raise ValueError("build_round_fn(mesh=...) needs jit=True (the mesh is set around the jit)")
     return round_fn
   shardings = {}
   if state_shardings is not None:
     shardings = dict(in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, None))
-  return jax.jit(round_fn, donate_argnums=0, **shardings)
+  jitted = jax.jit(round_fn, donate_argnums=0, **shardings)
+  if mesh is None:
+    return jitted
+  rules = rules if rules is not None else sharding.DEFAULT_RULES
+
+  def sharded_round(state: TrainState, batch: Rows):
+    with sharding.activation_rules(mesh, rules):  # active while the first call traces
+      return jitted(state, batch)
+
+  return sharded_round

@@ -1,0 +1,169 @@
+"""Device meshes and shardings from config, MaxText style: parameters and activations carry logical
+axis names (`models/decoder.py`); rules map them to the mesh axes ("data", "fsdp", "tensor").
+
+  mesh = make_mesh(cfg.mesh)                            # -1 = fill the remaining devices
+  rules = logical_rules(cfg.mesh)                       # (logical name, mesh axes) pairs
+  check_model(mesh, model_config, batch_size)           # clear errors before anything compiles
+  state_sh = state_shardings(state, mesh, rules, model_config)
+  batch_sh = batch_shardings(batch, mesh)
+  with activation_rules(mesh, rules): ... trace the round ...
+
+The same config runs on 1 device or many: with one device every sharding is replicated and the
+program is the single-device one. A dimension a rule would split but the mesh axes do not divide
+(e.g. a 20-token vocabulary over 4 tensor shards) is kept whole (replicated) rather than padded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from selfplay_jax import models
+from selfplay_jax.models.config import ConfigError, ModelConfig
+
+__all__ = ["AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "logical_rules", "check_model",
+           "param_specs", "state_shardings", "batch_shardings", "activation_rules"]
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # rows of a batch are split over both: fsdp is data parallel too
+
+# Logical axis -> mesh axes. Parameters: embed dims over fsdp (ZeRO-3 style), heads / mlp / vocab
+# over tensor (Megatron style); activations: batch over data x fsdp, features over tensor.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+    ("kv_heads", "tensor"), ("head_dim", None), ("norm", None),
+    ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
+    ("activation_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
+)
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with at most one -1 filled in; ConfigError naming `mesh.*` otherwise."""
+  sizes = {axis: int(mesh_cfg[axis]) for axis in AXES}
+  fill = [axis for axis, n in sizes.items() if n == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"mesh.{fill[1]}: at most one mesh axis may be -1 (fill)")
+  for axis, n in sizes.items():
+    if n == 0 or n < -1:
+      raise ConfigError(f"mesh.{axis}: must be -1 (fill) or >= 1, got {n}")
+  fixed = math.prod(n for n in sizes.values() if n != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh.{fill[0]}: the other mesh axes ({fixed} devices) do not divide the "
+                        f"{num_devices} devices")
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(f"mesh.data: mesh {sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = "
+                      f"{fixed} devices, but {num_devices} are available")
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def logical_rules(mesh_cfg: Mapping[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
+  """The default rules, with `mesh.rules` (a sequence of "logical=axis1+axis2" / "logical=" for
+  replicated) overriding single entries when the config has it."""
+  rules = dict(DEFAULT_RULES)
+  for entry in (mesh_cfg or {}).get("rules", ()) or ():
+    name, sep, axes = str(entry).partition("=")
+    if not sep or name not in rules:
+      raise ConfigError(f"mesh.rules: {entry!r} must be '<logical axis>=<mesh axes joined by +>' "
+                        f"for one of {sorted(rules)}")
+    parts = tuple(a for a in axes.split("+") if a)
+    bad = [a for a in parts if a not in AXES]
+    if bad:
+      raise ConfigError(f"mesh.rules: {entry!r} names unknown mesh axes {bad}; use {AXES}")
+    rules[name] = parts if len(parts) > 1 else (parts[0] if parts else None)
+  return tuple(rules.items())
+
+
+def _axes_size(mesh: Mesh, axes: Any) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_model(mesh: Mesh, config: ModelConfig, batch_size: int | None = None) -> None:
+  """Errors a user can fix in the config, before anything compiles."""
+  tensor = mesh.shape["tensor"]
+  for field, n in (("num_heads", config.num_heads), ("num_kv_heads", config.num_kv_heads)):
+    if n % tensor:
+      raise ConfigError(f"mesh.tensor: {tensor} does not divide model.{field}={n}")
+  rows = _axes_size(mesh, BATCH_AXES)
+  if batch_size is not None and batch_size % rows:
+    raise ConfigError(f"data.batch_size: {batch_size} is not divisible by mesh.data x mesh.fsdp = "
+                      f"{rows} (each data-parallel shard gets whole prompts)")
+
+
+def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """`spec` with every split that does not divide its dimension dropped (kept whole)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  return PartitionSpec(*[a if a is None or dim % _axes_size(mesh, a) == 0 else None
+                         for a, dim in zip(entries, shape)])
+
+
+def param_specs(config: ModelConfig, params: Any, mesh: Mesh,
+                rules: Sequence[tuple[str, Any]]) -> Any:
+  """Mesh `PartitionSpec`s of the model parameters (same tree as `params`)."""
+  logical = models.logical_axes(config)
+  specs = nn.logical_to_mesh(logical, rules)
+  return jax.tree.map(lambda s, p: _fit(s, p.shape, mesh), specs, params,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
+                    config: ModelConfig) -> Any:
+  """NamedShardings for a TrainState: every params-shaped subtree (policy, reference, base, the
+  optimizer's moments) follows the parameter rules; everything else is replicated."""
+  specs = param_specs(config, state.params, mesh, rules)
+  param_structure = jax.tree.structure(state.params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def like_params(tree):
+    del tree
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+  def assign(tree):
+    if tree is None:
+      return None
+    if jax.tree.structure(tree) == param_structure:
+      return like_params(tree)
+    if isinstance(tree, dict):
+      return {k: assign(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple optimizer states
+      return type(tree)(*[assign(v) for v in tree])
+    if isinstance(tree, (list, tuple)):
+      return type(tree)(assign(v) for v in tree)
+    return jax.tree.map(lambda _: replicated, tree)
+
+  fields = {name: assign(getattr(state, name)) for name in state.__dataclass_fields__}
+  return state.replace(**fields)
+
+
+def batch_shardings(batch: Any, mesh: Mesh) -> Any:
+  """Rows (the leading axis) over data x fsdp; scalars replicated."""
+  def one(x):
+    ndim = np.ndim(x)
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES) if ndim else PartitionSpec())
+  return jax.tree.map(one, batch)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]]):
+  """Makes the model's `nn.with_logical_constraint`s real for jitted calls made inside (the mesh
+  is set outside `jax.jit`; the rules are read while the call traces)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
