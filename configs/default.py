@@ -80,6 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.clip_low = 0.2  # PPO-style ratio clip below 1
   cfg.algorithm.clip_high = 0.2  # ratio clip above 1 (DAPO clip-higher: 0.28)
   cfg.algorithm.restart_from_base = False  # rest_em: each round fine-tunes from the initial params
+  cfg.algorithm.max_per_prompt = 0  # rest_em: keep at most N correct samples per prompt; 0 = all
+  cfg.algorithm.overlong_buffer = 0  # PG: DAPO soft overlong penalty over the last N tokens; 0 = off
   cfg.algorithm.reward = ""  # verifier | judge | likelihood; "" = the algorithm's own
   cfg.algorithm.likelihood_normalize = "mean"  # self-likelihood reward: mean or sum token log-prob
   cfg.algorithm.iteration_rounds = 1  # spin / self_rewarding: rounds per iteration (reference moves)

@@ -424,6 +424,8 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("algorithm.advantage", str, lambda v: v in ("",) + ADVANTAGES,
      f"must be '' (the algorithm's own) or one of {ADVANTAGES}"),
     ("algorithm.clip_low", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("algorithm.max_per_prompt", int, _non_negative, "must be >= 0 (0 = keep all)"),
+    ("algorithm.overlong_buffer", int, _non_negative, "must be >= 0 (0 = off)"),
     ("algorithm.clip_high", float, _non_negative, "must be >= 0"),
     ("warmup.rounds", int, _non_negative, "must be >= 0"),
     ("warmup.num_minibatches", int, _positive, "must be >= 1"),
@@ -545,6 +547,10 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   if a.reward in ("judge", "likelihood") and a.name in ("sft", "dpo"):
     raise ConfigError(f"algorithm.reward: {a.name} does not sample, so nothing is scored; "
                       "leave algorithm.reward empty")
+  if a.overlong_buffer >= cfg.sampling.max_new_tokens:
+    raise ConfigError(f"algorithm.overlong_buffer: {a.overlong_buffer} must be below "
+                      f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} (the penalty ramps "
+                      "over the last overlong_buffer tokens before the cap)")
   if cfg.debug.nan_to_round and cfg.debug.nan_to_round < cfg.debug.nan_from_round:
     raise ConfigError(f"debug.nan_to_round: {cfg.debug.nan_to_round} is before "
                       f"debug.nan_from_round={cfg.debug.nan_from_round}")

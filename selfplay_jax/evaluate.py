@@ -97,6 +97,7 @@ def build_spec(cfg):
     return SFT()
   if a.name in ("rest_em", "sharpen_sft"):
     return RestEM(name=a.name, group_size=n, restart_from_base=a.restart_from_base,
+                  max_per_prompt=a.max_per_prompt,
                   select="best" if a.name == "sharpen_sft" else "threshold")
   if a.name in PG_DEFAULTS:
     loss_type, advantage = PG_DEFAULTS[a.name]
@@ -107,6 +108,7 @@ def build_spec(cfg):
                           advantage=a.advantage or advantage, clip_low=a.clip_low,
                           clip_high=a.clip_high, kl_coef=a.kl_coef, dynamic_filter=a.name == "dapo",
                           max_completion_len=cfg.sampling.max_new_tokens,
+                          overlong_buffer=a.overlong_buffer,
                           reference="frozen" if keep_ref else "none")
   if a.name in PREFERENCE_DEFAULTS:
     pairs, reference, sample_from = PREFERENCE_DEFAULTS[a.name]
