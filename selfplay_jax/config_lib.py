@@ -589,20 +589,36 @@ RUN_IDENTITY_KEYS = ("model.", "algorithm.name", "data.task", "data.difficulty")
 _RESUME_KNOBS = ("model.dtype", "model.remat", "model.preset")  # compute settings, not the model
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{dotted key: value} of a nested config dict (tuples as lists, as in the JSON config)."""
   if isinstance(tree, Mapping):
     out = {}
     for key, value in tree.items():
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten(value, f"{prefix}{key}."))
     return out
   return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
+
+
+def read_run_config(workdir: str | Path) -> dict[str, Any]:
+  """The config dict a run saved as `<workdir>/config.json`, with one error naming the file when it
+  is missing or unreadable."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: is {workdir} a selfplay-jax training workdir?")
+  try:
+    saved = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: not a readable run config ({e})") from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{path}: not a run config (a JSON {type(saved).__name__})")
+  return saved
 
 
 def resume_differences(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict
                        ) -> tuple[list[str], list[str]]:
   """(identity keys, other keys) whose values differ between a saved run config and `cfg`, each
   as `key: saved -> now`. Keys missing on one side (added since the run was made) are skipped."""
-  old, new = _flatten(saved), _flatten(json.loads(to_json(cfg)))
+  old, new = flatten(saved), flatten(json.loads(to_json(cfg)))
   identity, other = [], []
   for key in sorted(old.keys() & new.keys()):
     if old[key] != new[key]:

@@ -6,7 +6,6 @@ so that evaluation rebuilds exactly what training saved.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -320,15 +319,7 @@ def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int) -
 
 
 def load_run_config(workdir: Path) -> ml_collections.ConfigDict:
-  path = Path(workdir) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: is {workdir} a selfplay-jax training workdir?")
-  try:
-    saved = json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise config_lib.ConfigError(f"{path}: not a readable run config ({e})") from None
-  if not isinstance(saved, dict):
-    raise config_lib.ConfigError(f"{path}: not a run config (a JSON {type(saved).__name__})")
+  saved = config_lib.read_run_config(workdir)
   # Keys added to the config since the run was made take their defaults.
   cfg = config_lib.load_config(str(config_lib.default_config_path())).to_dict()
 

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from selfplay_jax import config_lib
 from selfplay_jax import metrics as metrics_lib
-from selfplay_jax.models.config import ConfigError
 
 __all__ = ["write_report", "TABLE_COLUMNS"]
 
@@ -113,13 +113,8 @@ def _samples(workdir: Path) -> str:
 def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
   """Writes the HTML report of the run in `workdir` (default `<workdir>/report.html`)."""
   workdir = Path(workdir)
-  config_path, metrics_path = workdir / "config.json", workdir / "metrics.jsonl"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{config_path} not found: is {workdir} a selfplay-jax training workdir?")
-  try:
-    config = json.loads(config_path.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{config_path}: not a readable run config ({e})") from None
+  metrics_path = workdir / "metrics.jsonl"
+  config = config_lib.read_run_config(workdir)
   history = metrics_lib.read_jsonl(metrics_path)
   if not history:
     raise FileNotFoundError(f"{metrics_path}: no rounds logged yet")

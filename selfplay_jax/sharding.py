@@ -127,20 +127,17 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
                     config: ModelConfig) -> Any:
   """NamedShardings for a TrainState: every params-shaped subtree (policy, reference, base, the
   optimizer's moments) follows the parameter rules; everything else is replicated."""
-  specs = param_specs(config, state.params, mesh, rules)
+  like_params = jax.tree.map(lambda s: NamedSharding(mesh, s),
+                             param_specs(config, state.params, mesh, rules),
+                             is_leaf=lambda x: isinstance(x, PartitionSpec))
   param_structure = jax.tree.structure(state.params)
   replicated = NamedSharding(mesh, PartitionSpec())
-
-  def like_params(tree):
-    del tree
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
   def assign(tree):
     if tree is None:
       return None
     if jax.tree.structure(tree) == param_structure:
-      return like_params(tree)
+      return like_params
     if isinstance(tree, dict):
       return {k: assign(v) for k, v in tree.items()}
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple optimizer states
