@@ -78,9 +78,13 @@ class ModelConfig:
   bos_token_id: int | None = 1
   eos_token_ids: tuple[int, ...] = (2,)
   pad_token_id: int | None = 0
-  dtype: str = "float32"  # compute dtype
-  param_dtype: str = "float32"  # storage dtype of parameters
-  remat: str = "none"  # rematerialisation of each layer in backward: none | full | dots
+  # Memory and compile knobs: how the model runs, not what it computes (equal up to float rounding).
+  # They apply on top of a Hugging Face config.json (`model.hf_path`); only param_dtype is written
+  # to one (as its "dtype"). remat "dots" keeps the weight matmuls' outputs, recomputes the rest.
+  dtype: str = "float32"  # compute dtype (activations, matmul inputs); bfloat16 halves activations
+  param_dtype: str = "float32"  # storage dtype of params, and so of their grads and Adam moments
+  remat: str = "none"  # recompute layers in backward: none | full (keep layer inputs) | dots (+ matmuls)
+  scan_layers: bool = False  # params stacked on a leading "layers" axis, run by nn.scan: compile once
 
   def __post_init__(self):
     # Normalise sequence fields so configs built from JSON (lists) stay hashable.
@@ -156,6 +160,8 @@ class ModelConfig:
         fail(key, f"{getattr(self, key)!r} is not one of {DTYPES}")
     if self.remat not in REMAT_POLICIES:
       fail("remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
+    if not isinstance(self.scan_layers, bool):
+      fail("scan_layers", f"must be true or false, got {self.scan_layers!r}")
     if self.layer_types:
       if len(self.layer_types) != self.num_layers:
         fail("layer_types", f"has {len(self.layer_types)} entries but num_layers={self.num_layers}")

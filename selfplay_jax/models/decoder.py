@@ -4,10 +4,16 @@ Pure functions on top of the module:
   forward(config, params, tokens, positions=None, segment_ids=None) -> float32 logits [B, T, V]
   init_cache(config, batch, max_len) -> KVCache
   decode(config, params, tokens, positions, cache, token_mask=None) -> (logits, KVCache)
+  stack_layers(params, config) / unstack_layers(params, config)  # layouts of `scan_layers`
 
 The KV cache is an explicit pytree passed in and out (no mutable collections), so the sampler
 stays a pure function. Every parameter carries logical axis names for sharding
 (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `norm`).
+
+Layers are `layers_0` ... `layers_{L-1}`, one Python-unrolled call each; with
+`config.scan_layers` they are one `layers` entry whose leaves have a leading layer axis (logical
+name `layers`), run by `nn.scan`, so the compiled program does not grow with depth. The per-layer
+differences (sliding or full attention, Gemma 3's local RoPE base) are then scanned inputs.
 """
 
 from __future__ import annotations
@@ -101,7 +107,9 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, cos_sin, mask_BxTxS, kv=None, write_index=None):
+  def __call__(self, x_BxTxD, cos_sin, mask_BxTxS, kv=None, write_index=None, layer_index=None):
+    """`kv`: this layer's cache (k, v) [B, K, S, H]; with `layer_index`, the stacked cache of all
+    layers [B, L, K, S, H], of which only this layer's slots are written and read."""
     c = self.config
     dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
     d, h, kvh, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -127,11 +135,18 @@ class Attention(nn.Module):
     k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
 
-    if kv is not None:  # decode: write the new keys/values into the cache, attend over all slots
+    if kv is not None and layer_index is None:  # decode: write new keys/values, attend over all slots
       k_cache, v_cache = kv
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=2)
       new_kv = (k, v)
+    elif kv is not None:  # the same on the stacked cache: write in place, then read this layer
+      zero = jnp.zeros((), jnp.int32)
+      start = (zero, jnp.asarray(layer_index, jnp.int32), zero, jnp.asarray(write_index, jnp.int32), zero)
+      new_kv = tuple(jax.lax.dynamic_update_slice(cache, new[:, None].astype(cache.dtype), start)
+                     for cache, new in zip(kv, (k, v)))
+      k, v = (jax.lax.dynamic_index_in_dim(cache, layer_index, axis=1, keepdims=False)
+              for cache in new_kv)
     else:
       new_kv = None
 
@@ -182,11 +197,11 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos_sin, mask, kv=None, write_index=None):
+  def __call__(self, x, cos_sin, mask, kv=None, write_index=None, layer_index=None):
     c = self.config
     norm = functools.partial(RMSNorm, c.norm_eps, c.norm_plus_one, c.dtype, c.param_dtype)
     h = norm(name="pre_attn_norm")(x)
-    h, new_kv = Attention(c, name="attn")(h, cos_sin, mask, kv, write_index)
+    h, new_kv = Attention(c, name="attn")(h, cos_sin, mask, kv, write_index, layer_index)
     if c.post_norms:
       h = norm(name="post_attn_norm")(h)
     x = x + h
@@ -225,16 +240,20 @@ class Decoder(nn.Module):
       rope["sliding"] = rope_cos_sin(c, positions_BxT, local=True)
 
     layer_cls = DecoderLayer
-    if c.remat != "none":
-      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[c.remat])
-    new_k, new_v = [], []
-    for i, layer_type in enumerate(c.resolved_layer_types):
-      kv = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
-      x, layer_kv = layer_cls(c, name=f"layers_{i}")(x, rope[layer_type], masks[layer_type], kv,
-                                                      write_index)
-      if layer_kv is not None:
-        new_k.append(layer_kv[0])
-        new_v.append(layer_kv[1])
+    if c.remat != "none":  # under scan the loop already stops XLA merging recompute away (no CSE guard)
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      x, new_cache = _scan_layers(layer_cls(c, name="layers"), x, rope, masks, kv_cache, write_index)
+    else:
+      new_k, new_v = [], []
+      for i, layer_type in enumerate(c.resolved_layer_types):
+        kv = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
+        x, layer_kv = layer_cls(c, name=f"layers_{i}")(x, rope[layer_type], masks[layer_type], kv,
+                                                        write_index)
+        if layer_kv is not None:
+          new_k.append(layer_kv[0])
+          new_v.append(layer_kv[1])
+      new_cache = (tuple(new_k), tuple(new_v)) if kv_cache is not None else None
 
     x = RMSNorm(c.norm_eps, c.norm_plus_one, c.dtype, c.param_dtype, name="final_norm")(x)
     if c.tie_embeddings:
@@ -245,8 +264,37 @@ class Decoder(nn.Module):
     if c.final_logit_softcap:
       logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
-    new_cache = (tuple(new_k), tuple(new_v)) if kv_cache is not None else None
     return logits, new_cache
+
+
+def _scan_layers(layer: nn.Module, x, rope: dict, masks: dict, kv_cache, write_index):
+  """Runs `layer` (unbound, named "layers") once per layer under `nn.scan`: params get a leading
+  layer axis; the stacked KV cache [B, L, K, S, H] rides in the carry and is updated in place.
+
+  Which mask and RoPE table a layer uses is data (a scanned `sliding` flag selecting between
+  precomputed ones), so one traced body serves every layer type."""
+  c = layer.config
+  types = c.resolved_layer_types
+  mixed = len(set(types)) > 1
+  per_layer = {"index": jnp.arange(c.num_layers, dtype=jnp.int32)}
+  if mixed:
+    per_layer["sliding"] = jnp.asarray([t == "sliding" for t in types])
+
+  def body(layer, carry, xs, rope, masks, write_index):
+    h, kv = carry
+    cos_sin, mask = rope[types[0]], masks[types[0]]
+    if mixed:  # a select, not a branch: one program for every layer
+      mask = jnp.where(xs["sliding"], masks["sliding"], masks["full"])
+      if c.local_rope_theta is not None:  # else the two RoPE tables are equal
+        cos_sin = tuple(jnp.where(xs["sliding"], s, f) for s, f in zip(rope["sliding"], rope["full"]))
+    h, kv = layer(h, cos_sin, mask, kv, write_index, xs["index"] if kv is not None else None)
+    return (h, kv), None
+
+  scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+  (x, new_cache), _ = scan(layer, (x, kv_cache), per_layer, rope, masks, write_index)
+  return x, new_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,11 +363,13 @@ def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=Non
 
 @flax.struct.dataclass
 class KVCache:
-  """Explicit decode cache. k, v: per-layer tuples of [B, kv_heads, S, head_dim];
-  pos: [B, S] position held by each slot (-1 = empty or padding); index: next slot to write."""
+  """Explicit decode cache. k, v: per-layer tuples of [B, kv_heads, S, head_dim], or with
+  `scan_layers` one stacked array [B, L, kv_heads, S, head_dim] each (batch first, like every
+  other leaf); pos: [B, S] position held by each slot (-1 = empty or padding); index: next slot
+  to write."""
 
-  k: tuple
-  v: tuple
+  k: tuple | jax.Array
+  v: tuple | jax.Array
   pos: jax.Array
   index: jax.Array
 
@@ -331,9 +381,14 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
   dtype = jnp.dtype(dtype or config.dtype)
   shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                 pos=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
+  if config.scan_layers:
+    shape = (batch, config.num_layers) + shape[1:]
+    k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+  else:
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return KVCache(k=k, v=v, pos=jnp.full((batch, max_len), -1, jnp.int32),
+                 index=jnp.zeros((), jnp.int32))
 
 
 def decode(config: ModelConfig, params, tokens, positions, cache: KVCache, token_mask=None):
@@ -355,3 +410,46 @@ def decode(config: ModelConfig, params, tokens, positions, cache: KVCache, token
                                          (cache.k, cache.v), cache.index)
   new_cache = KVCache(k=k, v=v, pos=k_pos, index=cache.index + tokens.shape[1])
   return logits, new_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter layouts
+
+
+def _layer_names(config: ModelConfig) -> list[str]:
+  return [f"layers_{i}" for i in range(config.num_layers)]
+
+
+def stack_layers(params: dict, config: ModelConfig) -> dict:
+  """Unrolled params (`layers_0` ... `layers_{L-1}`) -> the `scan_layers` layout (`layers`, each
+  leaf stacked on a new leading axis). Other entries are shared, not copied. NumPy leaves stay
+  NumPy (host-side checkpoint conversion); anything else is stacked with `jnp.stack`."""
+  names = _layer_names(config)
+  found = sorted(k for k in params if k.startswith("layers"))
+  if found != sorted(names):
+    raise ValueError(f"stack_layers: expected unrolled layers {names[0]} ... {names[-1]} "
+                     f"(num_layers={config.num_layers}), found {found}")
+
+  def stack(*leaves):
+    if all(isinstance(x, np.ndarray) for x in leaves):
+      return np.stack(leaves)
+    return jnp.stack(leaves)
+
+  out = {k: v for k, v in params.items() if k not in names}
+  out["layers"] = jax.tree.map(stack, *[params[n] for n in names])
+  return out
+
+
+def unstack_layers(params: dict, config: ModelConfig) -> dict:
+  """Inverse of `stack_layers`: the `layers` entry split back into `layers_0` ... `layers_{L-1}`."""
+  if "layers" not in params or any(k.startswith("layers_") for k in params):
+    raise ValueError(f"unstack_layers: expected one stacked 'layers' entry, found "
+                     f"{sorted(k for k in params if k.startswith('layers'))}")
+  for path, x in jax.tree_util.tree_leaves_with_path(params["layers"]):
+    if np.shape(x)[:1] != (config.num_layers,):
+      raise ValueError(f"unstack_layers: layers{jax.tree_util.keystr(path)} has shape "
+                       f"{np.shape(x)}; expected a leading axis of num_layers={config.num_layers}")
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i, name in enumerate(_layer_names(config)):
+    out[name] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  return out

@@ -1,11 +1,13 @@
 """Hugging Face interop: `config.json` + `*.safetensors` in, the same out.
 
   load_config(path) -> ModelConfig
-  load_pretrained(path, dtype=...) -> (ModelConfig, params)
+  load_pretrained(path, dtype=..., scan_layers=False) -> (ModelConfig, params)
   save_pretrained(config, params, path)   # loadable by transformers.AutoModelForCausalLM
 
 One table (`_tensor_specs`) maps every HF tensor to our parameter path and layout, and drives
 both directions. Only safetensors are read: pickle-based `*.bin` checkpoints are refused.
+With `config.scan_layers` a layer tensor lives at index i of the stacked `layers` leaf instead of
+in `layers_i` (filled in place on load, sliced out on save; no unrolled copy is made).
 """
 
 from __future__ import annotations
@@ -255,6 +257,13 @@ class _TensorSpec:
   shape: tuple[int, ...]  # our shape
   in_dims: int = 0  # >0: HF linear weight [out, in]; ours = W.T reshaped, first in_dims axes = input
   flat: bool = True  # in_dims == 0: HF stores it flattened (biases, norms); False: same layout
+  layer: int | None = None  # decoder layer of the tensor (path starts with f"layers_{layer}")
+
+  def location(self, config: ModelConfig) -> tuple[tuple[str, ...], int | None]:
+    """(path in the params tree, index along the stacked layer axis or None) under `config`."""
+    if config.scan_layers and self.layer is not None:
+      return ("layers",) + self.path[1:], self.layer
+    return self.path, None
 
 
 def _tensor_specs(c: ModelConfig) -> list[_TensorSpec]:
@@ -272,6 +281,7 @@ def _tensor_specs(c: ModelConfig) -> list[_TensorSpec]:
     norms["post_attention_layernorm"] = "pre_mlp_norm"
   for i in range(c.num_layers):
     pre, ours = f"model.layers.{i}.", f"layers_{i}"
+    first = len(specs)
     for hf_norm, our_norm in norms.items():
       specs.append(_TensorSpec(f"{pre}{hf_norm}.weight", (ours, our_norm, "scale"), (d,)))
     for name, heads in (("q", h), ("k", kv), ("v", kv)):
@@ -292,6 +302,7 @@ def _tensor_specs(c: ModelConfig) -> list[_TensorSpec]:
                                in_dims=1))
       if c.mlp_bias:
         specs.append(_TensorSpec(f"{pre}mlp.{name}_proj.bias", (ours, "mlp", f"{name}_bias"), shape[1:]))
+    specs[first:] = [dataclasses.replace(spec, layer=i) for spec in specs[first:]]
   return specs
 
 
@@ -355,17 +366,19 @@ def _read_tensors(files: list[Path], wanted: set[str]) -> dict[str, np.ndarray]:
   return tensors
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32"
-                    ) -> tuple[ModelConfig, dict]:
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype: str = "float32",
+                    scan_layers: bool = False) -> tuple[ModelConfig, dict]:
   """Loads a Hugging Face causal-LM directory. Returns (ModelConfig, params as numpy arrays).
 
-  `dtype` is the compute dtype, `param_dtype` the storage dtype of the returned parameters.
+  `dtype` is the compute dtype, `param_dtype` the storage dtype of the returned parameters;
+  `scan_layers` returns the stacked layout (see `ModelConfig.scan_layers`).
   Missing, mis-shaped or non-float tensors raise `CheckpointFormatError` naming the tensor.
   """
   path = Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"model directory {path} does not exist")
-  config = load_config(path).replace(dtype=dtype, param_dtype=param_dtype).validate()
+  config = load_config(path).replace(dtype=dtype, param_dtype=param_dtype,
+                                     scan_layers=scan_layers).validate()
   specs = _tensor_specs(config)
   tensors = _read_tensors(_safetensors_files(path), {s.hf_name for s in specs})
   params: dict = {}
@@ -379,10 +392,16 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype
                                   f"config.json implies {_hf_shape(spec)}")
     if str(w.dtype) not in _FLOAT_DTYPES:
       raise CheckpointFormatError(f"{path}: tensor {spec.hf_name!r} has dtype {w.dtype}, expected a float")
+    ours, layer = spec.location(config)
     node = params
-    for key in spec.path[:-1]:
+    for key in ours[:-1]:
       node = node.setdefault(key, {})
-    node[spec.path[-1]] = _to_ours(spec, w).astype(np_dtype)
+    if layer is None:
+      node[ours[-1]] = _to_ours(spec, w).astype(np_dtype)
+    else:
+      if ours[-1] not in node:
+        node[ours[-1]] = np.empty((config.num_layers,) + spec.shape, np_dtype)
+      node[ours[-1]][layer] = _to_ours(spec, w)
   return config, params
 
 
@@ -397,14 +416,16 @@ def save_pretrained(config: ModelConfig, params, path: str | os.PathLike, dtype:
   hf = config_to_hf_dict(config)
   tensors = {}
   for spec in _tensor_specs(config):
+    ours, layer = spec.location(config)
     node = params
-    for key in spec.path:
+    for key in ours:
       if key not in node:
-        raise CheckpointFormatError(f"params are missing {'/'.join(spec.path)} (needed for {spec.hf_name})")
+        raise CheckpointFormatError(f"params are missing {'/'.join(ours)} (needed for {spec.hf_name})")
       node = node[key]
-    w = np.asarray(node)
-    if w.shape != spec.shape:
-      raise CheckpointFormatError(f"param {'/'.join(spec.path)} has shape {w.shape}, config implies {spec.shape}")
+    want = spec.shape if layer is None else (config.num_layers,) + spec.shape
+    if np.shape(node) != want:
+      raise CheckpointFormatError(f"param {'/'.join(ours)} has shape {np.shape(node)}, config implies {want}")
+    w = np.asarray(node if layer is None else node[layer])
     tensors[spec.hf_name] = _to_hf(spec, w.astype(_dtype_of(dtype)) if dtype else w)
   if dtype:
     hf["dtype"] = dtype
