@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.model.tokenizer_path = ""  # tokenizer.model / tokenizer.json; "" = the task's own tokens
   # `model.preset` (a name in models.config.PRESETS) plus every ModelConfig field set to that
   # preset's value, generated from the dataclass so the two never drift. Field meanings: see
-  # selfplay_jax/models/config.py. With hf_path set only dtype, param_dtype and remat apply.
+  # selfplay_jax/models/config.py. With hf_path set only dtype, param_dtype, remat and scan_layers apply.
   config_lib.set_preset(cfg.model, arg.model)
 
   cfg.sampling = ml_collections.ConfigDict()
@@ -140,4 +140,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.mesh.data = -1  # data-parallel axis size; -1 = fill the remaining devices
   cfg.mesh.fsdp = 1  # parameter/optimizer-sharding axis size
   cfg.mesh.tensor = 1  # tensor-parallel axis size
+  cfg.mesh.rules = ()  # overrides of sharding.DEFAULT_RULES, e.g. ("mlp=fsdp+tensor", "embed=")
   return cfg

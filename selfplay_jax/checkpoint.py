@@ -214,7 +214,8 @@ def check_matches(tree_metadata: PyTree, abstract_state: PyTree, *, where: str =
 
 
 def _concrete_shardings(abstract_state: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
-  """Replaces NamedShardings over an AbstractMesh (as `jax.eval_shape` gives) by concrete ones."""
+  """Replaces NamedShardings over an AbstractMesh (as `jax.eval_shape` gives) by concrete ones, and
+  no sharding by this process's first device."""
   meshes: dict[Any, jax.sharding.Mesh] = {}
 
   def concrete_mesh(am: jax.sharding.AbstractMesh) -> jax.sharding.Mesh:
@@ -228,6 +229,10 @@ def _concrete_shardings(abstract_state: PyTree, mesh: jax.sharding.Mesh | None) 
 
   def fix(leaf: Any) -> Any:
     sharding = getattr(leaf, "sharding", None)
+    if isinstance(leaf, jax.ShapeDtypeStruct) and sharding is None:
+      # No sharding asked for (eval, export): this process's first device, whatever mesh wrote it.
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=leaf.weak_type,
+                                  sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     if (isinstance(leaf, jax.ShapeDtypeStruct) and isinstance(sharding, NamedSharding)
         and isinstance(sharding.mesh, jax.sharding.AbstractMesh)):
       return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, weak_type=leaf.weak_type,
@@ -410,7 +415,8 @@ class Checkpointer:
 
     `abstract_state`: `jax.ShapeDtypeStruct`s (with the shardings wanted) or concrete arrays.
     Shardings over an AbstractMesh (from `jax.eval_shape`) are made concrete on `mesh`, or on
-    `jax.make_mesh` of the same axes. With `step=None`, the newest readable step is used and
+    `jax.make_mesh` of the same axes; leaves without a sharding go to the first local device. A
+    checkpoint written on any mesh restores onto any other. With `step=None`, the newest readable step is used and
     unreadable newer ones are logged and skipped; the step used is `self.restored_step`.
     """
     self.wait()

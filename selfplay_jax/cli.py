@@ -36,7 +36,7 @@ COMMANDS = {
     "report": "write a self-contained HTML report of a run (summary, plots, rounds, samples)",
     "plan": "print parameter count, memory and sharding for a config without allocating",
 }
-_AVAILABLE = ("train", "generate", "eval", "export", "report")
+_AVAILABLE = ("train", "generate", "eval", "export", "report", "plan")
 # Bad input (config, files, checkpoints, workdir) -> one `error:` line, never a traceback.
 _INPUT_ERRORS = (ConfigError, OSError, CheckpointError, CheckpointFormatError, TokenizerError)
 _FLAGS = flags.FLAGS
@@ -113,11 +113,24 @@ def _train(cfg, workdir: str | None) -> int:
   return 0
 
 
+def _define_distributed_flags() -> None:
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                    "jax.distributed.initialize(): auto = when --coordinator_address is given or "
+                    "a multi-process SLURM step / TPU slice is detected")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator")
+  flags.DEFINE_integer("num_processes", None, "number of JAX processes")
+  flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
+
+
 def _main(argv: list[str], command: str, overrides: list[str], config: flags.FlagHolder) -> int:
+  from selfplay_jax import train  # pylint: disable=import-outside-toplevel
+
   _no_positional_args(argv)
   try:
     cfg = config_lib.apply_overrides(config.value, overrides)
     config_lib.validate(cfg)
+    train.initialize_distributed(_FLAGS.distributed, _FLAGS.coordinator_address,
+                                 _FLAGS.num_processes, _FLAGS.process_id)
   except (ConfigError, OSError) as e:
     _fail(e)
   return _train(cfg, _FLAGS.workdir)
@@ -230,6 +243,32 @@ def _report(argv: list[str]) -> int:
   return 0
 
 
+def _define_plan_flags() -> None:
+  flags.DEFINE_integer("devices", None, "devices to plan for (default: the config's "
+                       "hardware.num_devices, else this host's)")
+  flags.DEFINE_float("device_memory_gib", None, "memory per device in GiB (default: the config's "
+                     "hardware.device_memory_gib)")
+  flags.DEFINE_bool("json", False, "print the plan as JSON")
+
+
+def _plan(argv: list[str], overrides: list[str], config: flags.FlagHolder) -> int:
+  from selfplay_jax import plan  # pylint: disable=import-outside-toplevel
+
+  _no_positional_args(argv)
+  if not _FLAGS["verbosity"].present:  # no INFO lines (e.g. absent TPU backends) around the table
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  for name in ("devices", "device_memory_gib"):
+    if _FLAGS[name].value is not None and _FLAGS[name].value <= 0:
+      _fail(f"--{name}: must be > 0, got {_FLAGS[name].value}")
+  try:
+    cfg = config_lib.apply_overrides(config.value, overrides)
+    result = plan.plan(cfg, num_devices=_FLAGS.devices, device_memory_gib=_FLAGS.device_memory_gib)
+  except _INPUT_ERRORS as e:
+    _fail(e)
+  print(plan.to_json(result) if _FLAGS.json else plan.format_plan(result))
+  return 0
+
+
 def run(argv: Sequence[str] | None = None) -> None:
   """Console-script entry: `selfplay-jax <command> [flags]`."""
   argv = list(sys.argv if argv is None else argv)
@@ -255,11 +294,21 @@ def run(argv: Sequence[str] | None = None) -> None:
   if command == "report":
     _define_report_flags()
     app.run(_report, argv=argv, flags_parser=_parse_flags)
+  if command == "plan":
+    _define_plan_flags()
+    try:
+      absl_argv, overrides = config_lib.split_argv(argv)
+    except ConfigError as e:
+      _fail(e)
+    config = _define_flags(absl_argv)
+    app.run(functools.partial(_plan, overrides=overrides, config=config), argv=absl_argv,
+            flags_parser=_parse_flags)
   try:
     absl_argv, overrides = config_lib.split_argv(argv)
   except ConfigError as e:
     _fail(e)
   config = _define_flags(absl_argv)
+  _define_distributed_flags()
   main = functools.partial(_main, command=command, overrides=overrides, config=config)
   app.run(main, argv=absl_argv, flags_parser=_parse_flags)
 

@@ -39,7 +39,7 @@ __all__ = ["ConfigError", "apply_overrides", "default_config_path", "load_config
 _NONE_WORDS = ("none", "null")
 _TRUE_WORDS = ("true", "1", "yes", "on")
 _FALSE_WORDS = ("false", "0", "no", "off")
-_HF_OVERRIDABLE = ("dtype", "param_dtype", "remat")  # applied on top of an HF checkpoint's config
+_HF_OVERRIDABLE = ("dtype", "param_dtype", "remat", "scan_layers")  # applied on top of an HF checkpoint's config
 
 # ----------------------------------------------------------------------------------------------
 # Config files
@@ -189,7 +189,7 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   """Builds the validated `ModelConfig` of `cfg.model`.
 
   With `model.hf_path` set, the architecture comes from that Hugging Face directory's config.json
-  and only `dtype`, `param_dtype` and `remat` apply on top.
+  and only `dtype`, `param_dtype`, `remat` and `scan_layers` apply on top.
   """
   if model.get("hf_path"):
     try:
@@ -513,6 +513,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{key}: {path!r} does not exist")
   if sum(_get(cfg, f"mesh.{axis}") == -1 for axis in ("data", "fsdp", "tensor")) > 1:
     raise ConfigError("mesh.data: at most one mesh axis may be -1 (fill)")
+  rules = cfg.mesh.get("rules", ())
+  if isinstance(rules, str) or not isinstance(rules, (tuple, list)):
+    raise ConfigError(f"mesh.rules: must be a tuple of 'logical=axes' strings, got {rules!r}")
+  from selfplay_jax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.logical_rules(cfg.mesh)  # an unknown logical or mesh axis fails here, naming the key
   model = model_config(cfg.model)
   _validate_combinations(cfg, model)
 

@@ -10,6 +10,7 @@ checks that the committed page equals what this prints, so the reference cannot 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import io
 import json
 import sys
@@ -17,6 +18,7 @@ import tokenize
 from pathlib import Path
 
 from selfplay_jax import config_lib
+from selfplay_jax.models.config import get_preset
 
 __all__ = ["default_comments", "reference_markdown"]
 
@@ -53,11 +55,11 @@ def _value(v) -> str:
 
 
 def _model_field_docs() -> str:
-  return ("Architecture fields (`model.family` … `model.remat`) mirror `selfplay_jax.models."
+  return ("Architecture fields (`model.family` … `model.scan_layers`) mirror `selfplay_jax.models."
           "ModelConfig`; `model.preset` (or `:model=<name>` after the config path) resets them all "
           "to a preset in `selfplay_jax.models.config.PRESETS` before other overrides apply. With "
           "`model.hf_path` set they come from its `config.json` and only `model.dtype`, "
-          "`model.param_dtype` and `model.remat` apply.")
+          "`model.param_dtype`, `model.remat` and `model.scan_layers` apply.")
 
 
 def reference_markdown(configs_dir: str | Path | None = None) -> str:
@@ -91,9 +93,14 @@ def reference_markdown(configs_dir: str | Path | None = None) -> str:
       continue
     recipe = config_lib.flatten(config_lib.load_config(str(path)).to_dict())
     changed = [k for k in recipe if recipe.get(k) != default.get(k)]
+    if recipe.get("model.preset") != default.get("model.preset"):  # its fields follow the preset
+      preset = config_lib.flatten({"model": dataclasses.asdict(get_preset(recipe["model.preset"]))})
+      changed = [k for k in changed if k not in preset or recipe[k] != preset[k]]
     doc = (ast.get_docstring(ast.parse(path.read_text())) or "").strip().splitlines()
     lines += [f"### `configs/{path.name}`", "", doc[0] if doc else "", ""]
-    lines += [", ".join(f"`{k}={json.dumps(recipe[k])}`" for k in changed) or "(no changes)", ""]
+    lines += [", ".join(f"`{k}={json.dumps(recipe[k])}`" + (" (and its architecture fields)"
+                                                            if k == "model.preset" else "")
+                        for k in changed) or "(no changes)", ""]
   return "\n".join(lines).rstrip() + "\n"
 
 

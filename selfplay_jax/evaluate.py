@@ -6,6 +6,8 @@ so that evaluation rebuilds exactly what training saved.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from selfplay_jax import checkpoint, config_lib, models, sampling, scoring, tokenizers
+from selfplay_jax import checkpoint, config_lib, models, sampling, scoring, sharding, tokenizers
 from selfplay_jax import round as rnd
 from selfplay_jax.algorithms import ALGORITHMS
 from selfplay_jax.algorithms.spec import REFERENCES
@@ -258,25 +260,34 @@ def example_batch(cfg) -> dict[str, np.ndarray]:
   return out
 
 
-def initial_state(cfg, mc: models.ModelConfig, spec, optimizer, *, pretrained: bool = True
-                  ) -> rnd.TrainState:
+def initial_state(cfg, mc: models.ModelConfig, spec, optimizer, *, pretrained: bool = True,
+                  shardings: Any = None) -> rnd.TrainState:
   """The state a run starts from: the `model.hf_path` checkpoint's weights (when set and
-  `pretrained`), else parameters initialised from `cfg.seed`."""
+  `pretrained`), else parameters initialised from `cfg.seed`.
+
+  With `shardings` (a TrainState of NamedShardings) the state is made directly in place: random
+  init runs as one jitted program with those output shardings, and checkpoint tensors go from the
+  host straight to their shards, so no device ever holds the whole model.
+  """
   init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
   replay = None
   if getattr(spec, "replay", False):
     sc = sampling.SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, n=cfg.sampling.n)
     replay = rnd.empty_replay(spec, example_batch(cfg), sc)
+  build = lambda params: rnd.init_state(params, optimizer, spec, state_rng, replay)
   if cfg.model.hf_path and pretrained:
     loaded, params = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
-                                        param_dtype=mc.param_dtype)
+                                        param_dtype=mc.param_dtype, scan_layers=mc.scan_layers)
     if loaded.replace(remat=mc.remat) != mc:
       raise models.ConfigError(f"model.hf_path: {cfg.model.hf_path} config.json does not match the "
                                "run's model config")
-    params = jax.tree.map(jnp.asarray, params)
-  else:
-    params = models.init_params(mc, init_rng)
-  return rnd.init_state(params, optimizer, spec, state_rng, replay)
+    if shardings is None:
+      return build(jax.tree.map(jnp.asarray, params))
+    params = sharding.put(params, shardings.params)
+    return jax.jit(build, out_shardings=shardings)(params)
+  if shardings is None:
+    return build(models.init_params(mc, init_rng))
+  return jax.jit(lambda: build(models.init_params(mc, init_rng)), out_shardings=shardings)()
 
 
 def abstract_state(cfg, mc: models.ModelConfig, spec, optimizer) -> rnd.TrainState:
@@ -284,35 +295,48 @@ def abstract_state(cfg, mc: models.ModelConfig, spec, optimizer) -> rnd.TrainSta
   return jax.eval_shape(lambda: initial_state(cfg, mc, spec, optimizer, pretrained=False))
 
 
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """`abstract_state` leaves carrying `shardings` (Orbax restores each array into its shards)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 # ---- metrics -------------------------------------------------------------------------------------
 
-_JITTED: dict[Any, Any] = {}
+@functools.partial(jax.jit, static_argnums=(0, 3, 5))
+def _solved(mc, params, batch, verify, rng, sc: sampling.SamplingConfig):
+  """(examples with at least one verified sample, valid examples) of one batch, as global sums."""
+  out = sampling.sample(mc, params, batch["prompt_tokens"], batch["prompt_mask"], rng, sc)
+  rep = lambda x: jnp.repeat(x, sc.n, axis=0)
+  r = verify(out.tokens, out.mask, rep(batch["answer_tokens"]), rep(batch["answer_mask"]))
+  any_ok = (r.reshape(-1, sc.n) >= 1.0).any(axis=1)
+  valid = batch["valid"].astype(jnp.float32)
+  return jnp.sum(any_ok * valid), jnp.sum(valid)
 
 
-def _jit(fn):
-  if fn not in _JITTED:
-    _JITTED[fn] = jax.jit(fn)
-  return _JITTED[fn]
-
-
-def pass_rates(mc, params, batches, verify, sc: sampling.SamplingConfig, seed: int = 0) -> float:
+def pass_rates(mc, params, batches, verify, sc: sampling.SamplingConfig, seed: int = 0,
+               mesh: jax.sharding.Mesh | None = None, rules=None) -> float:
   """Fraction of examples with at least one of `sc.n` samples verified correct (pass@n); with
-  `temperature=0, n=1` this is greedy accuracy. Each example counts once (`valid` masks padding)."""
+  `temperature=0, n=1` this is greedy accuracy. Each example counts once (`valid` masks padding).
+
+  With a `mesh`, `batches` hold this process's rows (`pipeline.eval_batches` shards them) and
+  are sampled sharded over the mesh's batch axes; the counts are summed over all processes."""
   solved = total = 0.0
-  for i, b in enumerate(batches):
-    out = sampling.sample(mc, params, b["prompt_tokens"], b["prompt_mask"],
-                          jax.random.fold_in(jax.random.key(seed), i), sc)
-    rep = lambda x: np.repeat(x, sc.n, axis=0)
-    r = np.asarray(_jit(verify)(out.tokens, out.mask, rep(b["answer_tokens"]), rep(b["answer_mask"])))
-    any_ok = (r.reshape(-1, sc.n) >= 1.0).any(axis=1)
-    solved += float((any_ok * b["valid"]).sum())
-    total += float(b["valid"].sum())
+  context = (sharding.activation_rules(mesh, rules or sharding.DEFAULT_RULES) if mesh is not None
+             else contextlib.nullcontext())
+  with context:
+    for i, b in enumerate(batches):
+      b = sharding.global_batch(b, mesh) if mesh is not None else b
+      s, t = _solved(mc, params, b, verify, jax.random.fold_in(jax.random.key(seed), i), sc)
+      solved += float(s)
+      total += float(t)
   return solved / max(total, 1.0)
 
 
-def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int) -> float:
+def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int,
+                    mesh: jax.sharding.Mesh | None = None, rules=None) -> float:
   sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=tuple(eos_ids))
-  return pass_rates(mc, params, batches, verify, sc)
+  return pass_rates(mc, params, batches, verify, sc, mesh=mesh, rules=rules)
 
 
 # ---- `selfplay-jax eval` -------------------------------------------------------------------------

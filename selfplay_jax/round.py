@@ -168,8 +168,12 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
         if rewards is not None:
           metrics["samples/rewards"] = rewards[:k]
 
-    logp = LogProbs(old=lambda rows: jax.lax.stop_gradient(logp_fn(state.params, rows)),
-                    ref=lambda rows: jax.lax.stop_gradient(logp_fn(state.ref_params, rows)))
+    # The frozen passes run over all of the round's rows: in num_minibatches chunks, so that their
+    # logits take no more memory than one training step's.
+    frozen = lambda params, rows: jax.lax.stop_gradient(
+        completion_logprobs(model_config, params, rows, num_chunks=num_minibatches))
+    logp = LogProbs(old=lambda rows: frozen(state.params, rows),
+                    ref=lambda rows: frozen(state.ref_params, rows))
     moves = (state.round + 1) % reference_every == 0  # does a "previous" reference move now?
     replay = state.replay  # kept as is by specs without a replay (e.g. the warm-up's SFT)
     if replay is not None and getattr(spec, "replay", False):
@@ -231,8 +235,11 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     return round_fn
   shardings = {}
   if state_shardings is not None:
+    # Batch shardings None: taken from the (global, sharded) batch arrays passed in. Metrics
+    # (including the sample dumps) come back replicated, so every process can read them.
+    metrics_sharding = sharding.replicated(mesh) if mesh is not None else None
     shardings = dict(in_shardings=(state_shardings, batch_shardings),
-                     out_shardings=(state_shardings, None))
+                     out_shardings=(state_shardings, metrics_sharding))
   jitted = jax.jit(round_fn, donate_argnums=0, **shardings)
   if mesh is None:
     return jitted

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,18 @@ class _LoopState:
   rng: jax.Array
 
 
+_CACHE_AXES = {4: ("activation_batch", "activation_kv_heads", "activation_length", None),
+               5: ("activation_batch", None, "activation_kv_heads", "activation_length", None)}
+
+
+def _shard_cache(cache: decoder.KVCache) -> decoder.KVCache:
+  """KV cache rows over the batch mesh axes and kv heads over tensor (a no-op without a mesh):
+  the cache is the sampler's largest buffer, and each device keeps only its own slice."""
+  constrain = lambda x: nn.with_logical_constraint(x, _CACHE_AXES[x.ndim])
+  return cache.replace(k=jax.tree.map(constrain, cache.k), v=jax.tree.map(constrain, cache.v),
+                       pos=nn.with_logical_constraint(cache.pos, ("activation_batch", None)))
+
+
 def _repeat_rows(x: jax.Array, n: int) -> jax.Array:
   return x if n == 1 else jnp.repeat(x, n, axis=0)
 
@@ -128,11 +141,11 @@ def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, samplin
 
   # Prefill each prompt once, then copy its cache for the n samples.
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-  cache = decoder.init_cache(config, batch, prompt_len + steps)
+  cache = _shard_cache(decoder.init_cache(config, batch, prompt_len + steps))
   logits, cache = decoder.decode(config, params, prompt_tokens, positions, cache, prompt_mask)
   last = jnp.argmax(jnp.where(prompt_mask, jnp.arange(prompt_len), -1), axis=1)
   next_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-  cache = jax.tree.map(lambda x: _repeat_rows(x, sc.n) if x.ndim else x, cache)
+  cache = _shard_cache(jax.tree.map(lambda x: _repeat_rows(x, sc.n) if x.ndim else x, cache))
 
   def cond(s: _LoopState):
     return (s.step < steps) & ~jnp.all(s.done)

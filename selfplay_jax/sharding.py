@@ -5,17 +5,22 @@ axis names (`models/decoder.py`); rules map them to the mesh axes ("data", "fsdp
   rules = logical_rules(cfg.mesh)                       # (logical name, mesh axes) pairs
   check_model(mesh, model_config, batch_size)           # clear errors before anything compiles
   state_sh = state_shardings(state, mesh, rules, model_config)
-  batch_sh = batch_shardings(batch, mesh)
+  state = put(host_state, state_sh)                     # host arrays -> global sharded arrays
+  batch = global_batch(process_local_rows, mesh)        # each process holds its own rows
   with activation_rules(mesh, rules): ... trace the round ...
 
 The same config runs on 1 device or many: with one device every sharding is replicated and the
-program is the single-device one. A dimension a rule would split but the mesh axes do not divide
+program is the single-device one. With several JAX processes (`jax.distributed`), the mesh spans
+every process's devices and each process feeds the rows of the batch its own devices hold
+(`global_batch`), so the data x fsdp axes must split the batch across processes
+(`check_processes`). A dimension a rule would split but the mesh axes do not divide
 (e.g. a 20-token vocabulary over 4 tensor shards) is kept whole (replicated) rather than padded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,7 +34,8 @@ from selfplay_jax import models
 from selfplay_jax.models.config import ConfigError, ModelConfig
 
 __all__ = ["AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "logical_rules", "check_model",
-           "param_specs", "state_shardings", "batch_shardings", "activation_rules"]
+           "check_batch", "param_specs", "state_shardings", "batch_shardings", "activation_rules",
+           "check_processes", "replicated", "put", "global_batch"]
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # rows of a batch are split over both: fsdp is data parallel too
@@ -38,9 +44,9 @@ BATCH_AXES = ("data", "fsdp")  # rows of a batch are split over both: fsdp is da
 # over tensor (Megatron style); activations: batch over data x fsdp, features over tensor.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-    ("kv_heads", "tensor"), ("head_dim", None), ("norm", None),
+    ("kv_heads", "tensor"), ("head_dim", None), ("norm", None), ("layers", None),
     ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
-    ("activation_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
+    ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
 )
 
 
@@ -59,16 +65,28 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int,
       raise ConfigError(f"mesh.{fill[0]}: the other mesh axes ({fixed} devices) do not divide the "
                         f"{num_devices} devices")
     sizes[fill[0]] = num_devices // fixed
-  elif fixed != num_devices:
+  elif fixed > num_devices:
     raise ConfigError(f"mesh.data: mesh {sizes['data']} x {sizes['fsdp']} x {sizes['tensor']} = "
-                      f"{fixed} devices, but {num_devices} are available")
+                      f"{fixed} devices, but only {num_devices} are available")
   return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  devices = list(jax.devices() if devices is None else devices)
+  """The ("data", "fsdp", "tensor") mesh. Sizes that multiply to fewer devices than there are use
+  the first ones (with a warning) -- on one host only: every JAX process must take part."""
+  # Grouped by process, so that each host's devices are a contiguous block of the mesh: the batch
+  # axes then give every host its own rows (`check_processes`) and tensor stays within a host.
+  devices = sorted(jax.devices() if devices is None else devices,
+                   key=lambda d: (d.process_index, d.id))
   shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  used = math.prod(shape)
+  if used < len(devices):
+    if len({d.process_index for d in devices}) > 1:
+      raise ConfigError(f"mesh.data: mesh {shape[0]} x {shape[1]} x {shape[2]} = {used} devices, but "
+                        f"the {len(devices)} devices of all JAX processes must be used (-1 fills)")
+    logging.warning("mesh %s uses %d of the %d devices", "x".join(map(str, shape)), used,
+                    len(devices))
+  return Mesh(np.asarray(devices[:used]).reshape(shape), AXES)
 
 
 def logical_rules(mesh_cfg: Mapping[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
@@ -101,10 +119,40 @@ def check_model(mesh: Mesh, config: ModelConfig, batch_size: int | None = None) 
   for field, n in (("num_heads", config.num_heads), ("num_kv_heads", config.num_kv_heads)):
     if n % tensor:
       raise ConfigError(f"mesh.tensor: {tensor} does not divide model.{field}={n}")
+  if batch_size is not None:
+    check_batch(mesh, batch_size, "data.batch_size")
+
+
+def check_batch(mesh: Mesh, batch_size: int, key: str) -> None:
+  """`batch_size` (global rows) must split evenly over the batch axes and the processes."""
   rows = _axes_size(mesh, BATCH_AXES)
-  if batch_size is not None and batch_size % rows:
-    raise ConfigError(f"data.batch_size: {batch_size} is not divisible by mesh.data x mesh.fsdp = "
+  if batch_size % rows:
+    raise ConfigError(f"{key}: {batch_size} is not divisible by mesh.data x mesh.fsdp = "
                       f"{rows} (each data-parallel shard gets whole prompts)")
+  if batch_size % jax.process_count():
+    raise ConfigError(f"{key}: {batch_size} is not divisible by the {jax.process_count()} JAX "
+                      "processes (each encodes an equal share)")
+
+
+def check_processes(mesh: Mesh) -> None:
+  """With several JAX processes each one encodes its own block of every batch
+  (`data/pipeline.py`): the data x fsdp shards must therefore fall into per-process blocks in
+  process order (process p's devices hold rows [p*B/P, (p+1)*B/P)). A mesh whose tensor axis
+  spans processes while data x fsdp is smaller than the process count cannot be fed that way."""
+  count = jax.process_count()
+  if count == 1:
+    return
+  devices = mesh.devices  # (data, fsdp, tensor)
+  shards = devices.shape[0] * devices.shape[1]
+  owner = np.vectorize(lambda d: d.process_index)(devices).reshape(shards, -1)
+  per_process = shards // count if shards % count == 0 else 0
+  ok = per_process > 0 and all(
+      (owner[i] == i // per_process).all() for i in range(shards))
+  if not ok:
+    raise ConfigError(f"mesh.data: with {count} JAX processes, mesh.data x mesh.fsdp "
+                      f"({devices.shape[0]} x {devices.shape[1]}) must split the batch into "
+                      "per-process blocks (each host holds different prompts): keep mesh.tensor "
+                      "within a host and give data x fsdp a multiple of the process count")
 
 
 def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
@@ -150,12 +198,34 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
   return state.replace(**fields)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
 def batch_shardings(batch: Any, mesh: Mesh) -> Any:
   """Rows (the leading axis) over data x fsdp; scalars replicated."""
   def one(x):
     ndim = np.ndim(x)
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES) if ndim else PartitionSpec())
   return jax.tree.map(one, batch)
+
+
+def put(tree: Any, shardings: Any) -> Any:
+  """Host (or single-device) arrays -> global arrays with `shardings`. Every process passes the
+  same full values; each device receives only its own slice (nothing is gathered on one device)."""
+  def one(x, sh):
+    if isinstance(x, jax.Array) and x.sharding == sh:
+      return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+  return jax.tree.map(one, tree, shardings)
+
+
+def global_batch(local_batch: Any, mesh: Mesh) -> Any:
+  """A batch whose rows this process encoded (its block; all of it with one process) -> global
+  arrays sharded by `batch_shardings` (the global batch has process_count x the local rows)."""
+  return jax.tree.map(lambda x, sh: jax.make_array_from_process_local_data(sh, np.asarray(x)),
+                      local_batch, batch_shardings(local_batch, mesh))
 
 
 @contextlib.contextmanager

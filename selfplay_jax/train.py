@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from selfplay_jax import checkpoint, config_lib
+from selfplay_jax import checkpoint, config_lib, sharding
 from selfplay_jax import metrics as metrics_lib
 from selfplay_jax import evaluate as ev
 from selfplay_jax import round as rnd
@@ -97,6 +97,48 @@ def _jax_preemption_service() -> bool:
   return distributed.global_state.preemption_sync_manager is not None
 
 
+def _cluster_detected() -> bool:
+  """A multi-process launch JAX can configure itself: explicit JAX_* coordinator variables,
+  a SLURM step with several tasks, or a TPU slice with several workers."""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1:
+    return True
+  return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+  """Starts JAX's multi-controller runtime (`jax.distributed.initialize`) before any device is used.
+
+  mode "on": always (missing coordinator values are auto-detected by JAX: TPU pods, SLURM);
+  "off": never; "auto": when a coordinator address is given or `_cluster_detected()`.
+  Returns whether it initialized. Raises ConfigError for inconsistent flags.
+  """
+  given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  if mode not in ("auto", "on", "off"):
+    raise config_lib.ConfigError(f"--distributed: must be auto, on or off, got {mode!r}")
+  if mode == "off":
+    if any(v is not None for v in given.values()):
+      raise config_lib.ConfigError("--distributed=off: do not also give --coordinator_address / "
+                                   "--num_processes / --process_id")
+    return False
+  if mode == "auto" and coordinator_address is None and not _cluster_detected():
+    return False
+  if coordinator_address is not None and None in (num_processes, process_id):
+    missing = "--num_processes" if num_processes is None else "--process_id"
+    raise config_lib.ConfigError(f"{missing}: required with --coordinator_address")
+  if num_processes is not None and not (num_processes >= 1 and 0 <= (process_id or 0) < num_processes):
+    raise config_lib.ConfigError(f"--process_id: need 0 <= process_id < num_processes, got "
+                                 f"{process_id} and {num_processes}")
+  jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
+
+
 class _StopOnSignal:
   """SIGTERM / SIGINT (preemption notice, Ctrl-C) ask the loop to finish the round in flight, save
   it and stop. A second signal gets the default behaviour (immediate exit). Handlers are installed
@@ -105,7 +147,7 @@ class _StopOnSignal:
   Multi-host (`jax.distributed` initialized, with its preemption service): JAX catches SIGTERM on
   whichever host gets the notice and agrees with every host on a round to stop at;
   `requested(round)` asks it each round (`multihost_utils.reached_preemption_sync_point`), so all
-  hosts save the same round and exit together. Only SIGINT is handled here then.
+  hosts save the same round and exit together. SIGINT is passed on to it as SIGTERM then.
   """
 
   def __init__(self):
@@ -124,6 +166,13 @@ class _StopOnSignal:
 
   def _handle(self, signum, frame):
     del frame
+    if self._multihost:
+      # Ctrl-C on one host must not stop it alone (the others would wait for it forever): hand
+      # it to JAX's preemption notifier as SIGTERM, which agrees a stop round with every host.
+      logging.warning("received SIGINT: asking every host to stop at the same round")
+      signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
     self.signal = signum
     for s, handler in self._previous.items():  # the next signal is not caught again
       signal.signal(s, handler)
@@ -202,14 +251,24 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   nan_rounds = None
   if cfg.debug.nan_from_round:  # fault injection: NaN losses in these rounds
     nan_rounds = (cfg.debug.nan_from_round, cfg.debug.nan_to_round)
+  # The device mesh (data x fsdp x tensor over every process's devices) and where each array of
+  # the state lives; checked before anything is allocated or compiled.
+  mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.mesh)
+  sharding.check_processes(mesh)
+  sharding.check_model(mesh, model_cfg, d.batch_size)
+  sharding.check_batch(mesh, cfg.eval.batch_size, "eval.batch_size")
+  abstract = ev.abstract_state(cfg, model_cfg, spec, optimizer)
+  state_sh = sharding.state_shardings(abstract, mesh, rules, model_cfg)
+  on_mesh = dict(mesh=mesh, rules=rules, state_shardings=state_sh)
   main_fn = rnd.build_round_fn(model_cfg, spec, optimizer, sc, verify,
                                scorer=ev.build_scorer(cfg, model_cfg, tok, task),
                                num_epochs=cfg.algorithm.num_epochs,
                                num_minibatches=cfg.algorithm.num_minibatches, num_samples=NUM_SAMPLES,
-                               nan_rounds=nan_rounds)
+                               nan_rounds=nan_rounds, **on_mesh)
   # Judge training labels `sampling.n` samples per prompt; plain SFT does not sample at all.
   warm_fn = rnd.build_round_fn(model_cfg, warm_spec, optimizer, sc, verify,
-                               num_minibatches=cfg.warmup.num_minibatches, nan_rounds=nan_rounds)
+                               num_minibatches=cfg.warmup.num_minibatches, nan_rounds=nan_rounds,
+                               **on_mesh)
   eval_data = pipeline.eval_batches(task, "heldout", cfg.eval.num_examples, tokenizer=tok,
                                     batch_size=cfg.eval.batch_size, **lens)
   if verify is None:
@@ -223,12 +282,12 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   ckpt = checkpoint.Checkpointer(str(workdir), keep=cfg.checkpoint.keep)
   total_rounds = cfg.warmup.rounds + cfg.rounds
   if ckpt.latest_step() is None:  # a new run: the HF checkpoint's weights or a fresh init
-    state = ev.initial_state(cfg, model_cfg, spec, optimizer)
+    state = ev.initial_state(cfg, model_cfg, spec, optimizer, shardings=state_sh)
   else:
     _check_resume_config(ckpt, cfg, workdir)
     try:
       state, data_state, _, _ = ckpt.restore(
-          abstract_state=ev.abstract_state(cfg, model_cfg, spec, optimizer))
+          abstract_state=ev.with_shardings(abstract, state_sh))
     except checkpoint.CheckpointMismatchError as e:
       raise checkpoint.CheckpointMismatchError(
           f"{e}; {workdir} holds a run whose saved state does not fit this config: resume it with "
@@ -238,20 +297,21 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
     logging.info("resumed from round %d", ckpt.restored_step)
     print(f"resumed from {workdir}/checkpoints at round {ckpt.restored_step}")
   config_json = config_lib.to_json(cfg)
-  with _writing(workdir / "config.json"):
-    (workdir / "config.json").write_text(config_json)
+  main_process = jax.process_index() == 0  # only process 0 writes logs, samples and plots
+  if main_process:
+    with _writing(workdir / "config.json"):
+      (workdir / "config.json").write_text(config_json)
 
   def eval_now(params):
     if verify is None:
       return None
     return ev.greedy_accuracy(model_cfg, params, eval_data, verify, tok.eos_ids,
-                              cfg.sampling.max_new_tokens)
+                              cfg.sampling.max_new_tokens, mesh=mesh, rules=rules)
 
   first = int(state.round)
   history: dict = {}
   bar = tqdm.tqdm(range(first, total_rounds), initial=first, total=total_rounds, desc="rounds",
                   disable=not cfg.progress_bar)
-  main_process = jax.process_index() == 0  # only process 0 writes logs, samples and plots
   writer = metrics_lib.writers_from_config(cfg, workdir, process_index=jax.process_index())
   with ckpt, writer, _StopOnSignal() as stop:
     for r in bar:
@@ -261,7 +321,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       if r == cfg.warmup.rounds and cfg.warmup.rounds:
         extra["eval/accuracy_after_warmup"] = eval_now(state.params)
         state = _anchor_references(state)
-      batch = next(data_iter)
+      batch = sharding.global_batch(next(data_iter), mesh)  # this process's rows -> global
       start = time.perf_counter()
       state, metrics = (warm_fn if warm else main_fn)(state, batch)
       metrics = jax.device_get(metrics)

@@ -59,13 +59,6 @@ def test_unknown_command():
   assert result.returncode == 2 and "error: unknown command 'fly'" in result.stderr
 
 
-@pytest.mark.parametrize("command", ["plan"])
-def test_pending_commands(command):
-  result = cli(command)
-  assert result.returncode == 0
-  assert f"selfplay-jax {command}: not yet available" in result.stdout
-
-
 def test_train_default_config_outside_repo(tmp_path):
   workdir = tmp_path / "run"  # given relative to the working directory, as a user would
   result = cli("train", "--config.model.num_layers=1", "--config.warmup.rounds=2", "--config.rounds=1",

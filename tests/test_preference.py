@@ -127,6 +127,10 @@ def test_completion_logprobs_of_pairs_equal_those_of_single_rows():
   for k in range(2):
     single = rnd.completion_logprobs(CFG, params, {key: v[:, k] for key, v in rows.items()})
     np.testing.assert_allclose(pairs[:, k], single, atol=1e-6)
+  # In chunks of rows (6 flat rows in 3 chunks of 2; 4 chunks do not divide them: one pass).
+  for chunks in (3, 6, 4):
+    np.testing.assert_allclose(rnd.completion_logprobs(CFG, params, rows, num_chunks=chunks), pairs,
+                               atol=1e-6)
 
 
 # ---- SPIN's moving reference -----------------------------------------------------------------

@@ -20,7 +20,8 @@ from selfplay_jax import config_lib, metrics, train
 OVERRIDES = ["warmup.rounds=2", "rounds=4", "eval.every_rounds=2", "eval.num_examples=8",
              "eval.batch_size=8", "data.batch_size=4", "sampling.n=2", "sampling.max_new_tokens=6",
              "data.difficulty=1", "model.hidden_size=32", "model.intermediate_size=64",
-             "model.num_layers=1", "progress_bar=false", "metrics.tensorboard=true"]
+             "model.num_layers=1", "progress_bar=false", "metrics.tensorboard=true",
+             "mesh.data=2", "mesh.tensor=2"]  # trains on 4 of the 8 test devices
 
 
 @pytest.fixture(scope="module")

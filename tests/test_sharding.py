@@ -127,7 +127,7 @@ def test_param_specs_follow_the_rules_and_keep_indivisible_dims_whole(setup):
 
 
 @pytest.mark.parametrize("mesh_cfg, text", [
-    (dict(data=3, fsdp=1, tensor=1), "mesh.data: mesh 3 x 1 x 1 = 3 devices, but 8 are available"),
+    (dict(data=3, fsdp=2, tensor=2), "mesh.data: mesh 3 x 2 x 2 = 12 devices, but only 8 are available"),
     (dict(data=-1, fsdp=3, tensor=1), "mesh.data: the other mesh axes (3 devices) do not divide the 8"),
     (dict(data=-1, fsdp=-1, tensor=1), "at most one mesh axis may be -1"),
     (dict(data=1, fsdp=1, tensor=0), "mesh.tensor: must be -1 (fill) or >= 1"),
@@ -136,6 +136,13 @@ def test_bad_meshes_are_config_errors(mesh_cfg, text):
   with pytest.raises(ConfigError, match=None) as info:
     sharding.make_mesh(mesh_cfg)
   assert text in str(info.value)
+
+
+def test_a_smaller_mesh_uses_the_first_devices(caplog):
+  mesh = sharding.make_mesh(_mesh_cfg(3, 1, 1))
+  assert mesh.devices.ravel().tolist() == jax.devices()[:3]
+  assert "uses 3 of the 8 devices" in caplog.text
+  sharding.check_processes(mesh)  # one process: nothing to check
 
 
 def test_model_and_batch_checks_name_the_keys(setup):
@@ -149,3 +156,18 @@ def test_model_and_batch_checks_name_the_keys(setup):
     sharding.check_model(mesh, cfg, batch_size=12)
   with pytest.raises(ConfigError, match="mesh.rules"):
     sharding.logical_rules({"rules": ["embed=nonsense"]})
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_rows_and_kv_heads_are_sharded(setup, scan):
+  cfg, *_ = setup
+  cfg = cfg.replace(scan_layers=scan)
+  mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2))
+  make = jax.jit(lambda: sampling._shard_cache(models.init_cache(cfg, 8, 16)))
+  with sharding.activation_rules(mesh, sharding.logical_rules()):
+    cache = make()
+  k = jax.tree.leaves(cache.k)[0]
+  want = (("data", "fsdp"), None, "tensor") if scan else (("data", "fsdp"), "tensor")
+  assert k.sharding.spec == P(*want)
+  assert k.addressable_shards[0].data.shape[0] == 2  # 8 rows over 4 batch shards
+  assert cache.pos.sharding.spec == P(("data", "fsdp"))

@@ -17,7 +17,7 @@ from selfplay_jax import train
 OVERRIDES = ["warmup.rounds=3", "rounds=3", "eval.every_rounds=2", "eval.num_examples=8",
              "eval.batch_size=8", "data.batch_size=4", "sampling.n=2", "sampling.max_new_tokens=8",
              "data.difficulty=1", "model.hidden_size=32", "model.intermediate_size=64",
-             "model.num_layers=1", "progress_bar=false"]
+             "model.num_layers=1", "progress_bar=false", "mesh.data=1"]
 
 
 def _cfg(*extra):
