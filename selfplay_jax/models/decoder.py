@@ -183,14 +183,20 @@ class MLP(nn.Module):
         y = y + _param(self, f"{name}_bias", nn.initializers.zeros, shape[-1:], axes[-1:], pdt).astype(dt)
       return y
 
-    gate = dense("gate", (d, f), ("embed", "mlp"), x)
-    up = dense("up", (d, f), ("embed", "mlp"), x)
+    # The matmuls run on [batch * length, features] operands: XLA:CPU otherwise fuses the gate's
+    # backward with a transpose of the 3-D gradient into a slow copy (measured: GRPO forward +
+    # backward 1.17 s -> 0.81 s on a width-256 model, gradients bit-identical).
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d)
+    gate = dense("gate", (d, f), ("embed", "mlp"), x2)
+    up = dense("up", (d, f), ("embed", "mlp"), x2)
     if c.activation == "silu":
       act = jax.nn.silu(gate)
     else:
       act = jax.nn.gelu(gate, approximate=c.activation == "gelu_tanh")
-    hidden = nn.with_logical_constraint(act * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return dense("down", (f, d), ("mlp", "embed"), hidden)
+    hidden = nn.with_logical_constraint((act * up).reshape(lead + (f,)),
+                                        ("activation_batch", "activation_length", "activation_mlp"))
+    return dense("down", (f, d), ("mlp", "embed"), hidden.reshape(-1, f)).reshape(lead + (d,))
 
 
 class DecoderLayer(nn.Module):
