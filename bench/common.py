@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -166,3 +168,32 @@ def fmt_si(value: float, unit: str) -> str:
     if abs(value) >= scale:
       return f"{value / scale:.3g} {prefix}{unit}"
   return f"{value:.3g} {unit}"
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+  """The flags every benchmark module takes: --quick (tiny harness check) and --out-dir."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="tiny harness check; never touches docs/")
+  parser.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
+  return parser
+
+
+def logger(module: str) -> Callable[[str], None]:
+  return lambda msg: print(f"[bench.{module}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed_run(run: Callable[[], dict]) -> dict:
+  start = time.perf_counter()
+  res = run()
+  res["wall_s"] = time.perf_counter() - start
+  return res
+
+
+def publish(name: str, section: str, res: dict, render_docs: Callable[[dict], str], quick: bool,
+            out_dir: str | os.PathLike | None, log: Callable[[str], None]) -> None:
+  """Writes results/<name>[_quick].json; a full run also rewrites its docs section; prints it."""
+  path = write_results(name + ("_quick" if quick else ""), res, out_dir)
+  log(f"wrote {path} ({res.get('wall_s', 0):.0f} s)")
+  if not quick:
+    log(f"updated {update_docs_section(section, render_docs(res))}")
+  print(render_docs(res))

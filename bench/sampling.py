@@ -10,7 +10,6 @@ and every run is checked for full-length completions. Timings interleave ours an
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import statistics
@@ -373,19 +372,10 @@ def run(spec: Spec, log: Callable[[str], None]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="tiny harness check; never touches docs/")
-  parser.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
-  args = parser.parse_args(argv)
-  log = lambda msg: print(f"[bench.sampling] {msg}", file=sys.stderr, flush=True)
-  start = time.perf_counter()
-  res = run(QUICK if args.quick else FULL, log)
-  res["wall_s"] = time.perf_counter() - start
-  path = common.write_results(NAME + ("_quick" if args.quick else ""), res, args.out_dir)
-  log(f"wrote {path}")
-  if not args.quick:
-    log(f"updated {common.update_docs_section(NAME, render_docs(res))}")
-  print(render_docs(res))
+  args = common.arg_parser(__doc__).parse_args(argv)
+  log = common.logger(NAME)
+  res = common.timed_run(lambda: run(QUICK if args.quick else FULL, log))
+  common.publish(NAME, NAME, res, render_docs, args.quick, args.out_dir, log)
   return 0
 
 
