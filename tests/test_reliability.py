@@ -186,6 +186,27 @@ def test_jax_preemption_notice_stops_all_hosts_at_the_sync_round(tmp_path):
   _assert_same_run(_state(ref_dir), _state(run_dir))
 
 
+def test_ctrl_c_under_jax_distributed_goes_through_the_preemption_service(tmp_path):
+  """SIGINT on one host must not stop it alone (the other hosts would wait for it forever): under
+  `jax.distributed` the handler hands it to JAX's notifier as SIGTERM, and the run stops at the
+  agreed sync round like a preemption notice (exit 143, that round saved)."""
+  run_dir = tmp_path / "run"
+  script = tmp_path / "worker.py"
+  script.write_text(_PREEMPTED_WORKER)
+  args = OVERRIDES + ["rounds=12", "eval.every_rounds=100", "checkpoint.every_rounds=5",
+                      "debug.kill_at_round=4", "debug.kill_point=round", "debug.kill_signal=SIGINT"]
+  res = subprocess.run([sys.executable, str(script), str(run_dir), f"localhost:{_free_port()}",
+                        *args], env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
+  assert res.returncode == 143, res.stdout + res.stderr
+  assert "asking every host to stop at the same round" in res.stderr
+  assert "SIGTERM caught" in res.stderr  # re-raised as SIGTERM, taken by JAX's notifier
+  stopped = int(res.stdout.split("PREEMPTED ")[1].split()[0])
+  assert 4 <= stopped < 14
+  with checkpoint.Checkpointer(str(run_dir)) as ckpt:
+    assert ckpt.latest_step() == stopped
+
+
 # ---- bad model directories and tokenizers, through the train command ---------------------------
 
 
