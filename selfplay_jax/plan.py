@@ -76,10 +76,12 @@ def _kv_cache(cfg, mc, sizes: dict[str, int]) -> dict[str, Any]:
   slots = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
   rows_dev = _split(rows, sizes["data"] * sizes["fsdp"])
   heads_dev = _split(mc.num_kv_heads, sizes["tensor"])
-  array = rows_dev * heads_dev * slots * mc.head_dim * _itemsize(mc.dtype)
+  layer = rows_dev * heads_dev * slots * mc.head_dim * _itemsize(mc.dtype)
+  # Per-layer tuples of k and v arrays, or with scan_layers one stacked k and one v array.
+  array = layer * (mc.num_layers if mc.scan_layers else 1)
   return {"rows": rows, "rows_per_device": rows_dev, "slots": slots,
           "kv_heads_per_device": heads_dev, "dtype": mc.dtype, "array_bytes": array,
-          "per_device_bytes": mc.num_layers * 2 * array,
+          "per_device_bytes": mc.num_layers * 2 * layer,
           "global_bytes": mc.num_layers * 2 * rows * mc.num_kv_heads * slots * mc.head_dim
                           * _itemsize(mc.dtype)}
 
@@ -162,8 +164,10 @@ def plan(cfg, *, num_devices: int | None = None,
   parts["kv_cache"] = kv["per_device_bytes"] if kv else 0
   global_parts["kv_cache"] = kv["global_bytes"] if kv else 0
   if kv and kv["array_bytes"] > largest["per_device_bytes"]:
-    largest = {"name": "kv_cache.k[0]", "dtype": mc.dtype, "per_device_bytes": kv["array_bytes"],
-               "shape": [kv["rows"], mc.num_kv_heads, kv["slots"], mc.head_dim]}
+    kv_shape = [kv["rows"], mc.num_kv_heads, kv["slots"], mc.head_dim]
+    largest = {"name": "kv_cache.k" if mc.scan_layers else "kv_cache.k[0]", "dtype": mc.dtype,
+               "per_device_bytes": kv["array_bytes"],
+               "shape": kv_shape[:1] + [mc.num_layers] + kv_shape[1:] if mc.scan_layers else kv_shape}
   resident = sum(parts.values())
   logits = _logits(cfg, spec, mc, sizes)
   peak = resident + (logits["per_device_bytes"] if logits else 0)

@@ -64,10 +64,13 @@ def test_llama3_8b_grpo_matches_hand_arithmetic(hardware, fsdp, tensor):
   if hardware == "h100x8":
     assert params == 4_016_062_464 and kv_cache == 6 * 2**30  # 3.74 GiB, 6 GiB
 
-  # Largest array: with scan_layers (the recipes' setting) one MLP kernel stacked over the layers,
-  # L x D x F / devices floats (3.5x the embedding's V x D).
+  # Largest array: with scan_layers (the recipes' setting) the KV cache's k (and v) is one array
+  # stacked over the layers, half the cache (3 GiB / 768 MiB per device): larger than the largest
+  # parameter, an MLP kernel stacked over the layers (L x D x F / devices floats).
   assert cfg.model.scan_layers
-  assert p["largest_array"]["per_device_bytes"] == L * D * F // devices * 4
+  assert kv_cache // 2 > L * D * F // devices * 4
+  assert p["largest_array"]["per_device_bytes"] == kv_cache // 2
+  assert p["largest_array"]["shape"] == [cfg.data.batch_size * 8, L, KV, 512 + 1024, HD]
   # Logits of the old / reference log-prob pass, which runs in num_minibatches (8) chunks of the
   # 256 (512) rows: 4 rows per batch shard at a time, float32.
   assert cfg.algorithm.num_minibatches == 8
