@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 
@@ -49,3 +50,24 @@ def make_hf_model(name: str, seed: int = 0, **overrides) -> transformers.PreTrai
       else:
         p.copy_(0.15 * noise)
   return model.eval()
+
+
+def padded_batch(vocab: int, seed: int = 0):
+  """(tokens, mask, positions) of three rows of length 12: full, right-padded (8 real) and
+  left-padded (7 real); positions count real tokens."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, vocab, size=(3, 12)).astype(np.int32)
+  mask = np.ones((3, 12), bool)
+  mask[1, 8:] = False
+  mask[2, :5] = False
+  positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)
+  return tokens, mask, positions
+
+
+def hf_logits(model, tokens, mask, positions) -> np.ndarray:
+  """float32 logits of a transformers model on a `padded_batch`."""
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                position_ids=torch.tensor(positions, dtype=torch.long))
+  return out.logits.float().numpy()

@@ -1,34 +1,22 @@
 """Smoke tests of the round benchmark (`python -m bench.round --quick`) and of the suite runner
 (`python -m bench --suite ...`). Harness correctness only: nothing here asserts a timing."""
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
+from tests.bench_helpers import REPO, run_quick
+
 TOP_KEYS = {"machine", "config", "fused_vs_split", "limits", "decode_bandwidth", "scaling", "notes",
             "loadavg_end", "wall_s"}
 ROW_KEYS = {"label", "shape", "params", "fused_times_s", "split_times_s", "fused_s", "split_s", "ratio",
             "split_phase_s", "same_work"}
 
 
-def _docs_text():
-  return DOCS.read_text() if DOCS.is_file() else None
-
-
 @pytest.mark.slow
 def test_quick_round_benchmark_writes_results(tmp_path):
-  docs_before = _docs_text()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "bench.round", "--quick", "--out-dir", str(tmp_path)],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  res = json.loads((tmp_path / "round_quick.json").read_text())
+  res, _ = run_quick("round", tmp_path)
   assert TOP_KEYS <= set(res)
   for key in ("cpu_model", "cpu_count", "jax", "flax", "loadavg", "date"):
     assert key in res["machine"]
@@ -46,7 +34,6 @@ def test_quick_round_benchmark_writes_results(tmp_path):
   assert {"forward_mfu", "forward_backward_mfu", "adam_share", "formula"} <= set(train)
   assert res["limits"]["round"]["mfu"] > 0
   assert res["scaling"]["rows"][0]["axis"] == "base" and res["scaling"]["rows"][0]["vs_base"] == 1.0
-  assert _docs_text() == docs_before, "--quick must not touch docs/benchmarks.md"
 
 
 def test_suite_dry_run_lists_the_modules_in_order():

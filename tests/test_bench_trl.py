@@ -5,16 +5,11 @@ Needs the `bench` extra (TRL); skipped, with the install command, where TRL is n
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
+from tests.bench_helpers import run_quick
+
 TOP_KEYS = {"machine", "config", "same_weights_max_logp_diff", "dpo", "grpo_update", "grpo_round",
             "limits", "targets", "notes", "loadavg_end", "wall_s"}
 SIDES = ("ours", "trl", "trl_1thread")
@@ -22,24 +17,12 @@ BREAKDOWN_KEYS = {"ours_sample_s", "ours_old_logp_forward_s", "ours_update_s", "
                   "trl_generate_s", "trl_rest_s", "trl_generate_share", "trl_1thread_generate_s"}
 
 
-def _docs_section() -> str | None:
-  """This benchmark's section of docs/benchmarks.md (other benchmarks may rewrite theirs meanwhile)."""
-  text = DOCS.read_text() if DOCS.is_file() else ""
-  start = text.find("<!-- BEGIN trl -->")
-  return text[start:text.find("<!-- END trl -->", start)] if start >= 0 else None
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None,
                     reason="TRL is not installed; install the bench extra (pip install -e '.[bench]') "
                            "to smoke-test bench/trl_compare.py")
 def test_quick_trl_benchmark_writes_every_figure(tmp_path):
-  docs_before = _docs_section()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "bench.trl_compare", "--quick", "--out-dir", str(tmp_path)],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  res = json.loads((tmp_path / "trl_compare_quick.json").read_text())
+  res, _ = run_quick("trl_compare", tmp_path, section="trl")
   assert TOP_KEYS <= set(res)
   cfg = res["config"]
   for key in ("cpu_model", "usable_cores", "jax", "torch", "transformers", "trl", "loadavg", "date"):
@@ -69,4 +52,3 @@ def test_quick_trl_benchmark_writes_every_figure(tmp_path):
   assert 0 <= rnd["ours_reward_mean"] <= 1 and 0 <= rnd["trl_reward_mean"] <= 1
   for key in ("dpo_update", "grpo_update", "grpo_round"):
     assert isinstance(res["targets"][key], bool)
-  assert _docs_section() == docs_before, "--quick must not touch docs/benchmarks.md"

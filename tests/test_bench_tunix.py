@@ -5,37 +5,22 @@ create: there the harness must still run all of our side and record `tunix: unav
 The both-sides test runs wherever that virtualenv exists. No assertions about timings.
 """
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bench import tunix_sampler
+from tests.bench_helpers import run_quick
 
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
 TUNIX_PYTHON = tunix_sampler.DEFAULT_TUNIX_VENV / "bin" / "python"
 TOP_KEYS = {"machine", "tunix", "config", "throughput", "targets", "profile", "notes", "loadavg_end",
             "wall_s"}
 
 
-def _docs_text() -> str | None:
-  return DOCS.read_text() if DOCS.is_file() else None
-
-
 def _run_quick(tmp_path, *extra) -> dict:
-  docs_before = _docs_text()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "bench.tunix_sampler", "--quick", "--out-dir",
-                         str(tmp_path), *extra], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  assert _docs_text() == docs_before, "--quick must not touch docs/benchmarks.md"
-  assert "## Sampler vs Tunix" in proc.stdout  # the docs section is rendered (printed) either way
-  return json.loads((tmp_path / "tunix_sampler_quick.json").read_text())
+  results, stdout = run_quick("tunix_sampler", tmp_path, *extra)
+  assert "## Sampler vs Tunix" in stdout  # the docs section is rendered (printed) either way
+  return results
 
 
 def _check_our_side(results: dict) -> None:

@@ -11,28 +11,9 @@ import transformers
 
 from selfplay_jax import models
 from selfplay_jax.models import hf
-from tests.hf_models import FAMILIES, make_hf_model
+from tests.hf_models import FAMILIES, hf_logits, make_hf_model, padded_batch
 
 TOL = 1e-4
-
-
-def _batch(vocab: int, seed: int = 0):
-  """Three rows of length 12: full, right-padded (8 real) and left-padded (7 real)."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(3, vocab, size=(3, 12)).astype(np.int32)
-  mask = np.ones((3, 12), bool)
-  mask[1, 8:] = False
-  mask[2, :5] = False
-  positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)
-  return tokens, mask, positions
-
-
-def _hf_logits(model, tokens, mask, positions):
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(positions, dtype=torch.long))
-  return out.logits.float().numpy()
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -47,9 +28,9 @@ def test_logits_match_transformers(family_dir):
   name, model, path = family_dir
   config, params = hf.load_pretrained(path)
   assert config.family == model.config.model_type
-  tokens, mask, positions = _batch(config.vocab_size)
+  tokens, mask, positions = padded_batch(config.vocab_size)
   ours = np.asarray(models.forward(config, params, tokens, positions, mask.astype(np.int32)))
-  ref = _hf_logits(model, tokens, mask, positions)
+  ref = hf_logits(model, tokens, mask, positions)
   assert ours.dtype == np.float32 and ours.shape == ref.shape
   np.testing.assert_allclose(ours[mask], ref[mask], atol=TOL, rtol=0, err_msg=name)
   # The inputs really exercise the model: logits are not near-constant.
@@ -60,7 +41,7 @@ def test_default_positions_follow_segments(family_dir):
   """With positions omitted, each segment counts from 0 (left padding handled)."""
   _, model, path = family_dir
   config, params = hf.load_pretrained(path)
-  tokens, mask, positions = _batch(config.vocab_size, seed=1)
+  tokens, mask, positions = padded_batch(config.vocab_size, seed=1)
   explicit = models.forward(config, params, tokens, positions, mask.astype(np.int32))
   implicit = models.forward(config, params, tokens, segment_ids=mask.astype(np.int32))
   np.testing.assert_array_equal(np.asarray(explicit)[mask], np.asarray(implicit)[mask])
@@ -74,9 +55,9 @@ def test_round_trip_through_transformers(family_dir, tmp_path):
   out = hf.save_pretrained(config, params, tmp_path / "export")
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
   assert type(reloaded).__name__ == hf._ARCHITECTURES[config.family]
-  tokens, mask, positions = _batch(config.vocab_size, seed=2)
+  tokens, mask, positions = padded_batch(config.vocab_size, seed=2)
   ours = np.asarray(models.forward(config, params, tokens, positions, mask.astype(np.int32)))
-  np.testing.assert_allclose(ours[mask], _hf_logits(reloaded, tokens, mask, positions)[mask],
+  np.testing.assert_allclose(ours[mask], hf_logits(reloaded, tokens, mask, positions)[mask],
                              atol=TOL, rtol=0, err_msg=name)
   config2, params2 = hf.load_pretrained(out)
   assert config2 == config
@@ -87,7 +68,7 @@ def test_decode_matches_forward(family_dir):
   """Prefill + one-token decode steps over the KV cache reproduce the full forward logits."""
   _, _, path = family_dir
   config, params = hf.load_pretrained(path)
-  tokens, mask, positions = _batch(config.vocab_size, seed=3)
+  tokens, mask, positions = padded_batch(config.vocab_size, seed=3)
   full = np.asarray(models.forward(config, params, tokens, positions, mask.astype(np.int32)))
   decode = jax.jit(models.decode, static_argnums=0)
   cache = models.init_cache(config, batch=3, max_len=16)
@@ -109,9 +90,9 @@ def test_sharded_safetensors_index(tmp_path):
   model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
   assert (tmp_path / "model.safetensors.index.json").is_file()
   config, params = hf.load_pretrained(tmp_path)
-  tokens, mask, positions = _batch(config.vocab_size)
+  tokens, mask, positions = padded_batch(config.vocab_size)
   ours = np.asarray(models.forward(config, params, tokens, positions, mask.astype(np.int32)))
-  np.testing.assert_allclose(ours[mask], _hf_logits(model, tokens, mask, positions)[mask], atol=TOL)
+  np.testing.assert_allclose(ours[mask], hf_logits(model, tokens, mask, positions)[mask], atol=TOL)
 
 
 def test_bfloat16_params_load_and_save(tmp_path):

@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from selfplay_jax import checkpoint, config_lib, models
+from selfplay_jax import config_lib
 from selfplay_jax import evaluate as ev
-from selfplay_jax import round as rnd
+from tests.test_train import _final_params
 
 REPO = Path(__file__).resolve().parent.parent
 # 1 warm-up (SFT) round, then GRPO rounds scored by the model's own likelihood (an untrained model
@@ -56,14 +56,7 @@ def _metrics(workdir):
 
 
 def _params(workdir):
-  cfg = ev.load_run_config(workdir)
-  task, tok = ev.task_and_tokenizer(cfg, workdir)
-  mc = ev.model_config(cfg, tok)
-  spec, opt = ev.build_spec(cfg), ev.build_optimizer(cfg)
-  like = rnd.init_state(models.init_params(mc, jax.random.key(0)), opt, spec, jax.random.key(0))
-  with checkpoint.Checkpointer(str(workdir)) as ckpt:
-    state, _, _, _ = ckpt.restore(abstract_state=like)
-  return jax.device_get(state.params)
+  return _final_params(ev.load_run_config(workdir), workdir).params
 
 
 @pytest.mark.slow

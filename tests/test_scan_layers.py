@@ -10,40 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from jax.sharding import PartitionSpec as P
 
 from selfplay_jax import config_lib, models, sharding
 from selfplay_jax.models import hf
 from selfplay_jax.sampling import SamplingConfig, sample
-from tests.hf_models import FAMILIES, make_hf_model
+from tests.hf_models import FAMILIES, hf_logits, make_hf_model, padded_batch
 
 TOL = 1e-5  # scan vs unrolled: the same float32 ops, only scheduled differently
 HF_TOL = 1e-4  # vs transformers (as in test_models_hf.py)
 
 
-def _batch(vocab, seed=0):
-  """Rows of length 12: full, right-padded and left-padded (positions count real tokens)."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(3, vocab, size=(3, 12)).astype(np.int32)
-  mask = np.ones((3, 12), bool)
-  mask[1, 8:] = False
-  mask[2, :5] = False
-  positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)
-  return tokens, mask, positions
-
-
-def _hf_logits(model, tokens, mask, positions):
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(positions, dtype=torch.long))
-  return out.logits.float().numpy()
-
-
 def _forward(config, params, seed=0):
-  tokens, mask, positions = _batch(config.vocab_size, seed)
+  tokens, mask, positions = padded_batch(config.vocab_size, seed)
   return np.asarray(models.forward(config, params, tokens, positions, mask.astype(np.int32))), mask
 
 
@@ -128,7 +108,7 @@ def test_scan_logits_equal_unrolled_and_transformers(hf_dirs, name):
   ours, mask = _forward(config, params)
   scanned, _ = _forward(scan_config, stacked)
   np.testing.assert_allclose(scanned[mask], ours[mask], atol=TOL, rtol=0, err_msg=name)
-  ref = _hf_logits(model, *_batch(config.vocab_size))
+  ref = hf_logits(model, *padded_batch(config.vocab_size))
   np.testing.assert_allclose(scanned[mask], ref[mask], atol=HF_TOL, rtol=0, err_msg=name)
 
 
@@ -139,7 +119,7 @@ def test_scan_decode_and_greedy_generations_equal_unrolled(hf_dirs, name):
   _, path = hf_dirs(name)
   config, params = hf.load_pretrained(path)
   scan_config, stacked = hf.load_pretrained(path, scan_layers=True)
-  tokens, mask, positions = _batch(config.vocab_size, seed=4)
+  tokens, mask, positions = padded_batch(config.vocab_size, seed=4)
   full = np.asarray(models.forward(config, params, tokens, positions, mask.astype(np.int32)))
   cache = models.init_cache(scan_config, batch=3, max_len=16)
   assert cache.k.shape == (3, config.num_layers, config.num_kv_heads, 16, config.head_dim)
@@ -176,7 +156,7 @@ def test_scan_round_trip_through_transformers(hf_dirs, tmp_path, name):
   assert written == hf.config_to_hf_dict(scan_config.replace(scan_layers=False)) | {"dtype": "float32"}
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
   ours, mask = _forward(scan_config, stacked, seed=2)
-  ref = _hf_logits(reloaded, *_batch(scan_config.vocab_size, seed=2))
+  ref = hf_logits(reloaded, *padded_batch(scan_config.vocab_size, seed=2))
   np.testing.assert_allclose(ours[mask], ref[mask], atol=HF_TOL, rtol=0, err_msg=name)
   # Reading the export back: scan_layers=False unless asked for; both layouts bit-exact.
   config2, unrolled2 = hf.load_pretrained(out)
@@ -200,7 +180,7 @@ def _loss_and_grad(config, params, tokens):
 
 def test_remat_policies_give_the_same_loss_and_gradients_with_and_without_scan(gemma2):
   config, params = gemma2
-  tokens = jnp.asarray(_batch(config.vocab_size)[0])
+  tokens = jnp.asarray(padded_batch(config.vocab_size)[0])
   want_loss, want_grad = jax.jit(_loss_and_grad(config, params, tokens))(params)
   assert float(want_loss) > 1.0
   stacked = models.stack_layers(params, config)
@@ -231,7 +211,7 @@ def test_bfloat16_compute_with_float32_params_is_close_to_float32(gemma2):
     # Storage, gradients (and so optimizer moments) stay float32.
     assert {x.dtype for x in jax.tree.leaves(jax.eval_shape(
         lambda: models.init_params(bf16, jax.random.key(0))))} == {np.dtype("float32")}
-    tokens = jnp.asarray(_batch(config.vocab_size)[0])
+    tokens = jnp.asarray(padded_batch(config.vocab_size)[0])
     _, grad = jax.eval_shape(_loss_and_grad(bf16, p, tokens), p)
     assert {x.dtype for x in jax.tree.leaves(grad)} == {np.dtype("float32")}
 
