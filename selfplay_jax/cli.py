@@ -36,7 +36,6 @@ COMMANDS = {
     "report": "write a self-contained HTML report of a run (summary, plots, rounds, samples)",
     "plan": "print parameter count, memory and sharding for a config without allocating",
 }
-_AVAILABLE = ("train", "generate", "eval", "export", "report", "plan")
 # Bad input (config, files, checkpoints, workdir) -> one `error:` line, never a traceback.
 _INPUT_ERRORS = (ConfigError, OSError, CheckpointError, CheckpointFormatError, TokenizerError)
 _FLAGS = flags.FLAGS
@@ -122,7 +121,7 @@ def _define_distributed_flags() -> None:
   flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
 
 
-def _main(argv: list[str], command: str, overrides: list[str], config: flags.FlagHolder) -> int:
+def _main(argv: list[str], overrides: list[str], config: flags.FlagHolder) -> int:
   from selfplay_jax import train  # pylint: disable=import-outside-toplevel
 
   _no_positional_args(argv)
@@ -279,9 +278,6 @@ def run(argv: Sequence[str] | None = None) -> None:
   command = argv.pop(positional[0])
   if command not in COMMANDS:
     _fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
-  if command not in _AVAILABLE:
-    print(f"selfplay-jax {command}: not yet available in this version")
-    sys.exit(0)
   if command == "generate":
     _define_generate_flags()
     app.run(_generate, argv=argv, flags_parser=_parse_flags)
@@ -294,22 +290,18 @@ def run(argv: Sequence[str] | None = None) -> None:
   if command == "report":
     _define_report_flags()
     app.run(_report, argv=argv, flags_parser=_parse_flags)
-  if command == "plan":
-    _define_plan_flags()
-    try:
-      absl_argv, overrides = config_lib.split_argv(argv)
-    except ConfigError as e:
-      _fail(e)
-    config = _define_flags(absl_argv)
-    app.run(functools.partial(_plan, overrides=overrides, config=config), argv=absl_argv,
-            flags_parser=_parse_flags)
+  # train and plan: a config file plus --config.KEY=VALUE overrides.
   try:
     absl_argv, overrides = config_lib.split_argv(argv)
   except ConfigError as e:
     _fail(e)
   config = _define_flags(absl_argv)
-  _define_distributed_flags()
-  main = functools.partial(_main, command=command, overrides=overrides, config=config)
+  if command == "plan":
+    _define_plan_flags()
+    main = functools.partial(_plan, overrides=overrides, config=config)
+  else:
+    _define_distributed_flags()
+    main = functools.partial(_main, overrides=overrides, config=config)
   app.run(main, argv=absl_argv, flags_parser=_parse_flags)
 
 
