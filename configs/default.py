@@ -100,7 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.judge.num_samples = 0  # 0 = expected score in one pass; m = mean of m sampled judgements
   cfg.judge.temperature = 1.0  # sampled judgements: temperature
   cfg.judge.max_new_tokens = 8  # sampled judgements: length cap
-  cfg.judge.score_marker = ""  # sampled judgements: the score follows this text ("" = first token)
+  cfg.judge.score_marker = ""  # sampled: the score follows this text ("" = first token; rationale: built-in)
+  cfg.judge.rationale = False  # judge solves the prompt itself, then scores (needs num_samples)
   cfg.judge.train_in_warmup = True  # warm-up also trains the judge on verifier-labelled samples
   cfg.judge.loss_weight = 1.0  # warm-up loss = NLL(gold) + loss_weight * NLL(judge rows)
 

@@ -127,13 +127,30 @@ def build_spec(cfg):
 
 def build_judge(cfg, tok) -> scoring.Judge:
   """The self-critique judge of `cfg.judge` (template "" = the built-in task template, or the
-  additive 5-point rubric for a natural-language tokenizer)."""
-  j = cfg.judge
-  template = j.template or (judge_lib.RUBRIC_TEMPLATE if is_jsonl_data(cfg)
-                            else judge_lib.TASK_TEMPLATE)
-  return scoring.Judge.from_template(
-      template, tok, score_min=j.score_min, score_max=j.score_max, score_marker=j.score_marker,
-      num_samples=j.num_samples, temperature=j.temperature, max_new_tokens=j.max_new_tokens)
+  additive 5-point rubric for a natural-language tokenizer; with `judge.rationale` their
+  rationale versions, and score_marker "" = "<score>" / "Score: ")."""
+  j, text = cfg.judge, is_jsonl_data(cfg)
+  if j.rationale:
+    template = j.template or (judge_lib.RUBRIC_RATIONALE_TEMPLATE if text
+                              else judge_lib.TASK_RATIONALE_TEMPLATE)
+    marker = j.score_marker or (judge_lib.RUBRIC_SCORE_MARKER if text
+                                else judge_lib.TASK_SCORE_MARKER)
+  else:
+    template = j.template or (judge_lib.RUBRIC_TEMPLATE if text else judge_lib.TASK_TEMPLATE)
+    marker = j.score_marker
+  judge = scoring.Judge.from_template(
+      template, tok, score_min=j.score_min, score_max=j.score_max, score_marker=marker,
+      num_samples=j.num_samples, temperature=j.temperature, max_new_tokens=j.max_new_tokens,
+      rationale=j.rationale)
+  if j.rationale:  # the judgement must have room for a whole solution, the marker and the score
+    need = cfg.data.max_response_len - 1 + len(judge.marker) + 2
+    if j.max_new_tokens < need:
+      raise config_lib.ConfigError(
+          f"judge.max_new_tokens: a judge with a rationale writes a solution (up to "
+          f"data.max_response_len - 1 = {cfg.data.max_response_len - 1} tokens), the marker "
+          f"({len(judge.marker)}) and the score with EOS (2): needs >= {need}, got "
+          f"{j.max_new_tokens}")
+  return judge
 
 
 def build_scorer(cfg, mc, tok, task=None):

@@ -230,12 +230,64 @@ def test_judge_prompt_layout_matches_host_construction():
     assert not np.any(np.asarray(mask[i])[:width - len(row)])
 
 
+def test_response_first_template_swaps_the_fields():
+  tok = _Tok()
+  judge = Judge.from_template("a{response}<>{prompt}:", tok)
+  assert judge.response_first
+  prompt = np.array([[0, 1, 10, 11], [1, 12, 13, 14]])
+  resp = np.array([[20, 21, 2, 0], [22, 2, 0, 0]])
+  resp_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
+  tokens, mask = judge.prompts(jnp.asarray(prompt), jnp.asarray(prompt != 0), jnp.asarray(resp),
+                               jnp.asarray(resp_mask))
+  enc = tok.encode
+  want = [[1] + enc("a") + [20, 21] + enc("<>") + [10, 11] + enc(":"),
+          [1] + enc("a") + [22] + enc("<>") + [12, 13, 14] + enc(":")]
+  for i, row in enumerate(want):
+    got = np.asarray(tokens[i])
+    np.testing.assert_array_equal(got[-len(row):], row)
+    assert not np.any(np.asarray(mask[i])[:-len(row)])
+
+
+def test_rationale_training_rows_write_the_gold_solution_then_the_score():
+  tok = _Tok()
+  v = tok.vocab
+  judge = Judge.from_template("{response}<>{prompt}", tok, score_marker="s:", num_samples=1,
+                              rationale=True)
+  gold = np.array([[30, 31, 2, 0], [32, 2, 0, 0], [33, 34, 35, 2]])  # with EOS, right-padded
+  gold_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], bool)
+  width = judge.completion_width(gold.shape[1])
+  assert width == 4 + 2 + 2
+  rows = judge.training_rows(jnp.array([[1, 10]]).repeat(3, 0), jnp.ones((3, 2), bool),
+                             jnp.array([[20, 2]]).repeat(3, 0), jnp.ones((3, 2), bool),
+                             jnp.array([5.0, 0.0, 2.6]), completion_width=width + 1,
+                             rationale=(jnp.asarray(gold), jnp.asarray(gold_mask)))
+  want = [[30, 31, v["s"], v[":"], v["5"], 2],
+          [32, v["s"], v[":"], v["0"], 2],
+          [33, 34, 35, v["s"], v[":"], v["3"], 2]]
+  assert rows["tokens"].shape == (3, width + 1)
+  for i, row in enumerate(want):  # right-padded: the completion from position 0, then padding
+    np.testing.assert_array_equal(np.asarray(rows["tokens"][i, :len(row)]), row)
+    np.testing.assert_array_equal(np.asarray(rows["mask"][i]), np.arange(width + 1) < len(row))
+    np.testing.assert_array_equal(np.asarray(rows["verdict"][i]),  # marker "s:", score, EOS
+                                  (np.arange(width + 1) < len(row))
+                                  & (np.arange(width + 1) >= len(row) - 4))
+  # What the judge is taught to write is what `read_scores` reads back.
+  np.testing.assert_array_equal(judge.read_scores(rows["tokens"], rows["mask"]), [5.0, 0.0, 3.0])
+  with pytest.raises(ValueError, match="rationale"):
+    judge.training_rows(jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), bool),
+                        jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), bool), jnp.ones(1))
+
+
 def test_judge_template_errors_name_the_key():
   tok = _Tok()
   with pytest.raises(ConfigError, match=r"judge.template.*\{response\}"):
     Judge.from_template("{prompt} only", tok)
-  with pytest.raises(ConfigError, match=r"judge.template.*before"):
-    Judge.from_template("{response}{prompt}", tok)
+  with pytest.raises(ConfigError, match=r"judge.template.*exactly once"):
+    Judge.from_template("{response}{prompt}{prompt}", tok)
+  with pytest.raises(ConfigError, match=r"judge.num_samples.*rationale"):
+    Judge.from_template("{response}{prompt}", tok, rationale=True, score_marker="s")
+  with pytest.raises(ConfigError, match=r"judge.score_marker.*rationale"):
+    Judge.from_template("{response}{prompt}", tok, rationale=True, num_samples=1)
 
   class Wide(_Tok):
     def encode(self, text):
@@ -314,6 +366,29 @@ def test_judge_sft_rows_mix_gold_and_judged_samples():
   np.testing.assert_array_equal(rows["tokens"][:2], batch["response_tokens"])  # SFT on gold
   # Judge rows: gold -> 5, sample 0 (correct) -> 5, sample 1 (wrong) -> 0.
   np.testing.assert_array_equal(rows["tokens"][2:, 0], [tok.vocab[s] for s in "5550"])
+
+
+def test_rationale_judge_sft_rows_solve_each_rows_own_prompt():
+  """Each judged sample's rationale is the gold response of its own prompt (samples are grouped
+  by prompt), and the SFT rows are padded to the judge rows' width."""
+  tok = _Tok()
+  judge = Judge.from_template("{response}s{prompt}", tok, score_marker=":", num_samples=1,
+                              rationale=True)
+  batch = _spin_batch(np.random.default_rng(0), b=2)
+  samples = jnp.array([[20, 2, 0], [21, 22, 2], [23, 2, 0], [24, 2, 0]])  # 2 per prompt
+  ro = _rollout(jnp.repeat(batch["prompt_tokens"], 2, 0), jnp.repeat(batch["prompt_mask"], 2, 0),
+                samples, samples != 0)
+  rows = JudgeSFT(judge).build(batch, ro, jnp.array([1.0, 0.0, 0.0, 1.0]), None)
+  np.testing.assert_array_equal(rows["is_judge"], [0, 0] + [1] * 6)
+  gold, gold_mask = np.asarray(batch["response_tokens"]), np.asarray(batch["response_mask"])
+  owner = [0, 1, 0, 0, 1, 1]  # judge rows: gold of prompts 0, 1; then samples 0, 0, 1, 1
+  scores = "555005"
+  for k, (p, score) in enumerate(zip(owner, scores)):
+    solution = [t for t, m in zip(gold[p], gold_mask[p]) if m and t != 2]
+    want = solution + [tok.vocab[":"], tok.vocab[score], 2]
+    np.testing.assert_array_equal(np.asarray(rows["tokens"][2 + k, :len(want)]), want)
+    assert int(rows["mask"][2 + k].sum()) == len(want)
+  np.testing.assert_array_equal(rows["tokens"][:2, :gold.shape[1]], gold)  # SFT on gold
 
 
 # ---- self-likelihood and SFT-sharpening ------------------------------------------------------

@@ -92,3 +92,79 @@ def test_self_rewarding_rounds_log_judge_agreement(warmed):
     assert 0.0 < float(metrics["train/pair_fraction"]) <= 1.0
     seen.append(float(metrics["train/judge_agreement"]))  # NaN only without a mixed group
   assert any(np.isfinite(seen))
+
+
+RATIONALE = ["judge.rationale=True", "judge.num_samples=2", "judge.max_new_tokens=34",
+             "data.batch_size=4", "sampling.n=2", "warmup.rounds=1"]
+
+
+def test_rationale_judge_config(tmp_path):
+  """The built-in rationale template and marker, and one error naming judge.max_new_tokens when a
+  judgement has no room for a whole solution, the marker and the score."""
+  cfg = config_lib.load_config("configs/self_rewarding.py", RATIONALE)
+  config_lib.validate(cfg)
+  task, tok = ev.task_and_tokenizer(cfg, tmp_path)
+  judge = ev.build_judge(cfg, tok)
+  assert judge.rationale and judge.response_first
+  assert judge.marker == (tok.piece_to_id("<score>"),)
+  short = config_lib.load_config("configs/self_rewarding.py", RATIONALE + ["judge.max_new_tokens=20"])
+  with pytest.raises(config_lib.ConfigError, match=r"judge.max_new_tokens: .*needs >= 34, got 20"):
+    ev.build_judge(short, tok)
+  with pytest.raises(config_lib.ConfigError, match=r"judge.num_samples"):
+    ev.build_judge(config_lib.load_config("configs/self_rewarding.py",
+                                          RATIONALE + ["judge.num_samples=0"]), tok)
+
+
+@pytest.mark.slow
+def test_rationale_judge_rounds_run_and_read_scores(tmp_path):
+  """Warm-up with rationale rows and a self-rewarding round whose judgements are sampled
+  solutions followed by the marker and a score: jitted end to end, scores on the scale."""
+  cfg = config_lib.load_config("configs/self_rewarding.py", RATIONALE)
+  task, tok = ev.task_and_tokenizer(cfg, tmp_path)
+  mc, lens = ev.model_config(cfg, tok), ev.data_lengths(cfg)
+  verify, opt = task.make_verifier(tok), ev.build_optimizer(cfg)
+  it = pipeline.make_iterator(task.source("train", 0), tokenizer=tok, batch_size=4, seed=0, **lens)
+  warm_spec = ev.build_warmup_spec(cfg, tok)
+  state = rnd.init_state(models.init_params(mc, jax.random.key(0)), opt, warm_spec, jax.random.key(1))
+  state, metrics = rnd.build_round_fn(mc, warm_spec, opt, ev.sampling_config(cfg, tok), verify)(
+      state, next(it))
+  assert np.isfinite(float(metrics["train/judge_loss"]))
+  spec = ev.build_spec(cfg)
+  round_fn = rnd.build_round_fn(mc, spec, opt, ev.sampling_config(cfg, tok), verify,
+                                scorer=ev.build_scorer(cfg, mc, tok))
+  state = rnd.init_state(state.params, opt, spec, jax.random.key(2))
+  state, metrics = round_fn(state, next(it))
+  assert np.isfinite(float(metrics["train/loss"]))
+  valid = float(metrics["judge/valid_fraction"])
+  assert 0.0 <= valid <= 1.0
+  if valid:  # an untrained judge rarely writes the marker; any score it reads is on the scale
+    assert 0.0 <= float(metrics["judge/score_mean"]) <= 5.0
+
+
+@pytest.mark.slow
+def test_study_script_runs_at_smoke_size(tmp_path):
+  """examples/self_rewarding_study.py (the numbers in docs/recipes.md) at tiny sizes: it writes
+  the judge report and one row per control, and the flipped-verifier scorer flips at its rate."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("study", "examples/self_rewarding_study.py")
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  out = tmp_path / "study.json"
+  result = study.main(["--warmup_rounds=2", "--rounds=1", "--eval_examples=16",
+                       "--judge_examples=16", "--flips=0.3", f"--out={out}"])
+  assert [c["scores"] for c in result["controls"]] == [
+      "verifier", "verifier flipped p=0.3", "self-judge, min_score_gap=0.5"]
+  assert out.exists() and 0.0 <= result["warmup_accuracy"] <= 1.0
+  assert {"agreement", "corr_score_likelihood", "gap>0.5"} <= set(result["judge"])
+  # The flipped verifier: all-correct verdicts come back flipped at about the rate asked for.
+  verify = lambda tokens, mask, answers, answer_mask: jnp.ones(tokens.shape[0])
+  scorer = study.flipped_verifier(verify, 4, 0.3)
+  rows = 4000
+  ro = sampling.Rollout(prompt_tokens=jnp.zeros((rows, 1), jnp.int32),
+                        prompt_mask=jnp.ones((rows, 1), bool), tokens=jnp.zeros((rows, 2), jnp.int32),
+                        logprobs=jnp.zeros((rows, 2)), model_logprobs=jnp.zeros((rows, 2)),
+                        mask=jnp.ones((rows, 2), bool), lengths=jnp.full((rows,), 2))
+  batch = {"answer_tokens": jnp.zeros((rows // 4, 1), jnp.int32),
+           "answer_mask": jnp.ones((rows // 4, 1), bool)}
+  scores, _ = scorer(None, None, batch, ro, jax.random.key(0))
+  assert abs(float(jnp.mean(scores == 0.0)) - 0.3) < 0.03

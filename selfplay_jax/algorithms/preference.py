@@ -167,8 +167,9 @@ class JudgeSFT:
 
   Judge rows are built from the round's own samples and the gold responses, each labelled with
   the verifier's verdict on the judge's scale (correct = score_max, wrong = score_min), so the
-  policy learns to judge its own kind of outputs. Loss = NLL(gold) + judge_weight * NLL(judge
-  rows), each a token mean. Needs a verifier (the task's, or JSONL answers).
+  policy learns to judge its own kind of outputs; a rationale judge's rows write the gold response
+  to the prompt before the marker and score. Loss = NLL(gold responses and rationales) +
+  judge_weight * NLL(verdicts), each a token mean. Needs a verifier (the task's, or JSONL answers).
   """
 
   judge: object  # scoring.Judge
@@ -187,23 +188,31 @@ class JudgeSFT:
     sample_score = lo + (hi - lo) * jnp.clip(jnp.asarray(rewards, jnp.float32), 0.0, 1.0)
     width = j.prompt_width(batch["prompt_tokens"].shape[1],
                            max(gold["tokens"].shape[1], sampled["tokens"].shape[1]))
-    completion = gold["tokens"].shape[1]
+    completion = max(gold["tokens"].shape[1], j.completion_width(gold["tokens"].shape[1]))
+    # A rationale judge's own solution is the gold response of the row's prompt.
+    n = sampled["tokens"].shape[0] // gold["tokens"].shape[0]
+    rationale = lambda rows: (jnp.repeat(gold["tokens"], rows, axis=0),
+                              jnp.repeat(gold["mask"], rows, axis=0))
     judged = [j.training_rows(r["prompt_tokens"], r["prompt_mask"], r["tokens"], r["mask"], s,
-                              prompt_width=width, completion_width=completion)
-              for r, s in ((gold, gold_score), (sampled, sample_score))]
+                              prompt_width=width, completion_width=completion,
+                              rationale=rationale(k))
+              for r, s, k in ((gold, gold_score, 1), (sampled, sample_score, n))]
     prompt_tokens, prompt_mask = left_pad_to(gold["prompt_tokens"], gold["prompt_mask"], width,
                                              j.pad_id)
     sft = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
-           "tokens": _pad_right(gold["tokens"], max(completion, 2), j.pad_id),
-           "mask": _pad_right(gold["mask"], max(completion, 2))}
+           "tokens": _pad_right(gold["tokens"], completion, j.pad_id),
+           "mask": _pad_right(gold["mask"], completion)}
+    sft["verdict"] = jnp.zeros_like(sft["mask"])
     rows = concat_rows(sft, concat_rows(*judged))
     n_sft = sft["tokens"].shape[0]
     rows["is_judge"] = jnp.arange(rows["tokens"].shape[0]) >= n_sft
     return rows
 
   def loss(self, logp_BxT, rows: Rows):
+    # A rationale (the gold solution written inside a judge row) counts as SFT; the judge loss is
+    # on the verdict tokens, so the score keeps its weight however long the rationale is.
     mask = rows["mask"].astype(bool)
-    is_judge = rows["is_judge"][:, None]
-    sft = losses.nll_loss(logp_BxT, mask & ~is_judge)
-    judge = losses.nll_loss(logp_BxT, mask & is_judge)
+    verdict = rows["verdict"].astype(bool)
+    sft = losses.nll_loss(logp_BxT, mask & ~verdict)
+    judge = losses.nll_loss(logp_BxT, mask & verdict)
     return sft + self.judge_weight * judge, {"sft_loss": sft, "judge_loss": judge}

@@ -5,14 +5,22 @@ A judge template wraps (prompt, response) in token space:
   BOS + enc(text before {prompt}) + prompt + enc(text between) + response + enc(text after)
 
 (the prompt without its BOS, the response without its stop token; the pieces of the template are
-encoded separately, the same way for judge training rows and for judging). The score is read from
-the judge's next-token distribution on the score tokens "0".."5":
+encoded separately, the same way for judge training rows and for judging). A template may also
+put `{response}` first; the two fields then swap places above. The score is read from the judge's
+next-token distribution on the score tokens "0".."5":
 
   expected (default, `num_samples=0`): one forward pass; `Σ_k p(k) · k`, p renormalised over the
     score tokens.
   sampled (`num_samples=m`): m judgements sampled (temperature, `max_new_tokens`); each one's score
     is the score token right after the last `score_marker` in it (without a marker: its first
     token); the mean of the valid ones, NaN when none is valid.
+
+With a rationale (`rationale=True`, sampled mode) the judge writes something before its score
+(the paper's judge writes a justification, then "Score: X"): judge-training rows teach
+`rationale + marker + score + EOS`, where the rationale is the gold response to the prompt, i.e.
+the judge solves the problem itself, then says whether the response's answer agrees. Judging
+then costs a generation per judgement, but the verdict compares two written answers instead of
+re-deriving one in a single forward pass.
 
 Everything is jittable: judging runs inside the round on the round's own samples.
 
@@ -39,6 +47,10 @@ from selfplay_jax.models.config import ConfigError, ModelConfig
 # judge agreement on the tiny arithmetic model was lower (see docs/recipes.md).
 JUDGE_SYMBOLS = ("<score>",)
 TASK_TEMPLATE = "{prompt}{response}<score>"
+# With a rationale: the response first, so that the judge's own solution follows the problem
+# exactly as when the policy answers it (same relative positions), then the verdict.
+TASK_RATIONALE_TEMPLATE = "{response}<score>{prompt}"
+TASK_SCORE_MARKER = "<score>"
 
 # For natural-language tokenizers: the paper's additive 5-point rubric (Yuan et al. 2024, Fig. 2),
 # ending where the score is read.
@@ -55,21 +67,38 @@ User: {prompt}
 After examining the user's instruction and the response, conclude with the score in the format "Score: <total points>".
 Score: """
 
+# The rubric with a rationale: the judge answers the question itself, then scores.
+RUBRIC_RATIONALE_TEMPLATE = """Review a response to a user's question. First answer the question yourself, then compare the response with your answer and conclude with the score in the format "Score: <points>", from 0 (wrong) to 5 (correct and complete).
 
-def _split_template(template: str) -> tuple[str, str, str]:
+<response>{response}</response>
+User: {prompt}
+"""
+RUBRIC_SCORE_MARKER = "Score: "
+
+
+def _split_template(template: str) -> tuple[str, str, str, bool]:
+  """(before, between, after, response_first) of "...{prompt}...{response}..." or the reverse."""
   for field in ("{prompt}", "{response}"):
     if template.count(field) != 1:
       raise ConfigError(f"judge.template: must contain {field} exactly once, got {template!r}")
-  before, rest = template.split("{prompt}")
-  if "{response}" not in rest:
-    raise ConfigError("judge.template: {prompt} must come before {response}")
-  middle, after = rest.split("{response}")
-  return before, middle, after
+  response_first = template.index("{response}") < template.index("{prompt}")
+  first, second = ("{response}", "{prompt}") if response_first else ("{prompt}", "{response}")
+  before, rest = template.split(first)
+  middle, after = rest.split(second)
+  return before, middle, after, response_first
 
 
 def left_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
   """Moves each row's masked tokens to the right end, in order (left padding): [R, T]."""
   order = jnp.argsort(mask, axis=1, stable=True)  # False (padding) first, order kept
+  tokens = jnp.take_along_axis(tokens, order, axis=1)
+  mask = jnp.take_along_axis(mask, order, axis=1)
+  return jnp.where(mask, tokens, pad_id), mask
+
+
+def right_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Moves each row's masked tokens to the left end, in order (right padding): [R, T]."""
+  order = jnp.argsort(~mask.astype(bool), axis=1, stable=True)
   tokens = jnp.take_along_axis(tokens, order, axis=1)
   mask = jnp.take_along_axis(mask, order, axis=1)
   return jnp.where(mask, tokens, pad_id), mask
@@ -86,9 +115,9 @@ def left_pad_to(tokens, mask, width: int, pad_id: int = 0):
 class Judge:
   """Token-space judge template and score read-out (see the module docstring)."""
 
-  prefix: tuple[int, ...]  # BOS (if the tokenizer has one) + text before {prompt}
-  middle: tuple[int, ...]  # text between {prompt} and {response}
-  suffix: tuple[int, ...]  # text after {response}
+  prefix: tuple[int, ...]  # BOS (if the tokenizer has one) + text before the first field
+  middle: tuple[int, ...]  # text between the two fields
+  suffix: tuple[int, ...]  # text after the second field
   score_ids: tuple[int, ...]  # token id of each score value score_min..score_max
   eos_ids: tuple[int, ...]
   bos_id: int | None = None
@@ -98,17 +127,25 @@ class Judge:
   temperature: float = 1.0
   max_new_tokens: int = 8
   marker: tuple[int, ...] = ()  # sampled mode: the score follows these tokens
+  response_first: bool = False  # the template has {response} before {prompt}
+  rationale: bool = False  # judgements are "rationale + marker + score" (sampled mode)
 
   @classmethod
   def from_template(cls, template: str, tokenizer, *, score_min: int = 0, score_max: int = 5,
                     score_marker: str = "", num_samples: int = 0, temperature: float = 1.0,
-                    max_new_tokens: int = 8) -> "Judge":
-    """Encodes `template` ("...{prompt}...{response}...") with `tokenizer`; errors name the
-    `judge.*` key at fault."""
+                    max_new_tokens: int = 8, rationale: bool = False) -> "Judge":
+    """Encodes `template` ("...{prompt}...{response}..." or the reverse order) with `tokenizer`;
+    errors name the `judge.*` key at fault."""
     if not 0 <= score_min < score_max <= 9:
       raise ConfigError(f"judge.score_max: need 0 <= score_min < score_max <= 9 (single digits), "
                         f"got {score_min}..{score_max}")
-    before, middle, after = _split_template(template)
+    before, middle, after, response_first = _split_template(template)
+    if rationale and not num_samples:
+      raise ConfigError("judge.num_samples: a judge with a rationale (judge.rationale=True) writes "
+                        "its judgement, so it needs sampled judgements (num_samples >= 1)")
+    if rationale and not score_marker:
+      raise ConfigError("judge.score_marker: a judge with a rationale needs a marker that "
+                        "separates the rationale from the score")
     enc = lambda s: tuple(tokenizer.encode(s)) if s else ()
     score_ids = []
     for value in range(score_min, score_max + 1):
@@ -125,7 +162,8 @@ class Judge:
                bos_id=tokenizer.bos_id,
                pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
                score_min=score_min, num_samples=num_samples, temperature=temperature,
-               max_new_tokens=max_new_tokens, marker=enc(score_marker))
+               max_new_tokens=max_new_tokens, marker=enc(score_marker),
+               response_first=response_first, rationale=rationale)
 
   @property
   def score_max(self) -> int:
@@ -150,28 +188,55 @@ class Judge:
     if self.bos_id is not None:
       prompt_keep &= prompt_tokens != self.bos_id
     response_keep = mask.astype(bool) & ~jnp.isin(tokens, jnp.asarray(self.eos_ids, jnp.int32))
-    parts = [fixed(self.prefix), (prompt_tokens, prompt_keep), fixed(self.middle),
-             (tokens, response_keep), fixed(self.suffix)]
+    first, second = (prompt_tokens, prompt_keep), (tokens, response_keep)
+    if self.response_first:
+      first, second = second, first
+    parts = [fixed(self.prefix), first, fixed(self.middle), second, fixed(self.suffix)]
     all_tokens = jnp.concatenate([p[0].astype(jnp.int32) for p in parts], axis=1)
     all_mask = jnp.concatenate([p[1] for p in parts], axis=1)
     return left_pack(all_tokens, all_mask, self.pad_id)
 
+  def completion_width(self, rationale_len: int = 0) -> int:
+    """Width of a judge-training completion: [rationale, marker,] score, EOS."""
+    return (rationale_len + len(self.marker) if self.rationale else 0) + 2
+
   def training_rows(self, prompt_tokens, prompt_mask, tokens, mask, target_scores,
-                    prompt_width: int | None = None, completion_width: int = 2) -> dict:
+                    prompt_width: int | None = None, completion_width: int = 2,
+                    rationale=None) -> dict:
     """Judge-training (EFT) rows: prompt = the judge prompt, completion = [score token, EOS]
-    for `target_scores` (rounded, clipped to the scale). Widths pad to at least the given ones."""
+    for `target_scores` (rounded, clipped to the scale); with a rationale judge,
+    `rationale + marker + score + EOS`, `rationale` = (tokens [R, N], mask) of each row's gold
+    response (its stop token dropped). `verdict` marks the tokens after the rationale.
+    Widths pad to at least the given ones."""
     judge_tokens, judge_mask = self.prompts(prompt_tokens, prompt_mask, tokens, mask)
     if prompt_width is not None and prompt_width > judge_tokens.shape[1]:
       judge_tokens, judge_mask = left_pad_to(judge_tokens, judge_mask, prompt_width, self.pad_id)
     index = jnp.clip(jnp.round(target_scores).astype(jnp.int32) - self.score_min, 0,
                      len(self.score_ids) - 1)
-    r, width = index.shape[0], max(completion_width, 2)
-    completion = jnp.full((r, width), self.pad_id, jnp.int32)
-    completion = completion.at[:, 0].set(jnp.asarray(self.score_ids, jnp.int32)[index])
-    completion = completion.at[:, 1].set(self.eos_ids[0])
-    completion_mask = jnp.arange(width)[None, :].repeat(r, 0) < 2
-    return {"prompt_tokens": judge_tokens, "prompt_mask": judge_mask, "tokens": completion,
-            "mask": completion_mask}
+    r = index.shape[0]
+    verdict = jnp.stack([jnp.asarray(self.score_ids, jnp.int32)[index],
+                         jnp.full((r,), self.eos_ids[0], jnp.int32)], axis=1)
+    if self.rationale:
+      if rationale is None:
+        raise ValueError("a judge with a rationale needs the rationale (gold response) of each row")
+      r_tokens, r_mask = rationale
+      keep = r_mask.astype(bool) & ~jnp.isin(r_tokens, jnp.asarray(self.eos_ids, jnp.int32))
+      marker = jnp.broadcast_to(jnp.asarray(self.marker, jnp.int32), (r, len(self.marker)))
+      completion = jnp.concatenate([r_tokens.astype(jnp.int32), marker, verdict], axis=1)
+      completion_mask = jnp.concatenate([keep, jnp.ones((r, len(self.marker) + 2), bool)], axis=1)
+      completion, completion_mask = right_pack(completion, completion_mask, self.pad_id)
+      # The verdict (marker, score, EOS) is the last len(marker) + 2 tokens of each row.
+      length = completion_mask.sum(axis=1, keepdims=True)
+      position = jnp.arange(completion.shape[1])[None, :]
+      is_verdict = completion_mask & (position >= length - len(self.marker) - 2)
+    else:
+      completion, completion_mask = verdict, jnp.ones((r, 2), bool)
+      is_verdict = completion_mask
+    extra = max(completion_width - completion.shape[1], 0)
+    pad = lambda x, value=0: jnp.pad(x, ((0, 0), (0, extra)), constant_values=value)
+    return {"prompt_tokens": judge_tokens, "prompt_mask": judge_mask,
+            "tokens": pad(completion, self.pad_id), "mask": pad(completion_mask),
+            "verdict": pad(is_verdict)}
 
   # ---- scoring --------------------------------------------------------------------------------
 
