@@ -178,6 +178,12 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
   return parser
 
 
+def raw_numbers_note(name: str) -> str:
+  """The closing sentence of a benchmark's docs section: where its raw numbers are, and the noise."""
+  return (f"Raw numbers (every repetition): `bench/results/{name}.json`. Timings on this shared "
+          "2-core machine swing 2-3x between runs; compare ratios, not absolute rates.")
+
+
 def logger(module: str) -> Callable[[str], None]:
   return lambda msg: print(f"[bench.{module}] {msg}", file=sys.stderr, flush=True)
 

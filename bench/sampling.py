@@ -321,8 +321,7 @@ def render_docs(res: dict) -> str:
       f"{_ms(bb['ours_step_in_loop_s'])}/token over {bb['new_tokens']} tokens). {bb['formula']}.",
       f"- **Where batch-1 time goes:** {res['notes']['batch1']}",
       "",
-      "Raw numbers (every repetition): `bench/results/sampling.json`. Timings on this shared 2-core "
-      "machine swing 2-3x between runs; compare ratios, not absolute rates.",
+      common.raw_numbers_note(NAME),
   ]
   return "\n".join(lines)
 

@@ -745,8 +745,7 @@ def render_docs(res: dict) -> str:
       "**Where our update step's time goes** (top XLA:CPU kernels from a `jax.profiler` trace): "
       f"{res['notes']['ours_update_kernels']}",
       "",
-      "Raw numbers (every repetition): `bench/results/trl_compare.json`. Timings on this shared 2-core "
-      "machine swing 2-3x between runs; compare ratios, not absolute rates.",
+      common.raw_numbers_note(NAME),
   ]
   return "\n".join(lines)
 

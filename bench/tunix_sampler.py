@@ -628,9 +628,8 @@ def render_docs(res: dict) -> str:
     lines += [""] + [f"- {note}" for note in notes]
   lines += [
       "",
-      f"Load average {mach['loadavg']} at start, {res['loadavg_end']} at end. Raw numbers (every "
-      f"repetition): `bench/results/{NAME}.json`. Timings on this shared 2-core machine swing 2-3x "
-      "between runs; compare ratios, not absolute rates.",
+      f"Load average {mach['loadavg']} at start, {res['loadavg_end']} at end. "
+      + common.raw_numbers_note(NAME),
   ]
   return "\n".join(lines)
 

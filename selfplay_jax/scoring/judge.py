@@ -88,20 +88,23 @@ def _split_template(template: str) -> tuple[str, str, str, bool]:
   return before, middle, after, response_first
 
 
-def left_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Moves each row's masked tokens to the right end, in order (left padding): [R, T]."""
-  order = jnp.argsort(mask, axis=1, stable=True)  # False (padding) first, order kept
+def _pack(tokens: jax.Array, mask: jax.Array, pad_id: int, to_right: bool):
+  """Moves each row's masked tokens to one end, in order; the padding goes to the other."""
+  keep = mask.astype(bool)
+  order = jnp.argsort(keep if to_right else ~keep, axis=1, stable=True)
   tokens = jnp.take_along_axis(tokens, order, axis=1)
   mask = jnp.take_along_axis(mask, order, axis=1)
   return jnp.where(mask, tokens, pad_id), mask
+
+
+def left_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Moves each row's masked tokens to the right end, in order (left padding): [R, T]."""
+  return _pack(tokens, mask, pad_id, to_right=True)
 
 
 def right_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
   """Moves each row's masked tokens to the left end, in order (right padding): [R, T]."""
-  order = jnp.argsort(~mask.astype(bool), axis=1, stable=True)
-  tokens = jnp.take_along_axis(tokens, order, axis=1)
-  mask = jnp.take_along_axis(mask, order, axis=1)
-  return jnp.where(mask, tokens, pad_id), mask
+  return _pack(tokens, mask, pad_id, to_right=False)
 
 
 def left_pad_to(tokens, mask, width: int, pad_id: int = 0):
