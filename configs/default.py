@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.sampling.n = 8  # completions per prompt (the GRPO group size)
 
   cfg.optimizer = ml_collections.ConfigDict()
-  cfg.optimizer.name = "adamw"  # optax optimizer
+  cfg.optimizer.name = "adamw"  # adamw | adam | sgd | lion | adafactor (optax, selfplay_jax/optim.py)
   cfg.optimizer.learning_rate = 3e-4  # self-improvement learning rate (warm-up: warmup.*)
   cfg.optimizer.warmup_steps = 0  # linear warmup (optimizer steps)
   cfg.optimizer.weight_decay = 0.0  # decoupled weight decay
@@ -106,13 +106,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.judge.loss_weight = 1.0  # warm-up loss = NLL(gold) + loss_weight * NLL(judge rows)
 
   cfg.data = ml_collections.ConfigDict()
-  cfg.data.task = arg.task  # built-in task (arithmetic | sort) or a JSONL file of user data
+  cfg.data.task = arg.task  # arithmetic | sort | countdown, a .jsonl file, or file.py:factory
   cfg.data.eval_path = ""  # JSONL data: held-out file; "" = hold out data.heldout_fraction of rows
   cfg.data.heldout_fraction = 0.1  # JSONL data without eval_path: share of prompts held out
   cfg.data.answer_marker = "####"  # JSONL data: the verifier compares what follows this token
   cfg.data.strict = False  # JSONL data: a bad row is an error (True) or skipped and counted
   cfg.data.batch_size = 64  # prompts per round (global, across all devices)
-  cfg.data.difficulty = 2  # arithmetic: digits per operand; sort: list length
+  cfg.data.difficulty = 2  # arithmetic: digits per operand; sort: list length; countdown: numbers (2-4)
   cfg.data.step_by_step = True  # arithmetic: digit-wise worked answer before the final one
   cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
   cfg.data.max_response_len = 32  # gold response length incl. EOS (tokens)

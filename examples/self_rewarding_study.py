@@ -26,15 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from selfplay_jax import config_lib, models, sampling, scoring
-from selfplay_jax import evaluate as ev
+from selfplay_jax import config_lib, config_validation, models, sampling, scoring
+from selfplay_jax import setup
+from selfplay_jax import evaluate
 from selfplay_jax import round as rnd
 from selfplay_jax.data import pipeline
 
 
 def _config(overrides):
   cfg = config_lib.load_config("configs/self_rewarding.py", overrides)
-  config_lib.validate(cfg)
+  config_validation.validate(cfg)
   return cfg
 
 
@@ -59,11 +60,11 @@ def _within_corr(a, b):
 
 def judge_report(cfg, task, tok, mc, params, num_examples: int, n: int = 8, gaps=(0.5, 1.0)):
   """Held-out calibration of the judge M1 (see the module docstring, step 2)."""
-  judge, verify = ev.build_judge(cfg, tok), task.make_verifier(tok)
-  sc = ev.sampling_config(cfg, tok, n=n)
+  judge, verify = setup.build_judge(cfg, tok), task.make_verifier(tok)
+  sc = setup.sampling_config(cfg, tok, n=n)
   scores, verified, likelihood = [], [], []
   batches = pipeline.eval_batches(task, "heldout", num_examples, tokenizer=tok, batch_size=64,
-                                  **ev.data_lengths(cfg))
+                                  **setup.data_lengths(cfg))
   for i, b in enumerate(batches):
     ro = sampling.sample(mc, params, b["prompt_tokens"], b["prompt_mask"], jax.random.key(100 + i), sc)
     rep = lambda x: np.repeat(x, n, axis=0)
@@ -112,13 +113,13 @@ def main(argv=None):
   t0 = time.time()
   base = [f"warmup.rounds={args.warmup_rounds}", f"optimizer.learning_rate={args.learning_rate}"]
   cfg = _config(base)
-  task, tok = ev.task_and_tokenizer(cfg, Path(tempfile.mkdtemp()) / "tok")
-  mc, lens = ev.model_config(cfg, tok), ev.data_lengths(cfg)
-  verify, opt = task.make_verifier(tok), ev.build_optimizer(cfg)
-  warm_spec = ev.build_warmup_spec(cfg, tok)
+  task, tok = setup.task_and_tokenizer(cfg, Path(tempfile.mkdtemp()) / "tok")
+  mc, lens = setup.model_config(cfg, tok), setup.data_lengths(cfg)
+  verify, opt = task.make_verifier(tok), setup.build_optimizer(cfg)
+  warm_spec = setup.build_warmup_spec(cfg, tok)
   state = rnd.init_state(models.init_params(mc, jax.random.key(cfg.seed)), opt, warm_spec,
                          jax.random.key(1))
-  warm = rnd.build_round_fn(mc, warm_spec, opt, ev.sampling_config(cfg, tok), verify)
+  warm = rnd.build_round_fn(mc, warm_spec, opt, setup.sampling_config(cfg, tok), verify)
   it = pipeline.make_iterator(task.source("train", cfg.seed), tokenizer=tok,
                               batch_size=cfg.data.batch_size, seed=cfg.seed, **lens)
   for r in range(args.warmup_rounds):
@@ -128,7 +129,7 @@ def main(argv=None):
   m1 = jax.device_get((state.params, state.opt_state))
   batches = pipeline.eval_batches(task, "heldout", args.eval_examples, tokenizer=tok, batch_size=128,
                                   **lens)
-  accuracy = lambda p: ev.greedy_accuracy(mc, p, batches, verify, tok.eos_ids,
+  accuracy = lambda p: evaluate.greedy_accuracy(mc, p, batches, verify, tok.eos_ids,
                                           cfg.sampling.max_new_tokens)
   result = {"args": vars(args), "warmup_accuracy": accuracy(m1[0]),
             "judge": judge_report(cfg, task, tok, mc, m1[0], args.judge_examples)}
@@ -140,10 +141,10 @@ def main(argv=None):
   result["controls"] = []
   for name, extra, flip in controls:
     c = _config(base + extra)
-    spec = ev.build_spec(c)
+    spec = setup.build_spec(c)
     scorer = flipped_verifier(verify, c.sampling.n, flip) if flip is not None else (
-        ev.build_scorer(c, mc, tok))
-    round_fn = rnd.build_round_fn(mc, spec, opt, ev.sampling_config(c, tok), verify, scorer=scorer)
+        setup.build_scorer(c, mc, tok))
+    round_fn = rnd.build_round_fn(mc, spec, opt, setup.sampling_config(c, tok), verify, scorer=scorer)
     state = rnd.init_state(jax.tree.map(jnp.asarray, m1[0]), opt, spec, jax.random.key(2)).replace(
         opt_state=jax.tree.map(jnp.asarray, m1[1]))
     it = pipeline.make_iterator(task.source("train", 1), tokenizer=tok, batch_size=c.data.batch_size,

@@ -41,31 +41,15 @@ from etils import epath
 from jax.sharding import NamedSharding
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from selfplay_jax.errors import (CheckpointCorruptedError, CheckpointError,  # noqa: F401
+                                 CheckpointMismatchError, CheckpointNotFoundError,
+                                 CheckpointWriteError)
+
 PyTree = Any
 log = logging.getLogger(__name__)
 
 _STATE, _DATA, _CONFIG, _METRICS = "state", "data_state", "config", "round_metrics"
 _ITEMS = (_STATE, _DATA, _CONFIG, _METRICS)
-
-
-class CheckpointError(Exception):
-  """Base class for checkpoint errors."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-  """No complete checkpoint (or not the requested step) exists."""
-
-
-class CheckpointCorruptedError(CheckpointError):
-  """Every candidate checkpoint failed to read."""
-
-
-class CheckpointMismatchError(CheckpointError, ValueError):
-  """The checkpoint's tree structure, shapes or dtypes differ from the restore target."""
-
-
-class CheckpointWriteError(CheckpointError, OSError):
-  """A checkpoint could not be written (disk full, no permission, ...); older steps are intact."""
 
 
 _SPACE_MARGIN = 1 << 18  # bytes of metadata / JSON items on top of the arrays

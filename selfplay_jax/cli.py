@@ -22,11 +22,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from selfplay_jax import config_lib
-from selfplay_jax.checkpoint import CheckpointError
-from selfplay_jax.models.config import ConfigError
-from selfplay_jax.models.hf import CheckpointFormatError
-from selfplay_jax.tokenizers import TokenizerError
+from selfplay_jax import config_lib, config_validation
+from selfplay_jax.errors import (CheckpointError, CheckpointFormatError, ConfigError, DataError,
+                                 EncodingError, TokenizerError)
 
 COMMANDS = {
     "train": "run self-improvement rounds from a config (checkpoints and metrics in --workdir)",
@@ -86,8 +84,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _train(cfg, workdir: str | None) -> int:
-  from selfplay_jax import train  # pylint: disable=import-outside-toplevel
-  from selfplay_jax.data import pipeline, tasks  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import runtime, train  # pylint: disable=import-outside-toplevel
 
   workdir = workdir or "runs/default"
   if not _FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines out of the demo's output
@@ -97,12 +94,12 @@ def _train(cfg, workdir: str | None) -> int:
         f"({cfg.model.hf_path or 'preset ' + cfg.model.preset}), workdir {workdir}")
   try:
     history = train.train_and_evaluate(cfg, workdir)
-  except train.Preempted as e:
+  except runtime.Preempted as e:
     print(f"selfplay-jax train: {e}", file=sys.stderr)
     sys.exit(128 + e.signum)  # the shell convention for "terminated by signal N"
   except train.Diverged as e:
     _fail(e, code=3)
-  except _INPUT_ERRORS + (pipeline.DataError, tasks.EncodingError) as e:
+  except _INPUT_ERRORS + (DataError, EncodingError) as e:
     _fail(e)
   if "eval/accuracy_after_warmup" in history:
     print(f"held-out accuracy after warm-up: {history['eval/accuracy_after_warmup']:.1%}")
@@ -122,13 +119,13 @@ def _define_distributed_flags() -> None:
 
 
 def _main(argv: list[str], overrides: list[str], config: flags.FlagHolder) -> int:
-  from selfplay_jax import train  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import runtime  # pylint: disable=import-outside-toplevel
 
   _no_positional_args(argv)
   try:
     cfg = config_lib.apply_overrides(config.value, overrides)
-    config_lib.validate(cfg)
-    train.initialize_distributed(_FLAGS.distributed, _FLAGS.coordinator_address,
+    config_validation.validate(cfg)
+    runtime.initialize_distributed(_FLAGS.distributed, _FLAGS.coordinator_address,
                                  _FLAGS.num_processes, _FLAGS.process_id)
   except (ConfigError, OSError) as e:
     _fail(e)
@@ -278,18 +275,12 @@ def run(argv: Sequence[str] | None = None) -> None:
   command = argv.pop(positional[0])
   if command not in COMMANDS:
     _fail(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}")
-  if command == "generate":
-    _define_generate_flags()
-    app.run(_generate, argv=argv, flags_parser=_parse_flags)
-  if command == "eval":
-    _define_eval_flags()
-    app.run(_eval, argv=argv, flags_parser=_parse_flags)
-  if command == "export":
-    _define_export_flags()
-    app.run(_export, argv=argv, flags_parser=_parse_flags)
-  if command == "report":
-    _define_report_flags()
-    app.run(_report, argv=argv, flags_parser=_parse_flags)
+  simple = {"generate": (_define_generate_flags, _generate), "eval": (_define_eval_flags, _eval),
+            "export": (_define_export_flags, _export), "report": (_define_report_flags, _report)}
+  if command in simple:  # flags only, no config file
+    define, main = simple[command]
+    define()
+    app.run(main, argv=argv, flags_parser=_parse_flags)
   # train and plan: a config file plus --config.KEY=VALUE overrides.
   try:
     absl_argv, overrides = config_lib.split_argv(argv)

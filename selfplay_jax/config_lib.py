@@ -1,9 +1,9 @@
-"""Loading, overriding and validating `ml_collections` run configs (see `configs/default.py`).
+"""Loading and overriding `ml_collections` run configs (see `configs/default.py`).
 
 Plain Python (no absl flags), so tests and notebooks run the same code as the CLI:
 
   cfg = config_lib.load_config("configs/default.py:model=llama3_8b", ["model.num_layers=2"])
-  config_lib.validate(cfg)                      # raises ConfigError naming the dotted key
+  config_validation.validate(cfg)                      # raises ConfigError naming the dotted key
   model_cfg = config_lib.model_config(cfg.model)
 
 Every error is a `ConfigError` whose message starts with the dotted key it is about.
@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import importlib.util
 import json
-import math
 import sys
 import types
 import typing
@@ -28,13 +27,11 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from selfplay_jax.algorithms import (ADVANTAGES, ALGORITHMS, GROUP_ALGORITHMS, PG_ALGORITHMS,
-                                     PG_LOSS_TYPES, PREFERENCE_ALGORITHMS,
-                                     PREFERENCE_LOSS_TYPES, REWARDS)
-from selfplay_jax.models.config import PRESETS, ConfigError, ModelConfig, get_preset
+from selfplay_jax.errors import ConfigError
+from selfplay_jax.models.config import ModelConfig, get_preset
 
 __all__ = ["ConfigError", "apply_overrides", "default_config_path", "load_config", "model_config",
-           "parse_arg", "resolve_config_path", "set_preset", "split_argv", "to_json", "validate"]
+           "parse_arg", "resolve_config_path", "set_preset", "split_argv", "to_json"]
 
 _NONE_WORDS = ("none", "null")
 _TRUE_WORDS = ("true", "1", "yes", "on")
@@ -151,11 +148,11 @@ def split_argv(argv: Sequence[str], name: str = "config") -> tuple[list[str], li
 # Model group
 
 
-def _model_hints() -> dict[str, Any]:
+def model_hints() -> dict[str, Any]:
   return typing.get_type_hints(ModelConfig)
 
 
-def _optional_inner(hint: Any) -> type | None:
+def optional_inner(hint: Any) -> type | None:
   """`int` for `int | None`; None if the hint is not Optional."""
   if typing.get_origin(hint) in (typing.Union, types.UnionType):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -172,10 +169,10 @@ def set_preset(model: ml_collections.ConfigDict, name: str) -> None:
   """
   preset = get_preset(name)
   model.preset = name
-  hints = _model_hints()
+  hints = model_hints()
   for field in dataclasses.fields(ModelConfig):
     value = getattr(preset, field.name)
-    inner = _optional_inner(hints[field.name])
+    inner = optional_inner(hints[field.name])
     if field.name not in model and inner is not None:
       ref = config_dict.placeholder(inner)
       if value is not None:
@@ -268,14 +265,24 @@ def _lookup(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.Co
   return node, leaf
 
 
-def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   keys = []
   for name in cfg.keys():
     full = f"{prefix}{name}"
     keys.append(full)
     if isinstance(cfg[name], ml_collections.ConfigDict):
-      keys.extend(_flat_keys(cfg[name], f"{full}."))
+      keys.extend(flat_keys(cfg[name], f"{full}."))
   return keys
+
+
+def get_key(cfg: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of dotted `key`; ConfigError when it is missing."""
+  node = cfg
+  for name in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      raise ConfigError(f"{key}: missing from the config")
+    node = node[name]
+  return node
 
 
 def _did_you_mean(key: str, options: Sequence[str]) -> str:
@@ -284,7 +291,7 @@ def _did_you_mean(key: str, options: Sequence[str]) -> str:
 
 
 def _unknown(cfg: ml_collections.ConfigDict, key: str) -> ConfigError:
-  options = _flat_keys(cfg)
+  options = flat_keys(cfg)
   leaf = key.rsplit(".", 1)[-1]
   same_leaf = [o for o in options if o.rsplit(".", 1)[-1] == leaf and o != key]
   hint = _did_you_mean(key, options) or (f" (did you mean {', '.join(same_leaf)}?)"
@@ -356,243 +363,12 @@ def _parse_value(key: str, raw: str, field_type: Any, *, nullable: bool,
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation
-
-_Check = Callable[[Any], bool]
-
-
-def _positive(v) -> bool:
-  return v >= 1
-
-
-def _non_negative(v) -> bool:
-  return v >= 0
-
-
-# (dotted key, expected type, predicate or None, what the predicate requires)
-_RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
-    ("seed", int, None, ""),
-    ("rounds", int, _positive, "must be >= 1"),
-    ("progress_bar", bool, None, ""),
-    ("log_every_round", bool, None, ""),
-    ("model.preset", str, lambda v: v in PRESETS, f"must be one of {sorted(PRESETS)}"),
-    ("model.hf_path", str, None, ""),
-    ("model.tokenizer_path", str, None, ""),
-    ("sampling.max_new_tokens", int, _positive, "must be >= 1"),
-    ("sampling.temperature", float, _non_negative, "must be >= 0 (0 = greedy)"),
-    ("sampling.top_k", int, _non_negative, "must be >= 0 (0 = off)"),
-    ("sampling.top_p", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    ("sampling.n", int, _positive, "must be >= 1"),
-    ("optimizer.name", str, bool, "must be non-empty"),
-    ("optimizer.learning_rate", float, lambda v: v > 0, "must be > 0"),
-    ("optimizer.warmup_steps", int, _non_negative, "must be >= 0"),
-    ("optimizer.weight_decay", float, _non_negative, "must be >= 0"),
-    ("optimizer.grad_clip", float, _non_negative, "must be >= 0 (0 = off)"),
-    ("optimizer.b1", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optimizer.b2", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("algorithm.name", str, bool, "must be non-empty"),
-    ("algorithm.spec", str, None, ""),
-    ("algorithm.scorer", str, None, ""),
-    ("metrics.plot_every_rounds", int, _non_negative, "must be >= 0 (0 = off)"),
-    ("metrics.plot_min_interval_s", float, _non_negative, "must be >= 0"),
-    ("metrics.tensorboard", bool, None, ""),
-    ("metrics.wandb", bool, None, ""),
-    ("metrics.wandb_project", str, bool, "must be non-empty"),
-    ("metrics.wandb_name", str, None, ""),
-    ("algorithm.loss_type", str, lambda v: v in ("",) + PG_LOSS_TYPES + PREFERENCE_LOSS_TYPES,
-     f"must be '' (the algorithm's own) or one of {PG_LOSS_TYPES + PREFERENCE_LOSS_TYPES}"),
-    ("algorithm.reward", str, lambda v: v in ("",) + REWARDS,
-     f"must be '' (the algorithm's own) or one of {REWARDS}"),
-    ("algorithm.likelihood_normalize", str, lambda v: v in ("sum", "mean"),
-     "must be 'sum' or 'mean'"),
-    ("algorithm.iteration_rounds", int, _positive, "must be >= 1"),
-    ("algorithm.replay_previous", bool, None, ""),
-    ("algorithm.label_smoothing", float, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
-    ("algorithm.simpo_gamma", float, None, ""),
-    ("algorithm.orpo_lambda", float, _non_negative, "must be >= 0"),
-    ("algorithm.nll_coef", float, _non_negative, "must be >= 0"),
-    ("algorithm.min_score_gap", float, _non_negative, "must be >= 0"),
-    ("judge.template", str, None, ""),
-    ("judge.score_min", int, lambda v: 0 <= v <= 8, "must be in [0, 8]"),
-    ("judge.score_max", int, lambda v: 1 <= v <= 9, "must be in [1, 9] (single-digit scores)"),
-    ("judge.num_samples", int, _non_negative, "must be >= 0 (0 = expected score)"),
-    ("judge.temperature", float, lambda v: v > 0, "must be > 0"),
-    ("judge.max_new_tokens", int, _positive, "must be >= 1"),
-    ("judge.score_marker", str, None, ""),
-    ("judge.rationale", bool, None, ""),
-    ("judge.train_in_warmup", bool, None, ""),
-    ("judge.loss_weight", float, _non_negative, "must be >= 0"),
-    ("algorithm.advantage", str, lambda v: v in ("",) + ADVANTAGES,
-     f"must be '' (the algorithm's own) or one of {ADVANTAGES}"),
-    ("algorithm.clip_low", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("algorithm.max_per_prompt", int, _non_negative, "must be >= 0 (0 = keep all)"),
-    ("algorithm.overlong_buffer", int, _non_negative, "must be >= 0 (0 = off)"),
-    ("algorithm.clip_high", float, _non_negative, "must be >= 0"),
-    ("warmup.rounds", int, _non_negative, "must be >= 0"),
-    ("warmup.num_minibatches", int, _positive, "must be >= 1"),
-    ("warmup.learning_rate", float, lambda v: v > 0, "must be > 0"),
-    ("eval.every_rounds", int, _positive, "must be >= 1"),
-    ("eval.num_examples", int, _positive, "must be >= 1"),
-    ("eval.batch_size", int, _positive, "must be >= 1"),
-    ("data.difficulty", int, _positive, "must be >= 1"),
-    ("data.heldout_fraction", float, lambda v: 0 < v < 1, "must be in (0, 1)"),
-    ("data.eval_path", str, None, ""),
-    ("data.answer_marker", str, bool, "must be non-empty"),
-    ("data.strict", bool, None, ""),
-    ("data.max_response_len", int, _positive, "must be >= 1"),
-    ("data.max_answer_len", int, _positive, "must be >= 1"),
-    ("debug.kill_at_round", int, _non_negative, "must be >= 0 (0 = off)"),
-    ("debug.kill_point", str, lambda v: v in ("round", "save"), "must be 'round' or 'save'"),
-    ("debug.kill_signal", str, lambda v: v in ("SIGKILL", "SIGTERM", "SIGINT"),
-     "must be SIGKILL, SIGTERM or SIGINT"),
-    ("debug.nan_from_round", int, _non_negative, "must be >= 0 (0 = off)"),
-    ("debug.nan_to_round", int, _non_negative, "must be >= 0 (0 = no end)"),
-    ("optimizer.max_bad_updates", int, _non_negative, "must be >= 0 (0 = never stop)"),
-    ("algorithm.num_epochs", int, _positive, "must be >= 1"),
-    ("algorithm.num_minibatches", int, _positive, "must be >= 1"),
-    ("algorithm.kl_coef", float, _non_negative, "must be >= 0"),
-    ("algorithm.beta", float, lambda v: v > 0, "must be > 0"),
-    ("data.task", str, bool, "must be non-empty"),
-    ("data.batch_size", int, _positive, "must be >= 1"),
-    ("data.max_prompt_len", int, _positive, "must be >= 1"),
-    ("checkpoint.every_rounds", int, _non_negative, "must be >= 0 (0 = never)"),
-    ("checkpoint.keep", int, _positive, "must be >= 1"),
-    ("mesh.data", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
-    ("mesh.fsdp", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
-    ("mesh.tensor", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
-)
-
-
-def _get(cfg: ml_collections.ConfigDict, key: str) -> Any:
-  node = cfg
-  for name in key.split("."):
-    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      raise ConfigError(f"{key}: missing from the config")
-    node = node[name]
-  return node
-
-
-def _is_type(value: Any, hint: Any) -> bool:
-  """isinstance against a ModelConfig-style hint: int, float, str, bool, X | None, tuple[X, ...]."""
-  inner = _optional_inner(hint)
-  if inner is not None:
-    return value is None or _is_type(value, inner)
-  if typing.get_origin(hint) is tuple:
-    elem = typing.get_args(hint)[0]
-    return isinstance(value, tuple) and all(_is_type(v, elem) for v in value)
-  if hint is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if hint is int:
-    return isinstance(value, int) and not isinstance(value, bool)
-  return isinstance(value, hint)
-
-
-def _hint_name(hint: Any) -> str:
-  return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _check_type(key: str, value: Any, hint: Any) -> None:
-  if not _is_type(value, hint):
-    raise ConfigError(f"{key}: expected {_hint_name(hint)}, got {value!r}")
-  if isinstance(value, float) and not math.isfinite(value):
-    raise ConfigError(f"{key}: must be finite, got {value!r}")
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks types, ranges and combinations before anything compiles; ConfigError names the key."""
-  for key, hint, check, requirement in _RULES:
-    value = _get(cfg, key)
-    _check_type(key, value, hint)
-    if check is not None and not check(value):
-      raise ConfigError(f"{key}: {requirement}, got {value!r}")
-  hints = _model_hints()
-  for field in dataclasses.fields(ModelConfig):
-    _check_type(f"model.{field.name}", _get(cfg, f"model.{field.name}"), hints[field.name])
-  for key in ("model.hf_path", "model.tokenizer_path", "data.eval_path"):
-    path = _get(cfg, key)
-    if path and not Path(path).exists():
-      raise ConfigError(f"{key}: {path!r} does not exist")
-  if sum(_get(cfg, f"mesh.{axis}") == -1 for axis in ("data", "fsdp", "tensor")) > 1:
-    raise ConfigError("mesh.data: at most one mesh axis may be -1 (fill)")
-  rules = cfg.mesh.get("rules", ())
-  if isinstance(rules, str) or not isinstance(rules, (tuple, list)):
-    raise ConfigError(f"mesh.rules: must be a tuple of 'logical=axes' strings, got {rules!r}")
-  from selfplay_jax import sharding  # pylint: disable=import-outside-toplevel
-  sharding.logical_rules(cfg.mesh)  # an unknown logical or mesh axis fails here, naming the key
-  model = model_config(cfg.model)
-  _validate_combinations(cfg, model)
-
-
-def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
-  """Settings that are fine alone but impossible together."""
-  a = cfg.algorithm
-  if not a.spec and a.name not in ALGORITHMS:
-    raise ConfigError(f"algorithm.name: must be one of {ALGORITHMS} (or set algorithm.spec to your "
-                      f"own spec), got {a.name!r}")
-  for key in ("algorithm.spec", "algorithm.scorer"):
-    if _get(cfg, key):
-      import_object(_get(cfg, key), key)  # a bad reference fails here, naming the key
-  if a.scorer and a.reward:
-    raise ConfigError("algorithm.scorer: set either algorithm.scorer (your own) or "
-                      f"algorithm.reward={a.reward!r} (built-in), not both")
-  rows, what = cfg.data.batch_size * cfg.sampling.n, "data.batch_size * sampling.n"
-  if a.name in ("dpo", "self_rewarding"):
-    rows, what = cfg.data.batch_size, "data.batch_size (one pair per prompt)"
-  elif a.name == "spin" and a.replay_previous:
-    rows, what = 2 * rows, "2 * data.batch_size * sampling.n (new and replayed pairs)"
-  elif a.name == "sft":
-    rows, what = cfg.data.batch_size, "data.batch_size"
-  if rows % a.num_minibatches and not a.spec:  # own specs: checked when the round is traced
-    raise ConfigError(f"algorithm.num_minibatches: {a.num_minibatches} must divide {what} = {rows}")
-  if a.loss_type and a.name in PG_ALGORITHMS and a.loss_type not in PG_LOSS_TYPES:
-    raise ConfigError(f"algorithm.loss_type: {a.name} takes one of {PG_LOSS_TYPES}, got "
-                      f"{a.loss_type!r}")
-  if a.loss_type and a.name in PREFERENCE_ALGORITHMS and a.loss_type not in PREFERENCE_LOSS_TYPES:
-    raise ConfigError(f"algorithm.loss_type: {a.name} takes one of {PREFERENCE_LOSS_TYPES}, got "
-                      f"{a.loss_type!r}")
-  if a.reward in ("judge", "likelihood") and a.name in ("sft", "dpo"):
-    raise ConfigError(f"algorithm.reward: {a.name} does not sample, so nothing is scored; "
-                      "leave algorithm.reward empty")
-  if a.overlong_buffer >= cfg.sampling.max_new_tokens:
-    raise ConfigError(f"algorithm.overlong_buffer: {a.overlong_buffer} must be below "
-                      f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} (the penalty ramps "
-                      "over the last overlong_buffer tokens before the cap)")
-  if cfg.debug.nan_to_round and cfg.debug.nan_to_round < cfg.debug.nan_from_round:
-    raise ConfigError(f"debug.nan_to_round: {cfg.debug.nan_to_round} is before "
-                      f"debug.nan_from_round={cfg.debug.nan_from_round}")
-  if cfg.judge.score_min >= cfg.judge.score_max:
-    raise ConfigError(f"judge.score_max: must be above judge.score_min, got "
-                      f"{cfg.judge.score_min}..{cfg.judge.score_max}")
-  if cfg.algorithm.name in GROUP_ALGORITHMS and cfg.sampling.n < 2:
-    raise ConfigError(f"sampling.n: {cfg.algorithm.name} needs >= 2 samples per prompt "
-                      "(group-relative advantages)")
-  if cfg.data.batch_size % cfg.warmup.num_minibatches:
-    raise ConfigError(f"warmup.num_minibatches: {cfg.warmup.num_minibatches} must divide "
-                      f"data.batch_size = {cfg.data.batch_size}")
-  if cfg.sampling.top_k > model.vocab_size:
-    raise ConfigError(f"sampling.top_k: {cfg.sampling.top_k} exceeds model.vocab_size="
-                      f"{model.vocab_size}")
-  total = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
-  if total > model.max_position_embeddings:
-    raise ConfigError(f"sampling.max_new_tokens: data.max_prompt_len + sampling.max_new_tokens = "
-                      f"{total} exceeds model.max_position_embeddings="
-                      f"{model.max_position_embeddings}")
-
-
-# ----------------------------------------------------------------------------------------------
 # Serialisation
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
   """The resolved config as indented, key-sorted JSON (tuples become lists)."""
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
-
-
-# Keys whose change makes a run's checkpoints a different experiment (resuming would silently mix
-# two runs); prefixes end with ".". Everything else (rounds, learning rate, eval, logging, ...) may
-# change between restarts and is reported as a warning.
-RUN_IDENTITY_KEYS = ("model.", "algorithm.name", "data.task", "data.difficulty")
-_RESUME_KNOBS = ("model.dtype", "model.remat", "model.preset")  # compute settings, not the model
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -603,35 +379,6 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
       out.update(flatten(value, f"{prefix}{key}."))
     return out
   return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
-
-
-def read_run_config(workdir: str | Path) -> dict[str, Any]:
-  """The config dict a run saved as `<workdir>/config.json`, with one error naming the file when it
-  is missing or unreadable."""
-  path = Path(workdir) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: is {workdir} a selfplay-jax training workdir?")
-  try:
-    saved = json.loads(path.read_text())
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{path}: not a readable run config ({e})") from None
-  if not isinstance(saved, dict):
-    raise ConfigError(f"{path}: not a run config (a JSON {type(saved).__name__})")
-  return saved
-
-
-def resume_differences(saved: Mapping[str, Any], cfg: ml_collections.ConfigDict
-                       ) -> tuple[list[str], list[str]]:
-  """(identity keys, other keys) whose values differ between a saved run config and `cfg`, each
-  as `key: saved -> now`. Keys missing on one side (added since the run was made) are skipped."""
-  old, new = flatten(saved), flatten(json.loads(to_json(cfg)))
-  identity, other = [], []
-  for key in sorted(old.keys() & new.keys()):
-    if old[key] != new[key]:
-      is_identity = key not in _RESUME_KNOBS and any(
-          key == k or (k.endswith(".") and key.startswith(k)) for k in RUN_IDENTITY_KEYS)
-      (identity if is_identity else other).append(f"{key}: {old[key]!r} -> {new[key]!r}")
-  return identity, other
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from selfplay_jax import checkpoint, tokenizers
-from selfplay_jax import evaluate as ev
+from selfplay_jax import checkpoint, run_config, setup, tokenizers
 from selfplay_jax.models import hf
 
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -39,10 +38,9 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, step: 
                    dtype: str | None = None) -> tuple[Path, int]:
   """Exports the policy of checkpoint `step` (default: the newest). Returns (out dir, step)."""
   workdir, out = Path(workdir), Path(out)
-  cfg = ev.load_run_config(workdir)
-  _, tok = ev.task_and_tokenizer(cfg, workdir)
-  mc = ev.model_config(cfg, tok)
-  like = ev.abstract_state(cfg, mc, ev.build_spec(cfg), ev.build_optimizer(cfg))
+  cfg = run_config.load_run_config(workdir)
+  run = setup.build(cfg, workdir)
+  tok, mc, like = run.tokenizer, run.model_config, run.abstract_state()
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
     state, _, _, _ = ckpt.restore(step, abstract_state=like)
     used = ckpt.restored_step

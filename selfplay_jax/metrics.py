@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from absl import logging
+from selfplay_jax.errors import WorkdirError  # noqa: F401 (re-exported)
 
 __all__ = ["WorkdirError", "writing", "read_jsonl", "truncate_jsonl", "JsonlWriter",
            "TensorBoardWriter", "WandbWriter", "Plotter", "MultiWriter", "writers_from_config",
@@ -46,10 +47,6 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str | None], ...] = (
     ("completion length", (("train/completion_len", "tokens"),), None),
     ("round time", (("time/round_s", "seconds"),), None),
 )
-
-
-class WorkdirError(OSError):
-  """The workdir (or a file in it) cannot be created or written."""
 
 
 @contextlib.contextmanager
@@ -151,7 +148,7 @@ class WandbWriter:
     try:
       import wandb  # pylint: disable=import-outside-toplevel
     except ImportError:
-      from selfplay_jax.models.config import ConfigError  # pylint: disable=import-outside-toplevel
+      from selfplay_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
       raise ConfigError("metrics.wandb: the wandb package is not installed "
                         "(pip install wandb, or set metrics.wandb=false)") from None
     id_file = workdir / "wandb_run_id.txt"

@@ -3,7 +3,7 @@
   selfplay-jax plan --config=configs/real_model.py:model=llama3_8b,algorithm=grpo,hardware=v5e_64
   selfplay-jax plan --config=configs/grpo.py:model=llama3_8b --devices=8 --device_memory_gib=80
 
-The train state is `jax.eval_shape`d exactly as training builds it (`evaluate.abstract_state`) and
+The train state is `jax.eval_shape`d exactly as training builds it (`setup.abstract_state`) and
 sharded with training's rules (`sharding.state_shardings`) on an `AbstractMesh` of the config's mesh
 sizes, so any device count can be planned on a laptop. Reported per device: parameters, optimizer
 state, the reference / base copies and replay slot the algorithm keeps, the sampler's KV cache
@@ -30,11 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
-from selfplay_jax import config_lib, sharding
-from selfplay_jax import evaluate as ev
-from selfplay_jax.algorithms.grpo import PolicyGradient
-from selfplay_jax.algorithms.preference import Preference
-from selfplay_jax.algorithms.sft import SFT, RestEM
+from selfplay_jax import config_lib, config_validation, setup, sharding
+from selfplay_jax.algorithms import registry
+from selfplay_jax.algorithms.spec import option
 
 __all__ = ["plan", "format_plan", "to_json", "STATE_PARTS"]
 
@@ -87,33 +85,15 @@ def _kv_cache(cfg, mc, sizes: dict[str, int]) -> dict[str, Any]:
 
 
 def _forward_passes(cfg, spec) -> list[tuple[str, int, int]]:
-  """(what, sequences, length) of the round's forward passes over whole batches (estimates)."""
+  """(what, sequences, length) of the round's forward passes over whole batches (estimates): the
+  scorer's pass, then the algorithm's (its registry entry says; none known for your own spec)."""
   b, n, d = cfg.data.batch_size, cfg.sampling.n, cfg.data
-  p, new = d.max_prompt_len, cfg.sampling.max_new_tokens
-  k = cfg.algorithm.num_minibatches
   passes = []
-  if ev.reward_kind(cfg) in ("judge", "likelihood"):
-    what = "judge pass (+ template tokens)" if ev.uses_judge(cfg) else "self-likelihood pass"
-    passes.append((what, b * n, p + new))
-  # The frozen old / reference passes run in num_minibatches chunks of rows when that divides them
-  # (`completion_logprobs(num_chunks=...)`): one chunk's logits at a time.
-  chunk = lambda rows: rows // k if rows % k == 0 else rows
-  if isinstance(spec, PolicyGradient):
-    passes += [("old / reference log-prob pass (one chunk)", chunk(b * n), p + new),
-               ("training step", b * n // k, p + new)]
-  elif isinstance(spec, Preference):
-    pairs, width = {"data": (b, d.max_response_len),
-                    "gold_vs_sample": (b * n, max(d.max_response_len, new)),
-                    "best_vs_worst": (b, new)}[spec.pairs]
-    pairs *= 2 if getattr(spec, "replay", False) else 1
-    if spec.reference != "none":
-      passes.append(("reference log-prob pass (pairs, one chunk)", chunk(2 * pairs), p + width))
-    passes.append(("training step (pairs)", 2 * pairs // k, p + width))
-  elif isinstance(spec, RestEM):
-    passes.append(("training step", b * n // k, p + new))
-  elif isinstance(spec, SFT):
-    passes.append(("training step", b // k, p + d.max_response_len))
-  return passes
+  if setup.reward_kind(cfg) in ("judge", "likelihood"):
+    what = "judge pass (+ template tokens)" if setup.uses_judge(cfg) else "self-likelihood pass"
+    passes.append((what, b * n, d.max_prompt_len + cfg.sampling.max_new_tokens))
+  entry = registry.entry_of(cfg)
+  return passes + (entry.passes(cfg, spec) if entry else [])
 
 
 def _logits(cfg, spec, mc, sizes: dict[str, int]) -> dict[str, Any] | None:
@@ -139,7 +119,7 @@ def plan(cfg, *, num_devices: int | None = None,
          device_memory_gib: float | None = None) -> dict[str, Any]:
   """The memory plan of `cfg` (validated first). Raises `ConfigError` naming the key, as training
   does, for a mesh that does not fit the device count, the heads or the batch."""
-  config_lib.validate(cfg)
+  config_validation.validate(cfg)
   hw = cfg.get("hardware") or {}
   devices = num_devices or hw.get("num_devices") or jax.device_count()
   if device_memory_gib is None:
@@ -152,8 +132,8 @@ def plan(cfg, *, num_devices: int | None = None,
   mc = config_lib.model_config(cfg.model)
   sharding.check_model(mesh, mc, cfg.data.batch_size)
   sharding.check_batch(mesh, cfg.eval.batch_size, "eval.batch_size")  # as training checks
-  spec, optimizer = ev.build_spec(cfg), ev.build_optimizer(cfg)
-  state = ev.abstract_state(cfg, mc, spec, optimizer)
+  spec, optimizer = setup.build_spec(cfg), setup.build_optimizer(cfg)
+  state = setup.abstract_state(cfg, mc, spec, optimizer)
   per_device, total, largest = _state_bytes(
       state, sharding.state_shardings(state, mesh, rules, mc))
   parts = {name: per_device.pop(name) for name in STATE_PARTS}
@@ -177,7 +157,7 @@ def plan(cfg, *, num_devices: int | None = None,
                 "num_params": mc.num_params(), "dtype": mc.dtype, "param_dtype": mc.param_dtype,
                 "remat": mc.remat},
       "algorithm": {"name": spec.name, "reference": spec.reference,
-                    "sampler": getattr(spec, "sample_from", "policy") if spec.samples else None},
+                    "sampler": option(spec, "sample_from") if spec.samples else None},
       "hardware": hw.get("name") or None,
       "num_devices": math.prod(shape), "devices_available": devices, "mesh": sizes,
       "device_memory_gib": memory,

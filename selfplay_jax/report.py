@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from selfplay_jax import config_lib
+from selfplay_jax import run_config
 from selfplay_jax import metrics as metrics_lib
 
 __all__ = ["write_report", "TABLE_COLUMNS"]
@@ -114,7 +114,7 @@ def write_report(workdir: str | os.PathLike, out: str | os.PathLike | None = Non
   """Writes the HTML report of the run in `workdir` (default `<workdir>/report.html`)."""
   workdir = Path(workdir)
   metrics_path = workdir / "metrics.jsonl"
-  config = config_lib.read_run_config(workdir)
+  config = run_config.read_run_config(workdir)
   history = metrics_lib.read_jsonl(metrics_path)
   if not history:
     raise FileNotFoundError(f"{metrics_path}: no rounds logged yet")

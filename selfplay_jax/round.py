@@ -1,10 +1,15 @@
-"""The self-improvement round as ONE jitted program.
+"""The self-improvement round as ONE jitted program, composed of named pieces.
 
   round_fn = build_round_fn(model_config, spec, optimizer, sampling_config, verifier, ...)
   state, metrics = round_fn(state, batch)
 
-Inside: sample -> score -> build rows (pairs / advantages) -> old and reference log-probs ->
-`num_epochs x num_minibatches` optax updates in a `lax.scan` -> reference update -> metrics.
+Inside, in order (each a function here, usable on its own by tests and benchmarks):
+  sample_and_score  sample `n` completions per prompt, verify them, score them (rewards)
+  build_rows        the spec's training rows (pairs / advantages; old and reference log-probs)
+  train_steps       `num_epochs x num_minibatches` guarded optax updates (`update_step`) in a
+                    `lax.scan` over `minibatches(rows, ...)`
+  then the reference update and the round's metrics; `jit_round` wraps it all in one `jax.jit`
+  with the state donated (and the mesh's shardings).
 A non-finite loss or gradient skips that update (counted in `train/skipped_fraction`); it is never
 written to the state. `state.bad_updates` counts consecutive skipped updates across rounds (reset by
 the first good one), so the loop can stop a run that keeps diverging. Python decides when to save
@@ -22,16 +27,18 @@ import optax
 
 from selfplay_jax import sampling, sharding
 from selfplay_jax.algorithms import losses
-from selfplay_jax.algorithms.preference import concat_rows
-from selfplay_jax.algorithms.spec import LogProbs, Rows, Spec
-from selfplay_jax.models.config import ConfigError, ModelConfig
-from selfplay_jax.scoring import ranking_agreement
-from selfplay_jax.scoring.likelihood import completion_logprobs
+from selfplay_jax.algorithms.spec import LogProbs, Spec, option
+from selfplay_jax.errors import ConfigError
+from selfplay_jax.models.config import ModelConfig
+from selfplay_jax.models.logprobs import completion_logprobs
+from selfplay_jax.rows import Rows, concat_rows, repeat_rows
+from selfplay_jax.scoring.judge import ranking_agreement
+from selfplay_jax.scoring.verifiers import Verifier
 
-Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 # scorer(sample_params, ref_params, batch, rollout, rng) -> (scores [R], metrics); see `scoring`.
 Scorer = Callable[..., tuple[jax.Array, dict]]
-__all__ = ["TrainState", "init_state", "build_round_fn", "completion_logprobs", "empty_replay"]
+__all__ = ["TrainState", "init_state", "empty_replay", "sample_and_score", "build_rows",
+           "minibatches", "update_step", "train_steps", "build_round_fn", "jit_round"]
 
 
 @flax.struct.dataclass
@@ -79,7 +86,7 @@ def init_state(params, optimizer: optax.GradientTransformation, spec: Spec, rng:
       replay=replay)
 
 
-def _minibatches(rows: Rows, rng, num_epochs: int, num_minibatches: int) -> Rows:
+def minibatches(rows: Rows, rng, num_epochs: int, num_minibatches: int) -> Rows:
   """[epochs * minibatches, rows / minibatches, ...], rows shuffled per epoch."""
   n = jax.tree.leaves(rows)[0].shape[0]
   if n % num_minibatches:  # static: raised while tracing, before anything runs
@@ -94,6 +101,127 @@ def _minibatches(rows: Rows, rng, num_epochs: int, num_minibatches: int) -> Rows
 
 def _select(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows, rng,
+                     sampling_config: sampling.SamplingConfig, verifier: Verifier | None,
+                     scorer: Scorer | None = None, num_samples: int = 0):
+  """Samples `sampling_config.n` completions per prompt with `params` and scores them.
+
+  Rewards are the `scorer`'s (judge, self-likelihood, your own) when given, else the verifier's
+  (None when there is neither). The verifier also gives `train/accuracy`, and with a scorer
+  `train/judge_agreement`. Returns (rollout, rewards [R] or None, metrics); with
+  `num_samples > 0` the metrics carry the first rows under `samples/*` (for sample dumps).
+  """
+  sc = sampling_config
+  k_score = jax.random.fold_in(rng, 1)
+  metrics: dict[str, jax.Array] = {}
+  rollout = sampling.sample(model_config, params, batch["prompt_tokens"], batch["prompt_mask"],
+                            rng, sc)
+  verified = None
+  if verifier is not None:
+    answers = repeat_rows({"tokens": batch["answer_tokens"], "mask": batch["answer_mask"]}, sc.n)
+    verified = verifier(rollout.tokens, rollout.mask, answers["tokens"], answers["mask"])
+    metrics["train/accuracy"] = jnp.mean((verified >= 1.0).astype(jnp.float32))
+  rewards = verified
+  if scorer is not None:
+    rewards, score_metrics = scorer(params, ref_params, batch, rollout, k_score)
+    metrics.update(score_metrics)
+    if verified is not None:
+      metrics["train/judge_agreement"] = ranking_agreement(rewards, verified, sc.n)
+  if rewards is not None:
+    metrics["train/reward_mean"] = jnp.nanmean(rewards)
+    metrics["train/reward_std"] = jnp.nanstd(rewards)
+  metrics["train/completion_len"] = jnp.mean(rollout.lengths.astype(jnp.float32))
+  # Entropy estimate: mean negative log-prob of the sampled tokens under the model.
+  metrics["train/entropy"] = -losses.masked_mean(rollout.model_logprobs, rollout.mask)
+  if num_samples:
+    k = min(num_samples, rollout.num_rows)
+    metrics["samples/prompt_tokens"] = rollout.prompt_tokens[:k]
+    metrics["samples/prompt_mask"] = rollout.prompt_mask[:k]
+    metrics["samples/tokens"] = rollout.tokens[:k]
+    metrics["samples/lengths"] = rollout.lengths[:k]
+    if rewards is not None:
+      metrics["samples/rewards"] = rewards[:k]
+  return rollout, rewards, metrics
+
+
+def build_rows(model_config: ModelConfig, spec: Spec, batch: Rows, rollout, rewards, *,
+               sampler_params, ref_params, replay: Rows | None, replay_moves, num_chunks: int = 1):
+  """The spec's training rows for this round, and the replay slot to keep.
+
+  `logp.old` / `logp.ref` are frozen (stop-gradient) passes under the sampler's and the
+  reference's params, over all of the round's rows in `num_chunks` chunks (so their logits take
+  no more memory than one training step's). A spec with a replay slot trains on this round's
+  pairs plus the kept ones; the slot takes this round's pairs when `replay_moves`.
+  Returns (rows, replay, metrics).
+  """
+  frozen = lambda params, rows: jax.lax.stop_gradient(
+      completion_logprobs(model_config, params, rows, num_chunks=num_chunks))
+  logp = LogProbs(old=lambda rows: frozen(sampler_params, rows),
+                  ref=lambda rows: frozen(ref_params, rows))
+  if replay is not None and option(spec, "replay"):
+    fresh = spec.pair_rows(batch, rollout, rewards)
+    rows = spec.annotate(concat_rows(fresh, replay), logp)
+    replay = _select(replay_moves, fresh, replay)
+  else:  # specs without a replay (e.g. the warm-up's SFT) keep the slot as it is
+    rows = spec.build(batch, rollout, rewards, logp)
+  metrics = {}
+  if "ref_logp" in rows and "old_logp" in rows:
+    metrics["train/kl_ref"] = losses.masked_mean(
+        losses.kl_k3(rows["old_logp"], rows["ref_logp"]), rows["mask"])
+  return rows, replay, metrics
+
+
+def update_step(spec: Spec, optimizer: optax.GradientTransformation, logp_fn, poison=None):
+  """One guarded optimizer step, `step((params, opt_state, bad), minibatch) -> (carry, metrics)`
+  (a `lax.scan` body): the spec's loss on `logp_fn(params, minibatch)`, its gradient, one optax
+  update. A non-finite loss or gradient keeps the old params and optimizer state and counts one
+  more consecutive bad update (`bad`); a good one resets it. `poison` is added to the loss (NaN
+  fault injection)."""
+
+  def step(carry, minibatch):
+    params, opt_state, bad = carry
+
+    def loss_fn(p):
+      loss, aux = spec.loss(logp_fn(p, minibatch), minibatch)
+      return (loss if poison is None else loss + poison), aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    carry = (_select(ok, new_params, params), _select(ok, new_opt_state, opt_state),
+             jnp.where(ok, 0, bad + 1))
+    return carry, {"loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32),
+                   **aux}
+
+  return step
+
+
+def train_steps(spec: Spec, optimizer: optax.GradientTransformation, logp_fn, params, opt_state,
+                bad_updates, rows: Rows, rng, *, num_epochs: int = 1, num_minibatches: int = 1,
+                poison=None):
+  """`num_epochs x num_minibatches` `update_step`s over shuffled minibatches of `rows`.
+  Returns (params, opt_state, bad_updates, metrics averaged over the steps)."""
+  step = update_step(spec, optimizer, logp_fn, poison)
+  (params, opt_state, bad_updates), step_metrics = jax.lax.scan(
+      step, (params, opt_state, bad_updates), minibatches(rows, rng, num_epochs, num_minibatches))
+  metrics = {"train/loss": jnp.mean(step_metrics.pop("loss")),
+             "train/grad_norm": jnp.mean(step_metrics.pop("grad_norm")),
+             "train/skipped_fraction": jnp.mean(step_metrics.pop("skipped")),
+             "train/consecutive_skipped": bad_updates}
+  metrics.update({f"train/{k}": jnp.mean(v) for k, v in step_metrics.items()})
+  return params, opt_state, bad_updates, metrics
+
+
+def _poison(nan_rounds: tuple[int, int] | None, round_number):
+  """NaN for every update of rounds `first..last` (1-based, `last=0`: no end), else 0."""
+  if nan_rounds is None:
+    return None
+  first, last = nan_rounds
+  return jnp.where((round_number >= first) & ((last == 0) | (round_number <= last)), jnp.nan, 0.0)
 
 
 def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.GradientTransformation,
@@ -123,116 +251,52 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
   `nan_rounds=(first, last)` (fault injection, `debug.nan_*`): every update of rounds `first..last`
   (1-based, `last=0`: no end) gets a NaN loss, to exercise the non-finite guard.
   """
-  sc = sampling_config
-
-  def logp_fn(params, rows):
-    return completion_logprobs(model_config, params, rows)
-
-  sample_from = getattr(spec, "sample_from", "policy")
-  reference_every = getattr(spec, "reference_every", 1)
+  logp_fn = lambda params, rows: completion_logprobs(model_config, params, rows)
+  sample_from, reference_every = option(spec, "sample_from"), option(spec, "reference_every")
 
   def round_fn(state: TrainState, batch: Rows):
     rng, k_sample, k_shuffle = jax.random.split(state.rng, 3)
-    k_score = jax.random.fold_in(k_sample, 1)
+    sampler = state.ref_params if sample_from == "reference" else state.params
     metrics: dict[str, jax.Array] = {}
     rollout, rewards = None, None
     if spec.samples:
-      sampler = state.ref_params if sample_from == "reference" else state.params
-      rollout = sampling.sample(model_config, sampler, batch["prompt_tokens"],
-                                batch["prompt_mask"], k_sample, sc)
-      verified = None
-      if verifier is not None:
-        rep = lambda x: jnp.repeat(x, sc.n, axis=0)
-        verified = verifier(rollout.tokens, rollout.mask, rep(batch["answer_tokens"]),
-                            rep(batch["answer_mask"]))
-        metrics["train/accuracy"] = jnp.mean((verified >= 1.0).astype(jnp.float32))
-      rewards = verified
-      if scorer is not None:
-        rewards, score_metrics = scorer(sampler, state.ref_params, batch, rollout, k_score)
-        metrics.update(score_metrics)
-        if verified is not None:
-          metrics["train/judge_agreement"] = ranking_agreement(rewards, verified, sc.n)
-      if rewards is not None:
-        metrics["train/reward_mean"] = jnp.nanmean(rewards)
-        metrics["train/reward_std"] = jnp.nanstd(rewards)
-      lengths = rollout.lengths.astype(jnp.float32)
-      metrics["train/completion_len"] = jnp.mean(lengths)
-      # Entropy estimate: mean negative log-prob of the sampled tokens under the model.
-      metrics["train/entropy"] = -losses.masked_mean(rollout.model_logprobs, rollout.mask)
-      if num_samples:
-        k = min(num_samples, rollout.num_rows)
-        metrics["samples/prompt_tokens"] = rollout.prompt_tokens[:k]
-        metrics["samples/prompt_mask"] = rollout.prompt_mask[:k]
-        metrics["samples/tokens"] = rollout.tokens[:k]
-        metrics["samples/lengths"] = rollout.lengths[:k]
-        if rewards is not None:
-          metrics["samples/rewards"] = rewards[:k]
-
-    # The frozen passes run over all of the round's rows: in num_minibatches chunks, so that their
-    # logits take no more memory than one training step's.
-    frozen = lambda params, rows: jax.lax.stop_gradient(
-        completion_logprobs(model_config, params, rows, num_chunks=num_minibatches))
-    logp = LogProbs(old=lambda rows: frozen(state.params, rows),
-                    ref=lambda rows: frozen(state.ref_params, rows))
+      rollout, rewards, metrics = sample_and_score(
+          model_config, sampler, state.ref_params, batch, k_sample, sampling_config, verifier,
+          scorer, num_samples)
     moves = (state.round + 1) % reference_every == 0  # does a "previous" reference move now?
-    replay = state.replay  # kept as is by specs without a replay (e.g. the warm-up's SFT)
-    if replay is not None and getattr(spec, "replay", False):
-      fresh = spec.pair_rows(batch, rollout, rewards)
-      rows = spec.annotate(concat_rows(fresh, replay), logp)
-      replay = _select(moves, fresh, replay)
-    else:
-      rows = spec.build(batch, rollout, rewards, logp)
-    if "ref_logp" in rows and "old_logp" in rows:
-      metrics["train/kl_ref"] = losses.masked_mean(
-          losses.kl_k3(rows["old_logp"], rows["ref_logp"]), rows["mask"])
-
+    rows, replay, row_metrics = build_rows(
+        model_config, spec, batch, rollout, rewards, sampler_params=sampler,
+        ref_params=state.ref_params, replay=state.replay, replay_moves=moves,
+        num_chunks=num_minibatches)
+    metrics.update(row_metrics)
     start_params = state.params if state.base_params is None else state.base_params
-
-    poison = None
-    if nan_rounds is not None:
-      first, last = nan_rounds
-      this = state.round + 1
-      poison = jnp.where((this >= first) & ((last == 0) | (this <= last)), jnp.nan, 0.0)
-
-    def step(carry, minibatch):
-      params, opt_state, bad = carry
-
-      def loss_fn(p):
-        loss, aux = spec.loss(logp_fn(p, minibatch), minibatch)
-        return (loss if poison is None else loss + poison), aux
-
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      grad_norm = optax.tree.norm(grads)
-      ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      updates, new_opt_state = optimizer.update(grads, opt_state, params)
-      new_params = optax.apply_updates(params, updates)
-      carry = (_select(ok, new_params, params), _select(ok, new_opt_state, opt_state),
-               jnp.where(ok, 0, bad + 1))
-      return carry, {"loss": loss, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.float32),
-                     **aux}
-
-    minibatches = _minibatches(rows, k_shuffle, num_epochs, num_minibatches)
-    (params, opt_state, bad_updates), step_metrics = jax.lax.scan(
-        step, (start_params, state.opt_state, state.bad_updates), minibatches)
-    num_steps = num_epochs * num_minibatches
-    metrics["train/loss"] = jnp.mean(step_metrics.pop("loss"))
-    metrics["train/grad_norm"] = jnp.mean(step_metrics.pop("grad_norm"))
-    metrics["train/skipped_fraction"] = jnp.mean(step_metrics.pop("skipped"))
-    metrics["train/consecutive_skipped"] = bad_updates
-    metrics.update({f"train/{k}": jnp.mean(v) for k, v in step_metrics.items()})
-
+    params, opt_state, bad_updates, step_metrics = train_steps(
+        spec, optimizer, logp_fn, start_params, state.opt_state, state.bad_updates, rows,
+        k_shuffle, num_epochs=num_epochs, num_minibatches=num_minibatches,
+        poison=_poison(nan_rounds, state.round + 1))
+    metrics.update(step_metrics)
     ref_params = state.ref_params
     if spec.reference == "previous":
       ref_params = params if reference_every == 1 else _select(moves, params, state.ref_params)
     new_state = state.replace(params=params, ref_params=ref_params, opt_state=opt_state,
-                              step=state.step + num_steps, round=state.round + 1, rng=rng,
-                              bad_updates=bad_updates, replay=replay)
+                              step=state.step + num_epochs * num_minibatches,
+                              round=state.round + 1, rng=rng, bad_updates=bad_updates,
+                              replay=replay)
     return new_state, metrics
 
   if not jit:
     if mesh is not None:
       raise ValueError("build_round_fn(mesh=...) needs jit=True (the mesh is set around the jit)")
     return round_fn
+  return jit_round(round_fn, mesh=mesh, rules=rules, state_shardings=state_shardings,
+                   batch_shardings=batch_shardings)
+
+
+def jit_round(round_fn, *, mesh=None, rules=None, state_shardings=None, batch_shardings=None):
+  """`round_fn` as one `jax.jit` with the state donated. With `state_shardings` (and a `mesh`),
+  the state goes in and out with those shardings and the metrics come back replicated (every
+  process can read them); batch shardings None are taken from the global batch arrays passed in.
+  With a `mesh`, its logical activation rules are active while the round is traced."""
   shardings = {}
   if state_shardings is not None:
     # Batch shardings None: taken from the (global, sharded) batch arrays passed in. Metrics

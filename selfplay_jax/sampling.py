@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from selfplay_jax.models import decoder
-from selfplay_jax.models.config import ConfigError, ModelConfig
+from selfplay_jax.errors import ConfigError
+from selfplay_jax.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

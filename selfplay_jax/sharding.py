@@ -31,7 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from selfplay_jax import models
-from selfplay_jax.models.config import ConfigError, ModelConfig
+from selfplay_jax.errors import ConfigError
+from selfplay_jax.models.config import ModelConfig
 
 __all__ = ["AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "logical_rules", "check_model",
            "check_batch", "param_specs", "state_shardings", "batch_shardings", "activation_rules",

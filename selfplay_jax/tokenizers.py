@@ -26,14 +26,11 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from selfplay_jax.errors import TokenizerError  # noqa: F401 (re-exported)
 
 __all__ = ["TokenizerError", "Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer",
            "check_vocab", "train_sentencepiece", "END_OF_TURN_PIECES", "SP_PAD_ID", "SP_BOS_ID",
            "SP_EOS_ID", "SP_UNK_ID"]
-
-
-class TokenizerError(ValueError):
-  """A tokenizer file that cannot be used, or a tokenizer that does not fit the model or input."""
 
 
 # Special-id convention of `train_sentencepiece`.

@@ -13,8 +13,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from selfplay_jax.algorithms import ADVANTAGES, PG_LOSS_TYPES, losses
-from selfplay_jax.algorithms.spec import LogProbs, Rows, rollout_rows
+from selfplay_jax.algorithms import losses
+from selfplay_jax.algorithms.losses import ADVANTAGES, PG_LOSS_TYPES
+from selfplay_jax.algorithms.spec import LogProbs
+from selfplay_jax.rows import Rows, rollout_rows
 
 
 @dataclasses.dataclass(frozen=True)

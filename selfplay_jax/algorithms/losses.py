@@ -1,6 +1,6 @@
 """Pure, jittable losses and advantage estimators for self-improvement post-training.
 
-Formulas and reference defaults follow `shared/ALGORITHMS.md` (TRL / SPIN / OpenRLHF semantics).
+Formulas and reference defaults follow `docs/algorithms.md` (TRL / SPIN / OpenRLHF semantics).
 
 Conventions used throughout:
   * Shapes: `B` rows (completions or preference pairs), `T` completion positions, `V` vocabulary.
@@ -24,7 +24,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from selfplay_jax.algorithms import DPO_LOSS_TYPES, PG_LOSS_TYPES
+
+# Names the loss and advantage functions below accept (config keys algorithm.loss_type / .advantage).
+PG_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair",
+                  "sppo_hard", "apo_zero", "discopop")
+PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")  # simpo / orpo: reference-free
 
 Array = jax.Array
 
@@ -252,7 +258,6 @@ def overlong_penalty(lengths_B: Array, max_len: int, buffer_len: int,
 # ----------------------------------------------------------------------------------------------
 # Policy-gradient losses.
 # ----------------------------------------------------------------------------------------------
-
 
 
 def policy_gradient_loss(logp_BxT: Array, old_logp_BxT: Array | None, advantages: Array,

@@ -19,33 +19,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from selfplay_jax.algorithms import DPO_LOSS_TYPES, PREFERENCE_LOSS_TYPES, losses
-from selfplay_jax.algorithms.spec import LogProbs, Rows, gold_rows, rollout_rows
-from selfplay_jax.scoring.judge import left_pad_to
+from selfplay_jax.algorithms import losses
+from selfplay_jax.algorithms.losses import DPO_LOSS_TYPES, PREFERENCE_LOSS_TYPES
+from selfplay_jax.algorithms.spec import LogProbs
+from selfplay_jax.rows import (Rows, concat_rows, gold_rows, left_pad_to, pad_right, repeat_rows,
+                               rollout_rows, stack_pairs)
 
 PAIR_SOURCES = ("data", "gold_vs_sample", "best_vs_worst")
-_PAIR_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "mask")
-
-
-def _pad_right(x: jax.Array, width: int, value=0) -> jax.Array:
-  return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
-
-
-def stack_pairs(chosen: Rows, rejected: Rows, weight: jax.Array) -> Rows:
-  """Pair rows from two row sets of equal prompt width (completions padded to one width)."""
-  width = max(chosen["tokens"].shape[1], rejected["tokens"].shape[1])
-  rows = {}
-  for key in _PAIR_KEYS:
-    c, r = chosen[key], rejected[key]
-    if key in ("tokens", "mask"):
-      c, r = _pad_right(c, width), _pad_right(r, width)
-    rows[key] = jnp.stack([c, r], axis=1)
-  rows["weight"] = weight.astype(jnp.float32)
-  return rows
-
-
-def concat_rows(a: Rows, b: Rows) -> Rows:
-  return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +87,7 @@ class Preference:
     sampled = rollout_rows(rollout)
     if self.pairs == "gold_vs_sample":
       n = rollout.num_rows // batch["prompt_tokens"].shape[0]
-      gold = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), gold_rows(batch))
+      gold = repeat_rows(gold_rows(batch), n)
       return stack_pairs(gold, sampled, jnp.ones(rollout.num_rows))
     g = self.group_size
     s = jnp.asarray(rewards, jnp.float32).reshape(-1, g)
@@ -200,8 +180,8 @@ class JudgeSFT:
     prompt_tokens, prompt_mask = left_pad_to(gold["prompt_tokens"], gold["prompt_mask"], width,
                                              j.pad_id)
     sft = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
-           "tokens": _pad_right(gold["tokens"], completion, j.pad_id),
-           "mask": _pad_right(gold["mask"], completion)}
+           "tokens": pad_right(gold["tokens"], completion, j.pad_id),
+           "mask": pad_right(gold["mask"], completion)}
     sft["verdict"] = jnp.zeros_like(sft["mask"])
     rows = concat_rows(sft, concat_rows(*judged))
     n_sft = sft["tokens"].shape[0]

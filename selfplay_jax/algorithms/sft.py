@@ -7,7 +7,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from selfplay_jax.algorithms import losses
-from selfplay_jax.algorithms.spec import LogProbs, Rows, gold_rows, rollout_rows
+from selfplay_jax.algorithms.spec import LogProbs
+from selfplay_jax.rows import Rows, gold_rows, rollout_rows
 
 
 @dataclasses.dataclass(frozen=True)

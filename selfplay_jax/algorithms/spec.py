@@ -6,7 +6,7 @@ The round calls, inside one jit:
 and moves the reference as `spec.reference` says.
 
 `logp` gives lazily computed completion log-probs: `logp.old(rows)` under the parameters that
-sampled the round, `logp.ref(rows)` under the reference parameters. Rows are dicts of arrays with
+sampled the round (`sample_from`), `logp.ref(rows)` under the reference parameters. Rows are dicts of arrays with
 a leading row axis and at least `prompt_tokens`, `prompt_mask`, `tokens`, `mask` (completion).
 """
 
@@ -17,7 +17,8 @@ from typing import Any, Callable, Protocol
 
 import jax
 
-Rows = dict[str, jax.Array]
+from selfplay_jax.rows import Rows, gold_rows, rollout_rows  # noqa: F401 (re-exported)
+
 REFERENCES = ("frozen", "previous", "none")
 
 
@@ -28,10 +29,21 @@ class LogProbs:
 
 
 class Spec(Protocol):
+  """What the round reads of a spec. Required: the fields and methods without a default below.
+  Optional ones (read with `option(spec, name)`, default in `OPTIONAL`) change how the round
+  runs: who samples, when a "previous" reference moves, and a replay slot of earlier pairs."""
+
   name: str
-  samples: bool  # does the round sample from the policy?
-  reference: str  # frozen | previous | none
+  samples: bool  # does the round sample (and score) completions?
+  reference: str  # frozen | previous | none: which reference params the state keeps
   restart_from_base: bool  # reset params to the initial ones before each round's updates
+  # Optional (see OPTIONAL):
+  #   sample_from: str      "policy" | "reference": whose params sample, are scored and give
+  #                         logp.old
+  #   reference_every: int  a "previous" reference moves to the policy every N rounds
+  #   replay: bool          the state keeps last iteration's pairs; then the spec also has
+  #                         pair_rows(batch, rollout, rewards) -> Rows (this round's pairs, no
+  #                         log-probs) and annotate(rows, logp) -> Rows (adds the log-probs)
 
   def build(self, batch: Rows, rollout: Any, rewards: jax.Array | None, logp: LogProbs) -> Rows:
     ...
@@ -40,13 +52,9 @@ class Spec(Protocol):
     ...
 
 
-def rollout_rows(rollout) -> Rows:
-  """The common row fields of a sampled round."""
-  return {"prompt_tokens": rollout.prompt_tokens, "prompt_mask": rollout.prompt_mask,
-          "tokens": rollout.tokens, "mask": rollout.mask}
+OPTIONAL = {"sample_from": "policy", "reference_every": 1, "replay": False}
 
 
-def gold_rows(batch: Rows) -> Rows:
-  """Rows of the gold responses in the data batch (SFT, SPIN's chosen side)."""
-  return {"prompt_tokens": batch["prompt_tokens"], "prompt_mask": batch["prompt_mask"],
-          "tokens": batch["response_tokens"], "mask": batch["response_mask"]}
+def option(spec: Spec, name: str) -> Any:
+  """An optional spec field, or its default (`OPTIONAL`)."""
+  return getattr(spec, name, OPTIONAL[name])

@@ -31,8 +31,10 @@ import grain
 import jax
 import numpy as np
 
+from selfplay_jax.errors import DataError  # noqa: F401 (re-exported)
 from selfplay_jax import tokenizers
 from selfplay_jax.data import tasks
+from selfplay_jax.scoring import verifiers
 
 __all__ = ["DataError", "RowReport", "REASONS", "FIELDS", "MAX_LINE_BYTES", "load_jsonl",
            "make_dataset", "make_iterator", "eval_batches", "process_shard", "local_batch_size",
@@ -45,10 +47,6 @@ _RESPONSE_LIKE = ("response", "chosen", "rejected")
 REASONS = ("line_too_long", "invalid_utf8", "invalid_json", "not_object", "missing_field",
            "wrong_type", "empty_prompt", "prompt_too_long", "response_too_long",
            "answer_too_long", "chosen_too_long", "rejected_too_long")
-
-
-class DataError(ValueError):
-  """A data file that cannot be used (a bad row under `strict=True`, or no valid rows)."""
 
 
 class _BadRow(Exception):
@@ -374,7 +372,7 @@ class JsonlData:
   Held-out rows come from `eval_path` when given, else from a stable hash of each prompt
   (`heldout_fraction` of them), so train and held-out never share a prompt. The verifier compares
   the tokens after `answer_marker` in a completion with the row's `answer` (see
-  `tasks.make_answer_verifier`); the marker must be one token of the tokenizer.
+  `verifiers.make_answer_verifier`); the marker must be one token of the tokenizer.
   """
 
   train_rows: tuple
@@ -413,4 +411,4 @@ class JsonlData:
     if len(ids) != 1:
       raise DataError(f"data.answer_marker {self.answer_marker!r} is {len(ids)} tokens in this "
                       "tokenizer; the verifier needs a single-token marker")
-    return tasks.make_answer_verifier(ids[0], tokenizer.eos_ids)
+    return verifiers.make_answer_verifier(ids[0], tokenizer.eos_ids)

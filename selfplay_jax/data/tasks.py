@@ -25,14 +25,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-import os
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from selfplay_jax import tokenizers
+from selfplay_jax.data.encoding import (EncodingError, build_tokenizer,  # noqa: F401 (re-exported)
+                                        check_tokenizer, encode_examples)
+from selfplay_jax.scoring.verifiers import Verifier, make_answer_verifier  # noqa: F401 (re-exported)
 
 __all__ = ["ANSWER_MARKER", "DIGITS", "SPLITS", "Task", "ArithmeticTask", "SortTask", "TASKS",
            "get_task", "build_tokenizer", "check_tokenizer", "encode_examples",
@@ -42,7 +42,6 @@ ANSWER_MARKER = "####"
 DIGITS = tuple("0123456789")
 SPLITS = ("train", "heldout")
 Example = dict[str, str]
-Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def stable_fraction(key: str) -> float:
@@ -309,6 +308,7 @@ class SortTask(Task):
 
 # ---- registry --------------------------------------------------------------------------------
 
+
 TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "sort": SortTask}
 
 
@@ -320,143 +320,6 @@ def get_task(name: str, **kwargs: Any) -> Task:
     return TASKS[name](**kwargs)
   except TypeError as e:
     raise ValueError(f"bad arguments for task {name!r}: {e}") from e
-
-
-# ---- tokenizer -------------------------------------------------------------------------------
-
-
-def check_tokenizer(task: Task, tokenizer: tokenizers.Tokenizer) -> None:
-  """Raises ValueError unless every task symbol (digits, marker, ...) is exactly one token."""
-  for s in task.symbols:
-    if tokenizer.piece_to_id(s) is None or len(tokenizer.encode(s)) != 1:
-      raise ValueError(f"tokenizer {tokenizer!r} does not encode {s!r} as a single token; build "
-                       f"it with build_tokenizer({task!r}, ...)")
-  if tokenizer.eos_id is None:
-    raise ValueError(f"tokenizer {tokenizer!r} has no EOS token; task responses end with EOS")
-
-
-def build_tokenizer(task: Task, path: str | os.PathLike, vocab_size: int = 64,
-                    extra_symbols: Sequence[str] = ()) -> tokenizers.SentencePieceTokenizer:
-  """Trains (or loads from cache) the task's tiny SentencePiece tokenizer; no downloads.
-
-  `path` is a `.model` file, or a directory that gets `<task.name>-<digest>.model`, the digest
-  covering the corpus, symbols and vocab size (so different tasks never share a cached file).
-  `extra_symbols` become single tokens too (e.g. the judge template's `scoring.judge.JUDGE_SYMBOLS`).
-  Training is deterministic and written atomically (safe with concurrent processes).
-  """
-  path = os.fspath(path)
-  corpus = task.corpus()
-  symbols = tuple(task.symbols) + tuple(s for s in extra_symbols if s not in task.symbols)
-  if not path.endswith(".model"):
-    blob = "\n".join([str(vocab_size), *symbols, *corpus]).encode("utf-8")
-    digest = hashlib.blake2b(blob, digest_size=6).hexdigest()
-    path = os.path.join(path, f"{task.name}-{digest}.model")
-  if not os.path.isfile(path):
-    tmp = f"{path[:-len('.model')]}.tmp{os.getpid()}"
-    tokenizers.train_sentencepiece(corpus, vocab_size, tmp, user_defined_symbols=symbols)
-    os.replace(tmp + ".model", path)
-    os.replace(tmp + ".vocab", path[:-len(".model")] + ".vocab")
-  tok = tokenizers.SentencePieceTokenizer(path)
-  check_tokenizer(task, tok)
-  return tok
-
-
-# ---- batching --------------------------------------------------------------------------------
-
-
-class EncodingError(ValueError):
-  """An example does not fit the configured token widths (names the `data.*` key to raise)."""
-
-
-def _pad(rows: list[list[int]], width: int, left: bool, pad_id: int, what: str,
-         width_name: str) -> tuple[np.ndarray, np.ndarray]:
-  tokens = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), bool)
-  for i, row in enumerate(rows):
-    if len(row) > width:
-      raise EncodingError(f"data.{width_name}: example {i}: {what} has {len(row)} tokens, more "
-                          f"than {width_name}={width}")
-    sl = slice(width - len(row), width) if left else slice(0, len(row))
-    tokens[i, sl], mask[i, sl] = row, True
-  return tokens, mask
-
-
-def encode_examples(examples: Sequence[Example], tokenizer: tokenizers.Tokenizer,
-                    max_prompt_len: int, max_response_len: int,
-                    max_answer_len: int) -> dict[str, np.ndarray]:
-  """Tokenizes examples into fixed-width numpy arrays.
-
-  Returns `prompt_tokens` [B, P] (BOS + prompt, left-padded), `response_tokens` [B, R] (response
-  + EOS, right-padded), `answer_tokens` [B, A] (answer, right-padded), each int32, plus the bool
-  `*_mask` of each; when every example has `chosen` and `rejected`, also `chosen_tokens` and
-  `rejected_tokens` [B, R] (like responses). Raises ValueError naming the example index when a row
-  does not fit.
-  """
-  if tokenizer.eos_id is None:
-    raise ValueError("encode_examples needs a tokenizer with an EOS token")
-  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-  fields = (("prompt", dict(add_bos=True), max_prompt_len, True, "max_prompt_len"),
-            ("response", dict(add_eos=True), max_response_len, False, "max_response_len"),
-            ("answer", {}, max_answer_len, False, "max_answer_len"))
-  if examples and all("chosen" in e and "rejected" in e for e in examples):
-    fields += tuple((f, dict(add_eos=True), max_response_len, False, "max_response_len")
-                    for f in ("chosen", "rejected"))
-  out = {}
-  for field, kw, width, left, width_name in fields:
-    rows = [tokenizer.encode(e[field], **kw) for e in examples]
-    out[f"{field}_tokens"], out[f"{field}_mask"] = _pad(rows, width, left, pad, field, width_name)
-  return out
-
-
-# ---- verification ----------------------------------------------------------------------------
-
-
-def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Sequence[int] = (),
-                         max_answer_len: int | None = None,
-                         format_reward: float = 0.0) -> Verifier:
-  """A pure, jittable `verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA)`.
-
-  A completion ends at its first EOS (any of `eos_ids`) among masked tokens; its answer is the
-  tokens after its first `marker_id`, up to that EOS. Reward is 1.0 iff the completion has both,
-  every token in between is masked, and the answer equals the gold answer exactly (gold: the masked
-  tokens of `answer_BxA`, one contiguous run, left- or right-padded; an empty gold scores 0).
-  Otherwise `format_reward` (default 0.0) if the completion is well formed (marker, non-empty
-  answer made only of `answer_ids`, EOS), else 0.0. A completion cut off before EOS scores 0.0.
-  Returns float32 [B].
-  """
-  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-  allowed = jnp.asarray(list(answer_ids) or [-1], jnp.int32)
-
-  def verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA):
-    tokens, mask = jnp.asarray(completion_BxN, jnp.int32), jnp.asarray(completion_mask_BxN, bool)
-    gold, gold_mask = jnp.asarray(answer_BxA, jnp.int32), jnp.asarray(answer_mask_BxA, bool)
-    n, a = tokens.shape[1], gold.shape[1]
-    if max_answer_len is not None and a > max_answer_len:
-      raise ValueError(f"answer width {a} exceeds max_answer_len={max_answer_len}")
-    pos_N = jnp.arange(n)
-    is_eos = jnp.isin(tokens, eos) & mask
-    has_eos = is_eos.any(axis=1)
-    end_B = jnp.where(has_eos, jnp.argmax(is_eos, axis=1), n)
-    is_marker = (tokens == marker_id) & mask & (pos_N[None] < end_B[:, None])
-    has_marker = is_marker.any(axis=1)
-    start_B = jnp.argmax(is_marker, axis=1) + 1
-    region = (pos_N[None] >= start_B[:, None]) & (pos_N[None] < end_B[:, None])
-    length_B = end_B - start_B
-    complete = has_eos & has_marker & ~(region & ~mask).any(axis=1) & (length_B > 0)
-
-    gold_len_B = gold_mask.sum(axis=1)
-    gold_start_B = jnp.argmax(gold_mask, axis=1)
-    j_A = jnp.arange(a)
-    got = jnp.take_along_axis(tokens, jnp.clip(start_B[:, None] + j_A, 0, n - 1), axis=1)
-    want = jnp.take_along_axis(gold, jnp.clip(gold_start_B[:, None] + j_A, 0, a - 1), axis=1)
-    same = ((got == want) | (j_A[None] >= gold_len_B[:, None])).all(axis=1)
-    correct = complete & (length_B == gold_len_B) & same & (gold_len_B > 0)
-    if format_reward == 0.0:
-      return correct.astype(jnp.float32)
-    well_formed = complete & ~(region & ~jnp.isin(tokens, allowed)).any(axis=1)
-    return jnp.where(correct, 1.0, jnp.where(well_formed, format_reward, 0.0)).astype(jnp.float32)
-
-  return verify
 
 
 def extract_answer(text: str) -> str | None:

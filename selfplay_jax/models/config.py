@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+from selfplay_jax.errors import ConfigError  # noqa: F401 (re-exported)
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -31,10 +32,6 @@ FAMILY_TRAITS: dict[str, dict[str, bool]] = {
     "gemma3_text": dict(norm_plus_one=True, post_norms=True, qk_norm=True, embed_scale=True,
                         mlp_bias=False),
 }
-
-
-class ConfigError(ValueError):
-  """A configuration value is invalid; the message names the key."""
 
 
 @dataclasses.dataclass(frozen=True)

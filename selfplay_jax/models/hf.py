@@ -23,7 +23,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from selfplay_jax.models.config import ConfigError, ModelConfig
+from selfplay_jax.errors import CheckpointFormatError  # noqa: F401 (re-exported)
+from selfplay_jax.errors import ConfigError
+from selfplay_jax.models.config import ModelConfig
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -38,10 +40,6 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
                 "gelu": "gelu"}
 _HF_ACTIVATION = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-
-class CheckpointFormatError(ValueError):
-  """A model directory or tensor does not match what its config.json promises."""
 
 
 # ----------------------------------------------------------------------------------------------

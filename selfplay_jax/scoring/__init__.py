@@ -1,4 +1,4 @@
-"""Scoring a round's samples: task verifiers (`data.tasks`), the policy as its own judge
+"""Scoring a round's samples: task verifiers (`verifiers`), the policy as its own judge
 (`judge`), and self-likelihood (`likelihood`). All pure and jittable: they run inside the round.
 
 A scorer is `scorer(sample_params, ref_params, batch, rollout, rng) -> (scores [R], metrics)`, with
@@ -11,9 +11,9 @@ import jax.numpy as jnp
 
 from selfplay_jax.models.config import ModelConfig
 from selfplay_jax.scoring.judge import Judge, ranking_agreement
-from selfplay_jax.scoring.likelihood import completion_logprobs, self_likelihood
+from selfplay_jax.scoring.likelihood import self_likelihood
 
-__all__ = ["Judge", "completion_logprobs", "ranking_agreement", "self_likelihood", "judge_scorer",
+__all__ = ["Judge", "ranking_agreement", "self_likelihood", "judge_scorer",
            "likelihood_scorer"]
 
 

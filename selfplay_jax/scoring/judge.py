@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 
 from selfplay_jax import sampling
+from selfplay_jax.rows import left_pack, left_pad_to, right_pack  # noqa: F401 (re-exported)
 from selfplay_jax.models import decoder
-from selfplay_jax.models.config import ConfigError, ModelConfig
+from selfplay_jax.errors import ConfigError
+from selfplay_jax.models.config import ModelConfig
 
 # Built-in tasks: one extra symbol of the task tokenizer (see `tasks.build_tokenizer`). Nothing
 # precedes the prompt, so up to the end of the response the judge reads exactly what the policy
@@ -88,30 +90,13 @@ def _split_template(template: str) -> tuple[str, str, str, bool]:
   return before, middle, after, response_first
 
 
-def _pack(tokens: jax.Array, mask: jax.Array, pad_id: int, to_right: bool):
-  """Moves each row's masked tokens to one end, in order; the padding goes to the other."""
-  keep = mask.astype(bool)
-  order = jnp.argsort(keep if to_right else ~keep, axis=1, stable=True)
-  tokens = jnp.take_along_axis(tokens, order, axis=1)
-  mask = jnp.take_along_axis(mask, order, axis=1)
-  return jnp.where(mask, tokens, pad_id), mask
-
-
-def left_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Moves each row's masked tokens to the right end, in order (left padding): [R, T]."""
-  return _pack(tokens, mask, pad_id, to_right=True)
-
-
-def right_pack(tokens: jax.Array, mask: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Moves each row's masked tokens to the left end, in order (right padding): [R, T]."""
-  return _pack(tokens, mask, pad_id, to_right=False)
-
-
-def left_pad_to(tokens, mask, width: int, pad_id: int = 0):
-  """Left-pads [R, T] tokens / mask to [R, width]."""
-  extra = width - tokens.shape[1]
-  return (jnp.pad(tokens, ((0, 0), (extra, 0)), constant_values=pad_id),
-          jnp.pad(mask, ((0, 0), (extra, 0))))
+def check_score_range(score_min: int, score_max: int) -> None:
+  """The judge's scale: single-digit scores, `0 <= score_min < score_max <= 9` (the one check of
+  `judge.score_min` / `judge.score_max`, used by validation and by `Judge.from_template`)."""
+  if not (isinstance(score_min, int) and isinstance(score_max, int)
+          and 0 <= score_min < score_max <= 9):
+    raise ConfigError(f"judge.score_max: need 0 <= judge.score_min < judge.score_max <= 9 (single "
+                      f"digits), got {score_min!r}..{score_max!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +124,7 @@ class Judge:
                     max_new_tokens: int = 8, rationale: bool = False) -> "Judge":
     """Encodes `template` ("...{prompt}...{response}..." or the reverse order) with `tokenizer`;
     errors name the `judge.*` key at fault."""
-    if not 0 <= score_min < score_max <= 9:
-      raise ConfigError(f"judge.score_max: need 0 <= score_min < score_max <= 9 (single digits), "
-                        f"got {score_min}..{score_max}")
+    check_score_range(score_min, score_max)
     before, middle, after, response_first = _split_template(template)
     if rationale and not num_samples:
       raise ConfigError("judge.num_samples: a judge with a rationale (judge.rationale=True) writes "

@@ -1,0 +1,259 @@
+"""The algorithm registry: everything the rest of the package knows about one method, in one entry.
+
+  entry = registry.get("grpo")
+  spec = entry.make_spec(cfg)          # what the round runs (see `spec.py`)
+  rows, what = entry.train_rows(cfg)   # rows one round trains on (minibatch checks, plan)
+
+Adding a method is one spec file (a frozen dataclass with `build` and `loss`), one `register`
+call below (or in your own module, imported before the run is built) and one config under
+`configs/`. Validation (`config_validation.py`), the memory plan (`plan.py`) and the run set-up
+(`setup.py`) ask the entry; nothing else tests algorithm names. A spec from outside the package
+(`algorithm.spec=path/file.py:Name`) is built by `build_spec` without an entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from selfplay_jax import config_lib
+from selfplay_jax.algorithms import losses
+from selfplay_jax.algorithms.grpo import PolicyGradient
+from selfplay_jax.algorithms.preference import Preference
+from selfplay_jax.algorithms.sft import SFT, RestEM
+from selfplay_jax.algorithms.spec import REFERENCES, Spec
+from selfplay_jax.errors import ConfigError
+
+REWARDS = ("verifier", "judge", "likelihood")  # what scores a round's samples (algorithm.reward)
+Passes = list[tuple[str, int, int]]  # (what, sequences, length) of a round's forward passes
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """One `algorithm.name`: how to build its spec and what it needs from the config and the data.
+
+  make_spec: cfg -> Spec.
+  default_reward: the reward when `algorithm.reward` is "" (judge, likelihood or verifier).
+  samples: the round samples from the model (else nothing is scored: `algorithm.reward` is
+    refused).
+  uses_rewards: the samples' scores shape the update (SPIN samples but only pairs them with gold).
+  loss_types: accepted `algorithm.loss_type` values ("" always means the algorithm's own).
+  min_samples: the least `sampling.n` (2 for group-relative advantages and best-vs-worst pairs).
+  pair_data: data batches carry chosen / rejected responses (offline DPO).
+  needs_gold: JSONL rows need a `response` (trains on gold responses).
+  train_rows: cfg -> (rows one round trains on, how they come about); num_minibatches must divide.
+  passes: (cfg, spec) -> forward passes over whole batches, for the memory plan.
+  """
+
+  name: str
+  make_spec: Callable[[Any], Spec]
+  default_reward: str = "verifier"
+  samples: bool = True
+  uses_rewards: bool = True
+  loss_types: tuple[str, ...] = ()
+  min_samples: int = 1
+  pair_data: bool = False
+  needs_gold: bool = False
+  train_rows: Callable[[Any], tuple[int, str]] = lambda cfg: (
+      cfg.data.batch_size * cfg.sampling.n, "data.batch_size * sampling.n")
+  passes: Callable[[Any, Spec], Passes] = lambda cfg, spec: []
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(entry: Algorithm) -> Algorithm:
+  """Adds (or replaces) an entry; `algorithm.name=<entry.name>` then selects it."""
+  _REGISTRY[entry.name] = entry
+  return entry
+
+
+def get(name: str) -> Algorithm:
+  if name not in _REGISTRY:
+    raise ConfigError(f"algorithm.name: must be one of {names()} (or set algorithm.spec to your "
+                      f"own spec), got {name!r}")
+  return _REGISTRY[name]
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def entry_of(cfg) -> Algorithm | None:
+  """The entry of `algorithm.name`, or None for your own spec (`algorithm.spec`)."""
+  return None if cfg.algorithm.spec else get(cfg.algorithm.name)
+
+
+# ---- spec from a config -------------------------------------------------------------------------
+
+_SPEC_ATTRIBUTES = ("name", "samples", "reference", "restart_from_base", "build", "loss")
+
+
+def build_spec(cfg) -> Spec:
+  """The spec a run trains with: the registry entry's, or your own (`algorithm.spec`)."""
+  if cfg.algorithm.spec:
+    return _custom_spec(cfg)
+  return get(cfg.algorithm.name).make_spec(cfg)
+
+
+def _custom_spec(cfg) -> Spec:
+  """`algorithm.spec`: a class with `from_config(cfg)`, or a function `f(cfg)`, giving a spec."""
+  ref = cfg.algorithm.spec
+  obj = config_lib.import_object(ref, "algorithm.spec")
+  if isinstance(obj, type):
+    if not hasattr(obj, "from_config"):
+      raise ConfigError(f"algorithm.spec: class {ref} needs a from_config(cfg) classmethod (or "
+                        "name a function f(cfg) -> spec)")
+    spec = obj.from_config(cfg)
+  elif callable(obj):
+    spec = obj(cfg)
+  else:
+    raise ConfigError(f"algorithm.spec: {ref} is not a spec class or a function (got a "
+                      f"{type(obj).__name__} object)")
+  missing = [a for a in _SPEC_ATTRIBUTES if not hasattr(spec, a)]
+  if missing:
+    raise ConfigError(f"algorithm.spec: {ref} gave a {type(spec).__name__} without "
+                      f"{', '.join(missing)} (see selfplay_jax/algorithms/spec.py)")
+  if spec.reference not in REFERENCES:
+    raise ConfigError(f"algorithm.spec: {ref}.reference must be one of {REFERENCES}, got "
+                      f"{spec.reference!r}")
+  return spec
+
+
+# ---- forward passes (memory plan) -----------------------------------------------------------------
+
+
+def _chunk(cfg, rows: int) -> int:
+  """Rows of one chunk of a frozen pass (`completion_logprobs(num_chunks=num_minibatches)`)."""
+  k = cfg.algorithm.num_minibatches
+  return rows // k if rows % k == 0 else rows
+
+
+def _sample_passes(cfg, spec) -> Passes:
+  b, n = cfg.data.batch_size, cfg.sampling.n
+  p, new = cfg.data.max_prompt_len, cfg.sampling.max_new_tokens
+  k = cfg.algorithm.num_minibatches
+  return [("old / reference log-prob pass (one chunk)", _chunk(cfg, b * n), p + new),
+          ("training step", b * n // k, p + new)]
+
+
+def _rejection_passes(cfg, spec) -> Passes:
+  b, n, k = cfg.data.batch_size, cfg.sampling.n, cfg.algorithm.num_minibatches
+  return [("training step", b * n // k, cfg.data.max_prompt_len + cfg.sampling.max_new_tokens)]
+
+
+def _sft_passes(cfg, spec) -> Passes:
+  b, k = cfg.data.batch_size, cfg.algorithm.num_minibatches
+  return [("training step", b // k, cfg.data.max_prompt_len + cfg.data.max_response_len)]
+
+
+def _pair_passes(cfg, spec) -> Passes:
+  b, n, d = cfg.data.batch_size, cfg.sampling.n, cfg.data
+  new, k = cfg.sampling.max_new_tokens, cfg.algorithm.num_minibatches
+  pairs, width = {"data": (b, d.max_response_len),
+                  "gold_vs_sample": (b * n, max(d.max_response_len, new)),
+                  "best_vs_worst": (b, new)}[spec.pairs]
+  pairs *= 2 if spec.replay else 1
+  passes = []
+  if spec.reference != "none":
+    passes.append(("reference log-prob pass (pairs, one chunk)", _chunk(cfg, 2 * pairs),
+                   d.max_prompt_len + width))
+  passes.append(("training step (pairs)", 2 * pairs // k, d.max_prompt_len + width))
+  return passes
+
+
+# ---- the built-in methods -------------------------------------------------------------------------
+
+
+def _sft(cfg) -> Spec:
+  return SFT()
+
+
+def _rest_em(cfg) -> Spec:
+  a = cfg.algorithm
+  return RestEM(name=a.name, group_size=cfg.sampling.n, restart_from_base=a.restart_from_base,
+                max_per_prompt=a.max_per_prompt,
+                select="best" if a.name == "sharpen_sft" else "threshold")
+
+
+def _policy_gradient(loss_type: str, advantage: str, *, dynamic_filter: bool = False,
+                     reference_reward: bool = False) -> Callable[[Any], Spec]:
+  """A PolicyGradient factory with the method's own loss type and advantage estimator.
+  `reference_reward`: the reward reads the frozen reference (RL-sharpening keeps it even
+  without a KL term)."""
+
+  def make(cfg) -> Spec:
+    a = cfg.algorithm
+    # Without a KL term (or a reward that reads it) the reference is never read: no copy kept.
+    keep_ref = a.kl_coef > 0 or reference_reward
+    return PolicyGradient(name=a.name, group_size=cfg.sampling.n,
+                          loss_type=a.loss_type or loss_type, advantage=a.advantage or advantage,
+                          clip_low=a.clip_low, clip_high=a.clip_high, kl_coef=a.kl_coef,
+                          dynamic_filter=dynamic_filter,
+                          max_completion_len=cfg.sampling.max_new_tokens,
+                          overlong_buffer=a.overlong_buffer,
+                          reference="frozen" if keep_ref else "none")
+
+  return make
+
+
+def _preference(pairs: str, reference: str, sample_from: str,
+                replay_key: bool = False) -> Callable[[Any], Spec]:
+  """A Preference factory: where pairs come from, which reference, who samples; `replay_key`:
+  `algorithm.replay_previous` keeps the previous iteration's pairs."""
+
+  def make(cfg) -> Spec:
+    a = cfg.algorithm
+    loss_type = a.loss_type or "sigmoid"
+    ref = reference
+    if pairs == "data" and loss_type in ("simpo", "orpo"):
+      ref = "none"  # reference-free losses, nothing samples
+    return Preference(name=a.name, pairs=pairs, loss_type=loss_type, beta=a.beta,
+                      label_smoothing=a.label_smoothing, simpo_gamma=a.simpo_gamma,
+                      orpo_lambda=a.orpo_lambda, nll_coef=a.nll_coef, group_size=cfg.sampling.n,
+                      min_score_gap=a.min_score_gap, reference=ref,
+                      reference_every=a.iteration_rounds, sample_from=sample_from,
+                      replay=replay_key and a.replay_previous)
+
+  return make
+
+
+def _spin_rows(cfg) -> tuple[int, str]:
+  rows = cfg.data.batch_size * cfg.sampling.n
+  if cfg.algorithm.replay_previous:
+    return 2 * rows, "2 * data.batch_size * sampling.n (new and replayed pairs)"
+  return rows, "data.batch_size * sampling.n"
+
+
+_ONE_PAIR_PER_PROMPT = lambda cfg: (cfg.data.batch_size, "data.batch_size (one pair per prompt)")
+_PG = losses.PG_LOSS_TYPES
+_PREF = losses.PREFERENCE_LOSS_TYPES
+
+register(Algorithm("sft", _sft, samples=False, uses_rewards=False, needs_gold=True,
+                   train_rows=lambda cfg: (cfg.data.batch_size, "data.batch_size"),
+                   passes=_sft_passes))
+register(Algorithm("rest_em", _rest_em, passes=_rejection_passes))
+register(Algorithm("sharpen_sft", _rest_em, default_reward="likelihood", min_samples=2,
+                   passes=_rejection_passes))
+register(Algorithm("grpo", _policy_gradient("grpo", "grpo"), loss_types=_PG, min_samples=2,
+                   passes=_sample_passes))
+register(Algorithm("dr_grpo", _policy_gradient("dr_grpo", "dr_grpo"), loss_types=_PG,
+                   min_samples=2, passes=_sample_passes))
+register(Algorithm("dapo", _policy_gradient("dapo", "grpo", dynamic_filter=True), loss_types=_PG,
+                   min_samples=2, passes=_sample_passes))
+register(Algorithm("rloo", _policy_gradient("grpo", "rloo"), loss_types=_PG, min_samples=2,
+                   passes=_sample_passes))
+register(Algorithm("reinforce_pp", _policy_gradient("grpo", "reinforce_pp"), loss_types=_PG,
+                   passes=_sample_passes))
+register(Algorithm("sharpen_rl", _policy_gradient("grpo", "grpo", reference_reward=True),
+                   default_reward="likelihood", loss_types=_PG, min_samples=2,
+                   passes=_sample_passes))
+register(Algorithm("dpo", _preference("data", "frozen", "policy"), samples=False,
+                   uses_rewards=False, loss_types=_PREF, pair_data=True,
+                   train_rows=_ONE_PAIR_PER_PROMPT, passes=_pair_passes))
+register(Algorithm("spin", _preference("gold_vs_sample", "previous", "reference", replay_key=True),
+                   uses_rewards=False, loss_types=_PREF, needs_gold=True, train_rows=_spin_rows,
+                   passes=_pair_passes))
+register(Algorithm("self_rewarding", _preference("best_vs_worst", "previous", "reference"),
+                   default_reward="judge", loss_types=_PREF, min_samples=2,
+                   train_rows=_ONE_PAIR_PER_PROMPT, passes=_pair_passes))

@@ -1,0 +1,230 @@
+"""Validating a config before anything is built or compiled: types, ranges and combinations.
+
+  config_validation.validate(cfg)   # raises ConfigError; the message starts with the dotted key
+
+Single keys are checked by the `_RULES` table (type, predicate, requirement); settings that are
+fine alone but impossible together by `_validate_combinations`, which asks the algorithm registry
+what the chosen algorithm needs (rows per round, loss types, samples per prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from selfplay_jax import config_lib
+from selfplay_jax.algorithms import losses, registry
+from selfplay_jax.errors import ConfigError
+from selfplay_jax.models.config import PRESETS, ModelConfig
+from selfplay_jax.optim import OPTIMIZERS
+from selfplay_jax.scoring import judge
+
+__all__ = ["validate"]
+
+_LOSS_TYPES = losses.PG_LOSS_TYPES + losses.PREFERENCE_LOSS_TYPES
+
+
+_Check = Callable[[Any], bool]
+
+
+def _positive(v) -> bool:
+  return v >= 1
+
+
+def _non_negative(v) -> bool:
+  return v >= 0
+
+
+# (dotted key, expected type, predicate or None, what the predicate requires)
+_RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
+    ("seed", int, None, ""),
+    ("rounds", int, _positive, "must be >= 1"),
+    ("progress_bar", bool, None, ""),
+    ("log_every_round", bool, None, ""),
+    ("model.preset", str, lambda v: v in PRESETS, f"must be one of {sorted(PRESETS)}"),
+    ("model.hf_path", str, None, ""),
+    ("model.tokenizer_path", str, None, ""),
+    ("sampling.max_new_tokens", int, _positive, "must be >= 1"),
+    ("sampling.temperature", float, _non_negative, "must be >= 0 (0 = greedy)"),
+    ("sampling.top_k", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("sampling.top_p", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("sampling.n", int, _positive, "must be >= 1"),
+    ("optimizer.name", str, lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
+    ("optimizer.learning_rate", float, lambda v: v > 0, "must be > 0"),
+    ("optimizer.warmup_steps", int, _non_negative, "must be >= 0"),
+    ("optimizer.weight_decay", float, _non_negative, "must be >= 0"),
+    ("optimizer.grad_clip", float, _non_negative, "must be >= 0 (0 = off)"),
+    ("optimizer.b1", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("optimizer.b2", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("algorithm.name", str, bool, "must be non-empty"),
+    ("algorithm.spec", str, None, ""),
+    ("algorithm.scorer", str, None, ""),
+    ("metrics.plot_every_rounds", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("metrics.plot_min_interval_s", float, _non_negative, "must be >= 0"),
+    ("metrics.tensorboard", bool, None, ""),
+    ("metrics.wandb", bool, None, ""),
+    ("metrics.wandb_project", str, bool, "must be non-empty"),
+    ("metrics.wandb_name", str, None, ""),
+    ("algorithm.loss_type", str, lambda v: v in ("",) + _LOSS_TYPES,
+     f"must be '' (the algorithm's own) or one of {_LOSS_TYPES}"),
+    ("algorithm.reward", str, lambda v: v in ("",) + registry.REWARDS,
+     f"must be '' (the algorithm's own) or one of {registry.REWARDS}"),
+    ("algorithm.likelihood_normalize", str, lambda v: v in ("sum", "mean"),
+     "must be 'sum' or 'mean'"),
+    ("algorithm.iteration_rounds", int, _positive, "must be >= 1"),
+    ("algorithm.replay_previous", bool, None, ""),
+    ("algorithm.label_smoothing", float, lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    ("algorithm.simpo_gamma", float, None, ""),
+    ("algorithm.orpo_lambda", float, _non_negative, "must be >= 0"),
+    ("algorithm.nll_coef", float, _non_negative, "must be >= 0"),
+    ("algorithm.min_score_gap", float, _non_negative, "must be >= 0"),
+    ("judge.template", str, None, ""),
+    ("judge.score_min", int, None, ""),  # the scale is checked by judge.check_score_range
+    ("judge.score_max", int, None, ""),
+    ("judge.num_samples", int, _non_negative, "must be >= 0 (0 = expected score)"),
+    ("judge.temperature", float, lambda v: v > 0, "must be > 0"),
+    ("judge.max_new_tokens", int, _positive, "must be >= 1"),
+    ("judge.score_marker", str, None, ""),
+    ("judge.rationale", bool, None, ""),
+    ("judge.train_in_warmup", bool, None, ""),
+    ("judge.loss_weight", float, _non_negative, "must be >= 0"),
+    ("algorithm.advantage", str, lambda v: v in ("",) + losses.ADVANTAGES,
+     f"must be '' (the algorithm's own) or one of {losses.ADVANTAGES}"),
+    ("algorithm.clip_low", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("algorithm.max_per_prompt", int, _non_negative, "must be >= 0 (0 = keep all)"),
+    ("algorithm.overlong_buffer", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("algorithm.clip_high", float, _non_negative, "must be >= 0"),
+    ("warmup.rounds", int, _non_negative, "must be >= 0"),
+    ("warmup.num_minibatches", int, _positive, "must be >= 1"),
+    ("warmup.learning_rate", float, lambda v: v > 0, "must be > 0"),
+    ("eval.every_rounds", int, _positive, "must be >= 1"),
+    ("eval.num_examples", int, _positive, "must be >= 1"),
+    ("eval.batch_size", int, _positive, "must be >= 1"),
+    ("data.difficulty", int, _positive, "must be >= 1"),
+    ("data.heldout_fraction", float, lambda v: 0 < v < 1, "must be in (0, 1)"),
+    ("data.eval_path", str, None, ""),
+    ("data.answer_marker", str, bool, "must be non-empty"),
+    ("data.strict", bool, None, ""),
+    ("data.max_response_len", int, _positive, "must be >= 1"),
+    ("data.max_answer_len", int, _positive, "must be >= 1"),
+    ("debug.kill_at_round", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("debug.kill_point", str, lambda v: v in ("round", "save"), "must be 'round' or 'save'"),
+    ("debug.kill_signal", str, lambda v: v in ("SIGKILL", "SIGTERM", "SIGINT"),
+     "must be SIGKILL, SIGTERM or SIGINT"),
+    ("debug.nan_from_round", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("debug.nan_to_round", int, _non_negative, "must be >= 0 (0 = no end)"),
+    ("optimizer.max_bad_updates", int, _non_negative, "must be >= 0 (0 = never stop)"),
+    ("algorithm.num_epochs", int, _positive, "must be >= 1"),
+    ("algorithm.num_minibatches", int, _positive, "must be >= 1"),
+    ("algorithm.kl_coef", float, _non_negative, "must be >= 0"),
+    ("algorithm.beta", float, lambda v: v > 0, "must be > 0"),
+    ("data.task", str, bool, "must be non-empty"),
+    ("data.batch_size", int, _positive, "must be >= 1"),
+    ("data.max_prompt_len", int, _positive, "must be >= 1"),
+    ("checkpoint.every_rounds", int, _non_negative, "must be >= 0 (0 = never)"),
+    ("checkpoint.keep", int, _positive, "must be >= 1"),
+    ("mesh.data", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
+    ("mesh.fsdp", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
+    ("mesh.tensor", int, lambda v: v == -1 or v >= 1, "must be -1 (fill) or >= 1"),
+)
+
+
+def _is_type(value: Any, hint: Any) -> bool:
+  """isinstance against a ModelConfig-style hint: int, float, str, bool, X | None, tuple[X, ...]."""
+  inner = config_lib.optional_inner(hint)
+  if inner is not None:
+    return value is None or _is_type(value, inner)
+  if typing.get_origin(hint) is tuple:
+    elem = typing.get_args(hint)[0]
+    return isinstance(value, tuple) and all(_is_type(v, elem) for v in value)
+  if hint is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if hint is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, hint)
+
+
+def _hint_name(hint: Any) -> str:
+  return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+  if not _is_type(value, hint):
+    raise ConfigError(f"{key}: expected {_hint_name(hint)}, got {value!r}")
+  if isinstance(value, float) and not math.isfinite(value):
+    raise ConfigError(f"{key}: must be finite, got {value!r}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks types, ranges and combinations before anything compiles; ConfigError names the key."""
+  for key, hint, check, requirement in _RULES:
+    value = config_lib.get_key(cfg, key)
+    _check_type(key, value, hint)
+    if check is not None and not check(value):
+      raise ConfigError(f"{key}: {requirement}, got {value!r}")
+  hints = config_lib.model_hints()
+  for field in dataclasses.fields(ModelConfig):
+    _check_type(f"model.{field.name}", config_lib.get_key(cfg, f"model.{field.name}"), hints[field.name])
+  for key in ("model.hf_path", "model.tokenizer_path", "data.eval_path"):
+    path = config_lib.get_key(cfg, key)
+    if path and not Path(path).exists():
+      raise ConfigError(f"{key}: {path!r} does not exist")
+  if sum(config_lib.get_key(cfg, f"mesh.{axis}") == -1 for axis in ("data", "fsdp", "tensor")) > 1:
+    raise ConfigError("mesh.data: at most one mesh axis may be -1 (fill)")
+  rules = cfg.mesh.get("rules", ())
+  if isinstance(rules, str) or not isinstance(rules, (tuple, list)):
+    raise ConfigError(f"mesh.rules: must be a tuple of 'logical=axes' strings, got {rules!r}")
+  from selfplay_jax import sharding  # pylint: disable=import-outside-toplevel
+  sharding.logical_rules(cfg.mesh)  # an unknown logical or mesh axis fails here, naming the key
+  model = config_lib.model_config(cfg.model)
+  _validate_combinations(cfg, model)
+
+
+def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
+  """Settings that are fine alone but impossible together."""
+  a = cfg.algorithm
+  entry = registry.entry_of(cfg)  # None for your own spec; an unknown name fails here
+  for key in ("algorithm.spec", "algorithm.scorer"):
+    if config_lib.get_key(cfg, key):
+      config_lib.import_object(config_lib.get_key(cfg, key), key)  # a bad reference fails here, naming the key
+  if a.scorer and a.reward:
+    raise ConfigError("algorithm.scorer: set either algorithm.scorer (your own) or "
+                      f"algorithm.reward={a.reward!r} (built-in), not both")
+  if entry is not None:  # own specs: rows are checked when the round is traced
+    rows, what = entry.train_rows(cfg)
+    if rows % a.num_minibatches:
+      raise ConfigError(f"algorithm.num_minibatches: {a.num_minibatches} must divide {what} = {rows}")
+    if a.loss_type and a.loss_type not in entry.loss_types:
+      takes = f"one of {entry.loss_types}" if entry.loss_types else "no loss_type (leave it '')"
+      raise ConfigError(f"algorithm.loss_type: {a.name} takes {takes}, got {a.loss_type!r}")
+    if a.reward in ("judge", "likelihood") and not entry.samples:
+      raise ConfigError(f"algorithm.reward: {a.name} does not sample, so nothing is scored; "
+                        "leave algorithm.reward empty")
+    if cfg.sampling.n < entry.min_samples:
+      raise ConfigError(f"sampling.n: {a.name} needs >= {entry.min_samples} samples per prompt "
+                        "(group-relative advantages / best-vs-worst pairs)")
+  if a.overlong_buffer >= cfg.sampling.max_new_tokens:
+    raise ConfigError(f"algorithm.overlong_buffer: {a.overlong_buffer} must be below "
+                      f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} (the penalty ramps "
+                      "over the last overlong_buffer tokens before the cap)")
+  if cfg.debug.nan_to_round and cfg.debug.nan_to_round < cfg.debug.nan_from_round:
+    raise ConfigError(f"debug.nan_to_round: {cfg.debug.nan_to_round} is before "
+                      f"debug.nan_from_round={cfg.debug.nan_from_round}")
+  judge.check_score_range(cfg.judge.score_min, cfg.judge.score_max)
+  if cfg.data.batch_size % cfg.warmup.num_minibatches:
+    raise ConfigError(f"warmup.num_minibatches: {cfg.warmup.num_minibatches} must divide "
+                      f"data.batch_size = {cfg.data.batch_size}")
+  if cfg.sampling.top_k > model.vocab_size:
+    raise ConfigError(f"sampling.top_k: {cfg.sampling.top_k} exceeds model.vocab_size="
+                      f"{model.vocab_size}")
+  total = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
+  if total > model.max_position_embeddings:
+    raise ConfigError(f"sampling.max_new_tokens: data.max_prompt_len + sampling.max_new_tokens = "
+                      f"{total} exceeds model.max_position_embeddings="
+                      f"{model.max_position_embeddings}")

@@ -1,0 +1,64 @@
+"""Verifiers: exact, jittable checks of a completion against a gold answer, run inside the round.
+
+A verifier is `verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA) -> [B]`
+float32 rewards (1.0 = correct). Built-in tasks and JSONL data with answers make theirs with
+`make_answer_verifier` (the answer follows a marker token and ends at EOS); a task may define any
+other jittable check with the same signature (`Task.make_verifier`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Sequence[int] = (),
+                         max_answer_len: int | None = None,
+                         format_reward: float = 0.0) -> Verifier:
+  """A pure, jittable `verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA)`.
+
+  A completion ends at its first EOS (any of `eos_ids`) among masked tokens; its answer is the
+  tokens after its first `marker_id`, up to that EOS. Reward is 1.0 iff the completion has both,
+  every token in between is masked, and the answer equals the gold answer exactly (gold: the masked
+  tokens of `answer_BxA`, one contiguous run, left- or right-padded; an empty gold scores 0).
+  Otherwise `format_reward` (default 0.0) if the completion is well formed (marker, non-empty
+  answer made only of `answer_ids`, EOS), else 0.0. A completion cut off before EOS scores 0.0.
+  Returns float32 [B].
+  """
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  allowed = jnp.asarray(list(answer_ids) or [-1], jnp.int32)
+
+  def verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA):
+    tokens, mask = jnp.asarray(completion_BxN, jnp.int32), jnp.asarray(completion_mask_BxN, bool)
+    gold, gold_mask = jnp.asarray(answer_BxA, jnp.int32), jnp.asarray(answer_mask_BxA, bool)
+    n, a = tokens.shape[1], gold.shape[1]
+    if max_answer_len is not None and a > max_answer_len:
+      raise ValueError(f"answer width {a} exceeds max_answer_len={max_answer_len}")
+    pos_N = jnp.arange(n)
+    is_eos = jnp.isin(tokens, eos) & mask
+    has_eos = is_eos.any(axis=1)
+    end_B = jnp.where(has_eos, jnp.argmax(is_eos, axis=1), n)
+    is_marker = (tokens == marker_id) & mask & (pos_N[None] < end_B[:, None])
+    has_marker = is_marker.any(axis=1)
+    start_B = jnp.argmax(is_marker, axis=1) + 1
+    region = (pos_N[None] >= start_B[:, None]) & (pos_N[None] < end_B[:, None])
+    length_B = end_B - start_B
+    complete = has_eos & has_marker & ~(region & ~mask).any(axis=1) & (length_B > 0)
+
+    gold_len_B = gold_mask.sum(axis=1)
+    gold_start_B = jnp.argmax(gold_mask, axis=1)
+    j_A = jnp.arange(a)
+    got = jnp.take_along_axis(tokens, jnp.clip(start_B[:, None] + j_A, 0, n - 1), axis=1)
+    want = jnp.take_along_axis(gold, jnp.clip(gold_start_B[:, None] + j_A, 0, a - 1), axis=1)
+    same = ((got == want) | (j_A[None] >= gold_len_B[:, None])).all(axis=1)
+    correct = complete & (length_B == gold_len_B) & same & (gold_len_B > 0)
+    if format_reward == 0.0:
+      return correct.astype(jnp.float32)
+    well_formed = complete & ~(region & ~jnp.isin(tokens, allowed)).any(axis=1)
+    return jnp.where(correct, 1.0, jnp.where(well_formed, format_reward, 0.0)).astype(jnp.float32)
+
+  return verify

@@ -1,0 +1,329 @@
+"""The composition root: from a config, everything a run is made of, built in one place.
+
+  run = setup.build(cfg, workdir)            # task, tokenizer, model config, specs, scorer, ...
+  state = run.initial_state(shardings)       # or run.abstract_state() as a restore target
+  round_fn = run.round_fn(mesh=..., rules=..., state_shardings=...)
+
+`train`, `eval`, `export`, `plan` and the benchmarks build their runs here, so a checkpoint is
+always restored into exactly the layout training saved. The functions below are the same pieces
+for callers that have only part of a run (`plan` has no tokenizer: `abstract_state` from a
+model config alone).
+
+Dependencies point down: this module knows the algorithm registry, the scorers, the data and the
+round engine; none of them knows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from selfplay_jax import config_lib, models, sampling, scoring, sharding, tokenizers
+from selfplay_jax import round as rnd
+from selfplay_jax.algorithms import registry
+from selfplay_jax.algorithms.preference import JudgeSFT
+from selfplay_jax.algorithms.sft import SFT
+from selfplay_jax.algorithms.spec import Spec, option
+from selfplay_jax.data import pipeline, tasks
+from selfplay_jax.errors import ConfigError
+from selfplay_jax.models import hf
+from selfplay_jax.optim import build_optimizer
+from selfplay_jax.scoring import judge as judge_lib
+
+__all__ = ["Run", "build", "reward_kind", "uses_judge", "is_jsonl_data", "uses_pair_data",
+           "build_spec", "build_warmup_spec", "build_judge", "build_scorer", "build_optimizer",
+           "sampling_config", "task_and_tokenizer", "model_config", "data_lengths",
+           "example_batch", "initial_state", "abstract_state", "with_shardings"]
+
+build_spec = registry.build_spec
+
+
+# ---- what the config asks for ---------------------------------------------------------------------
+
+
+def reward_kind(cfg) -> str:
+  """What scores the samples: "custom" (`algorithm.scorer`), `algorithm.reward`, or the
+  algorithm's own default (the registry entry's `default_reward`)."""
+  if cfg.algorithm.scorer:
+    return "custom"
+  if cfg.algorithm.reward:
+    return cfg.algorithm.reward
+  entry = registry.entry_of(cfg)
+  return entry.default_reward if entry else "verifier"
+
+
+def uses_judge(cfg) -> bool:
+  return reward_kind(cfg) == "judge"
+
+
+def is_jsonl_data(cfg) -> bool:
+  """User rows from a JSONL file (else a task object, built-in or the user's, generates them)."""
+  return cfg.data.task.endswith(".jsonl")
+
+
+def uses_pair_data(cfg) -> bool:
+  """Do the data batches carry chosen / rejected responses (offline DPO)?"""
+  entry = registry.entry_of(cfg)
+  return bool(entry and entry.pair_data)
+
+
+def data_lengths(cfg) -> dict[str, int]:
+  d = cfg.data
+  return dict(max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
+              max_answer_len=d.max_answer_len)
+
+
+def sampling_config(cfg, tok=None, n: int | None = None) -> sampling.SamplingConfig:
+  """`cfg.sampling` as a SamplingConfig (`n` overrides `sampling.n`); stop tokens from `tok`
+  (None: no stop tokens, for shapes only)."""
+  s = cfg.sampling
+  return sampling.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                 top_k=s.top_k, top_p=s.top_p, n=s.n if n is None else n,
+                                 eos_ids=tuple(tok.eos_ids) if tok is not None else ())
+
+
+# ---- scoring --------------------------------------------------------------------------------------
+
+
+def build_judge(cfg, tok) -> scoring.Judge:
+  """The self-critique judge of `cfg.judge` (template "" = the built-in task template, or the
+  additive 5-point rubric for a natural-language tokenizer; with `judge.rationale` their
+  rationale versions, and score_marker "" = "<score>" / "Score: ")."""
+  j, text = cfg.judge, is_jsonl_data(cfg)
+  if j.rationale:
+    template = j.template or (judge_lib.RUBRIC_RATIONALE_TEMPLATE if text
+                              else judge_lib.TASK_RATIONALE_TEMPLATE)
+    marker = j.score_marker or (judge_lib.RUBRIC_SCORE_MARKER if text
+                                else judge_lib.TASK_SCORE_MARKER)
+  else:
+    template = j.template or (judge_lib.RUBRIC_TEMPLATE if text else judge_lib.TASK_TEMPLATE)
+    marker = j.score_marker
+  judge = scoring.Judge.from_template(
+      template, tok, score_min=j.score_min, score_max=j.score_max, score_marker=marker,
+      num_samples=j.num_samples, temperature=j.temperature, max_new_tokens=j.max_new_tokens,
+      rationale=j.rationale)
+  if j.rationale:  # the judgement must have room for a whole solution, the marker and the score
+    need = cfg.data.max_response_len - 1 + len(judge.marker) + 2
+    if j.max_new_tokens < need:
+      raise ConfigError(
+          f"judge.max_new_tokens: a judge with a rationale writes a solution (up to "
+          f"data.max_response_len - 1 = {cfg.data.max_response_len - 1} tokens), the marker "
+          f"({len(judge.marker)}) and the score with EOS (2): needs >= {need}, got "
+          f"{j.max_new_tokens}")
+  return judge
+
+
+def build_scorer(cfg, mc, tok, task=None):
+  """The round's scorer, or None when the task verifier gives the rewards. `algorithm.scorer`
+  names your own factory, called as `f(cfg, model_config, tokenizer, task)`."""
+  kind = reward_kind(cfg)
+  if kind == "custom":
+    scorer = config_lib.import_object(cfg.algorithm.scorer, "algorithm.scorer")(cfg, mc, tok, task)
+    if not callable(scorer):
+      raise ConfigError(f"algorithm.scorer: {cfg.algorithm.scorer} returned a "
+                        f"{type(scorer).__name__}, not a scorer function")
+    return scorer
+  if kind == "judge":
+    return scoring.judge_scorer(build_judge(cfg, tok), mc)
+  if kind == "likelihood":
+    return scoring.likelihood_scorer(mc, cfg.algorithm.likelihood_normalize)
+  return None
+
+
+def build_warmup_spec(cfg, tok) -> Spec:
+  """Warm-up SFT; with a judge and `judge.train_in_warmup`, SFT plus judge training (EFT)."""
+  if uses_judge(cfg) and cfg.judge.train_in_warmup:
+    return JudgeSFT(build_judge(cfg, tok), judge_weight=cfg.judge.loss_weight)
+  return SFT()
+
+
+# ---- data and model -----------------------------------------------------------------------------
+
+
+def task_and_tokenizer(cfg, workdir: str | Path):
+  """The run's data (a built-in task, or `JsonlData` when `data.task` is a .jsonl path) and tokenizer."""
+  if is_jsonl_data(cfg):
+    return _jsonl_data(cfg)
+  if ":" in cfg.data.task:  # the user's own task: a factory f(cfg) -> tasks.Task
+    task = config_lib.import_object(cfg.data.task, "data.task")(cfg)
+    if not isinstance(task, tasks.Task):
+      raise ConfigError(f"data.task: {cfg.data.task} returned a {type(task).__name__}, not a "
+                        "selfplay_jax.data.tasks.Task")
+  elif cfg.data.task in tasks.TASKS:
+    kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty,
+                                 step_by_step=cfg.data.step_by_step),
+              "sort": dict(length=cfg.data.difficulty)}.get(cfg.data.task, {})
+    task = tasks.get_task(cfg.data.task, **kwargs)
+  else:
+    raise ConfigError(f"data.task: {cfg.data.task!r} is neither a built-in task "
+                      f"({', '.join(sorted(tasks.TASKS))}), a .jsonl file, nor "
+                      "'file.py:factory' / 'module:factory'")
+  try:  # a problem space too small to hold out a split fails here, not mid-run with a traceback
+    for split in tasks.SPLITS:
+      task.example(split, 0)
+  except ValueError as e:
+    raise ConfigError(f"data.difficulty: {e}") from None
+  extra = judge_lib.JUDGE_SYMBOLS if uses_judge(cfg) else ()
+  return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer", extra_symbols=extra)
+
+
+def _jsonl_data(cfg):
+  source = cfg.model.tokenizer_path or cfg.model.hf_path
+  if not source:
+    raise ConfigError("model.tokenizer_path: data.task is a JSONL file, so the run needs a "
+                      "tokenizer (set model.tokenizer_path or model.hf_path)")
+  tok = tokenizers.load_tokenizer(source)
+  entry = registry.entry_of(cfg)
+  gold = (entry is not None and entry.needs_gold) or cfg.warmup.rounds
+  required = ("prompt", "response") if gold else ("prompt",)
+  if uses_pair_data(cfg):
+    required += ("chosen", "rejected")
+  # Verifier rewards and judge training need answers; SFT, SPIN and DPO do not (held-out accuracy
+  # is then not measured).
+  verifier_rewards = (entry is None or entry.uses_rewards) and reward_kind(cfg) == "verifier"
+  if verifier_rewards or (uses_judge(cfg) and cfg.judge.train_in_warmup and cfg.warmup.rounds):
+    required += ("answer",)
+  data = pipeline.JsonlData.load(cfg.data.task, tokenizer=tok, eval_path=cfg.data.eval_path,
+                                 heldout_fraction=cfg.data.heldout_fraction,
+                                 answer_marker=cfg.data.answer_marker, strict=cfg.data.strict,
+                                 require=required, **data_lengths(cfg))
+  return data, tok
+
+
+def model_config(cfg, tok) -> models.ModelConfig:
+  """`cfg.model` as a ModelConfig; from scratch, the tokenizer defines the vocabulary."""
+  mc = config_lib.model_config(cfg.model)
+  if not cfg.model.hf_path:
+    mc = mc.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                    eos_token_ids=tuple(tok.eos_ids), pad_token_id=tok.pad_id)
+  tokenizers.check_vocab(tok, mc.vocab_size)
+  return mc.validate()
+
+
+def example_batch(cfg) -> dict[str, np.ndarray]:
+  """An all-zero batch with the data pipeline's keys and shapes (for state layouts)."""
+  d, b = cfg.data, cfg.data.batch_size
+  widths = {"prompt": d.max_prompt_len, "response": d.max_response_len, "answer": d.max_answer_len}
+  if uses_pair_data(cfg):
+    widths.update(chosen=d.max_response_len, rejected=d.max_response_len)
+  out = {}
+  for name, width in widths.items():
+    out[f"{name}_tokens"] = np.zeros((b, width), np.int32)
+    out[f"{name}_mask"] = np.zeros((b, width), bool)
+  return out
+
+
+# ---- the train state ------------------------------------------------------------------------------
+
+
+def initial_state(cfg, mc: models.ModelConfig, spec: Spec, optimizer: optax.GradientTransformation,
+                  *, pretrained: bool = True, shardings: Any = None) -> rnd.TrainState:
+  """The state a run starts from: the `model.hf_path` checkpoint's weights (when set and
+  `pretrained`), else parameters initialised from `cfg.seed`.
+
+  With `shardings` (a TrainState of NamedShardings) the state is made directly in place: random
+  init runs as one jitted program with those output shardings, and checkpoint tensors go from the
+  host straight to their shards, so no device ever holds the whole model.
+  """
+  init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
+  replay = None
+  if option(spec, "replay"):
+    replay = rnd.empty_replay(spec, example_batch(cfg), sampling_config(cfg))
+  make = lambda params: rnd.init_state(params, optimizer, spec, state_rng, replay)
+  if cfg.model.hf_path and pretrained:
+    loaded, params = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
+                                        param_dtype=mc.param_dtype, scan_layers=mc.scan_layers)
+    if loaded.replace(remat=mc.remat) != mc:
+      raise ConfigError(f"model.hf_path: {cfg.model.hf_path} config.json does not match the run's "
+                        "model config")
+    if shardings is None:
+      return make(jax.tree.map(jnp.asarray, params))
+    params = sharding.put(params, shardings.params)
+    return jax.jit(make, out_shardings=shardings)(params)
+  if shardings is None:
+    return make(models.init_params(mc, init_rng))
+  return jax.jit(lambda: make(models.init_params(mc, init_rng)), out_shardings=shardings)()
+
+
+def abstract_state(cfg, mc: models.ModelConfig, spec: Spec,
+                   optimizer: optax.GradientTransformation) -> rnd.TrainState:
+  """Shapes and dtypes of `initial_state` (a restore target), without reading or making weights."""
+  return jax.eval_shape(lambda: initial_state(cfg, mc, spec, optimizer, pretrained=False))
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """`abstract_state` leaves carrying `shardings` (Orbax restores each array into its shards)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """Everything one run is made of (see the module docstring)."""
+
+  cfg: Any
+  task: Any  # tasks.Task, or pipeline.JsonlData
+  tokenizer: tokenizers.Tokenizer
+  model_config: models.ModelConfig
+  spec: Spec  # the self-improvement rounds
+  warmup_spec: Spec  # the warm-up rounds (SFT, or SFT + judge training)
+  optimizer: optax.GradientTransformation
+  sampling: sampling.SamplingConfig
+  verifier: Any  # jittable verifier, or None when the data has no answers
+  scorer: Any  # the rewards' scorer, or None when the verifier gives them
+
+  @property
+  def total_rounds(self) -> int:
+    return self.cfg.warmup.rounds + self.cfg.rounds
+
+  def abstract_state(self) -> rnd.TrainState:
+    return abstract_state(self.cfg, self.model_config, self.spec, self.optimizer)
+
+  def initial_state(self, shardings: Any = None) -> rnd.TrainState:
+    return initial_state(self.cfg, self.model_config, self.spec, self.optimizer,
+                         shardings=shardings)
+
+  def round_fn(self, *, warmup: bool = False, num_samples: int = 0, **on_mesh):
+    """The jitted round of the warm-up or of the self-improvement phase (`on_mesh`: `mesh`,
+    `rules`, `state_shardings` as `round.build_round_fn` takes them)."""
+    cfg = self.cfg
+    nan_rounds = None
+    if cfg.debug.nan_from_round:  # fault injection: NaN losses in these rounds
+      nan_rounds = (cfg.debug.nan_from_round, cfg.debug.nan_to_round)
+    if warmup:  # judge training labels `sampling.n` samples per prompt; SFT does not sample
+      return rnd.build_round_fn(self.model_config, self.warmup_spec, self.optimizer,
+                                self.sampling, self.verifier,
+                                num_minibatches=cfg.warmup.num_minibatches,
+                                nan_rounds=nan_rounds, **on_mesh)
+    return rnd.build_round_fn(self.model_config, self.spec, self.optimizer, self.sampling,
+                              self.verifier, scorer=self.scorer,
+                              num_epochs=cfg.algorithm.num_epochs,
+                              num_minibatches=cfg.algorithm.num_minibatches,
+                              num_samples=num_samples, nan_rounds=nan_rounds, **on_mesh)
+
+  def train_source(self):
+    """The training rows' random-access source (built-in tasks synthesise DPO pairs on demand;
+    JSONL rows carry their own chosen / rejected)."""
+    if uses_pair_data(self.cfg) and not is_jsonl_data(self.cfg):
+      return self.task.source("train", self.cfg.seed, pairs=True)
+    return self.task.source("train", self.cfg.seed)
+
+
+def build(cfg, workdir: str | Path) -> Run:
+  """The run of `cfg` (the task tokenizer is built, or found cached, under `workdir`)."""
+  task, tok = task_and_tokenizer(cfg, workdir)
+  mc = model_config(cfg, tok)
+  return Run(cfg=cfg, task=task, tokenizer=tok, model_config=mc, spec=build_spec(cfg),
+             warmup_spec=build_warmup_spec(cfg, tok), optimizer=build_optimizer(cfg),
+             sampling=sampling_config(cfg, tok),
+             verifier=task.make_verifier(tok) if task.has_answers else None,
+             scorer=build_scorer(cfg, mc, tok, task))
