@@ -15,14 +15,16 @@ import functools
 import statistics
 import sys
 import tempfile
-import time
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, timing
+from bench.render import sampling as render
+from bench.timing import median_of, timed
 
 NAME = "sampling"
 SEED = 0
@@ -80,27 +82,39 @@ class Models:
   stop_id: int
 
 
-def build_models(kwargs: dict, seed: int = SEED, keep_hf: bool = True) -> Models:
-  """Random Llama via transformers -> save_pretrained -> our load_pretrained."""
+def save_random_llama(kwargs: dict, directory: str, seed: int = SEED) -> tuple[Any, int]:
+  """A random Llama (transformers, `LlamaConfig(**kwargs)`) saved with `save_pretrained`
+  (safetensors) into `directory`; returns (the torch model, the stop id). The stop id's LM-head row
+  is zeroed: its logit is always 0, so greedy argmax never picks it."""
   import torch
   import transformers
-  from selfplay_jax.models.hf import load_pretrained
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**kwargs)).eval()
   stop_id = kwargs["vocab_size"] - 1
   with torch.no_grad():
-    model.lm_head.weight[stop_id].zero_()  # logit 0 forever: never the greedy argmax
+    model.lm_head.weight[stop_id].zero_()
+  model.save_pretrained(directory)
+  if not list(Path(directory).glob("*.safetensors")):
+    raise RuntimeError(f"save_pretrained wrote no safetensors in {directory}")
+  return model, stop_id
+
+
+def load_models(directory: str, stop_id: int, hf: Any = None) -> Models:
+  """Our side of a saved model (`models.hf.load_pretrained`, params on the device)."""
+  from selfplay_jax.models.hf import load_pretrained
+  config, params = load_pretrained(directory)
+  return Models(hf=hf, config=config, params=jax.device_put(params), stop_id=stop_id)
+
+
+def build_models(kwargs: dict, seed: int = SEED, keep_hf: bool = True) -> Models:
+  """Random Llama via transformers -> save_pretrained -> our load_pretrained."""
   with tempfile.TemporaryDirectory() as tmp:
-    model.save_pretrained(tmp)
-    config, params = load_pretrained(tmp)
-  params = jax.device_put(params)
-  return Models(hf=model if keep_hf else None, config=config, params=params, stop_id=stop_id)
+    model, stop_id = save_random_llama(kwargs, tmp, seed)
+    return load_models(tmp, stop_id, model if keep_hf else None)
 
 
 def param_counts(m: Models) -> dict[str, int]:
-  sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(m.params)]
-  embedding = int(np.prod(m.params["embedding"].shape))
-  return {"total": sum(sizes), "embedding": embedding, "non_embedding": sum(sizes) - embedding}
+  return common.param_counts(m.params)
 
 
 def make_prompts(batch: int, prompt_len: int, stop_id: int, seed: int = SEED):
@@ -143,12 +157,6 @@ def hf_fn(m: Models, tokens: np.ndarray, new_tokens: int, threads: int = HF_THRE
       raise RuntimeError(f"HF generate returned {new.shape[1]} tokens, expected {new_tokens}")
     return new
   return run
-
-
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-  start = time.perf_counter()
-  out = fn()
-  return time.perf_counter() - start, out
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -214,16 +222,16 @@ def split_prefill_decode(m: Models, spec: Spec, new_tokens: int, reps: int, with
   short(), full()  # compile both
   step = decode_step_fn(m, spec.prompt_len + new_tokens, spec.prompt_len + new_tokens // 2)
   out = {"new_tokens": new_tokens}
-  out["ours_prefill_s"], out["ours_prefill_times_s"] = common.median_of(short, reps)
-  out["ours_call_s"], out["ours_call_times_s"] = common.median_of(full, reps)
+  out["ours_prefill_s"], out["ours_prefill_times_s"] = median_of(short, reps)
+  out["ours_call_s"], out["ours_call_times_s"] = median_of(full, reps)
   out["ours_step_in_loop_s"] = (out["ours_call_s"] - out["ours_prefill_s"]) / (new_tokens - 1)
-  out["ours_step_standalone_s"], _ = common.median_of(step, max(reps, 3) * 4)
+  out["ours_step_standalone_s"], _ = median_of(step, max(reps, 3) * 4)
   for threads in ((HF_THREADS, 1) if with_hf else ()):
     tag = "hf" if threads == HF_THREADS else f"hf_{threads}thread"
     hf_short, hf_full = hf_fn(m, tokens, 1, threads), hf_fn(m, tokens, new_tokens, threads)
     hf_short(), hf_full()
-    out[f"{tag}_prefill_s"], _ = common.median_of(hf_short, reps)
-    out[f"{tag}_call_s"], _ = common.median_of(hf_full, reps)
+    out[f"{tag}_prefill_s"], _ = median_of(hf_short, reps)
+    out[f"{tag}_call_s"], _ = median_of(hf_full, reps)
     out[f"{tag}_step_s"] = (out[f"{tag}_call_s"] - out[f"{tag}_prefill_s"]) / (new_tokens - 1)
   return out
 
@@ -255,78 +263,6 @@ def profile_batch1(m: Models, spec: Spec, peak: float, bandwidth: float) -> dict
 
 
 # ----------------------------------------------------------------------------------------------
-# Reporting
-
-
-def _ms(seconds: float) -> str:
-  return f"{seconds * 1e3:.3g} ms"
-
-
-def batch1_note(prof: dict, row1: dict) -> str:
-  loop, alone = prof["ours_step_in_loop_s"], prof["ours_step_standalone_s"]
-  floor = max(prof["step_floor_bandwidth_s"], prof["step_floor_compute_s"])
-  if loop <= 2 * floor:
-    verdict = ("so the loop already runs near the memory roofline and per-op overhead is not the "
-               "bottleneck; only fewer bytes per step (bf16 weights, a cache read only up to its "
-               "filled length, no per-step cache transposes) would make batch 1 faster")
-  else:
-    verdict = ("so per-op overhead of the many tiny XLA:CPU kernels in the loop body, not FLOPs or "
-               "bytes, dominates")
-  return (
-      f"At batch 1 (ours {row1['ratio']:.1f}x HF, {row1['ratio_vs_best_hf']:.1f}x the faster HF setting) "
-      f"a {prof['new_tokens']}-token call spends {_ms(prof['ours_prefill_s'])} "
-      f"({prof['prefill_share_of_call']:.0%}) on prefill plus its first step and {_ms(loop)} per decode "
-      f"step inside the `while_loop` (HF: {_ms(prof['hf_step_s'])} per step, "
-      f"{_ms(prof['hf_1thread_step_s'])} with 1 thread; one standalone jitted `decoder.decode` call: "
-      f"{_ms(alone)}, as it copies the un-donated cache). Streaming the weights and the whole cache at "
-      f"the measured bandwidth takes ~{_ms(floor)} per step, {verdict}.")
-
-
-def render_docs(res: dict) -> str:
-  mach, cfg, cb, bb = res["machine"], res["config"], res["compute_bound"], res["bandwidth_bound"]
-  lines = [
-      "## Sampling throughput (greedy, CPU)",
-      "",
-      f"`python -m bench.sampling` on {mach['cpu_model']} ({mach['usable_cores']} cores), "
-      f"{mach['date']}; jax {mach['jax']}, torch {mach['torch']}, transformers {mach['transformers']} "
-      f"(HF `generate`, `{cfg['hf_attn_implementation']}` attention, {cfg['torch_threads']} torch threads).",
-      f"Model: random Llama, {cfg['model']['num_hidden_layers']} layers, hidden "
-      f"{cfg['model']['hidden_size']}, MLP {cfg['model']['intermediate_size']}, "
-      f"{cfg['model']['num_attention_heads']} heads, vocab {cfg['model']['vocab_size']} "
-      f"({cfg['params']['total'] / 1e6:.1f}M params, fp32). {cfg['prompt_len']}-token prompts, exactly "
-      f"{cfg['new_tokens']} new tokens per row, median of {cfg['reps']} interleaved reps (compile excluded).",
-      "",
-      "| batch | ours tok/s | HF tok/s | ours / HF | HF 1-thread tok/s | ours / best HF |",
-      "|---:|---:|---:|---:|---:|---:|",
-  ]
-  for row in res["throughput"]:
-    lines.append(f"| {row['batch']} | {row['ours_tok_s']:,.0f} | {row['hf_tok_s']:,.0f} | "
-                 f"{row['ratio']:.2f}x | {row['hf_1thread_tok_s']:,.0f} | "
-                 f"{row['ratio_vs_best_hf']:.2f}x |")
-  lines += [
-      "",
-      f"HF runs with {cfg['torch_threads']} torch threads (the headline column); the 1-thread column is "
-      "there because 2 OpenMP threads on 2 shared cores can stall badly when other processes run "
-      f"(load average {mach['loadavg']} at start, {res['loadavg_end']} at end).",
-      "",
-      f"- **Compute bound (batch {cb['batch']}):** {cb['ours_fraction_of_peak']:.1%} of the measured fp32 "
-      f"matmul peak ({common.fmt_si(cb['matmul_peak_flops'], 'FLOP/s')}, best of two "
-      f"{res['config']['matmul_n']}^2 `jnp.dot` probes); HF: {cb['hf_fraction_of_peak']:.1%}. {cb['formula']} "
-      f"(= {cb['flops_per_token'] / 1e6:.1f} MFLOP/token).",
-      f"- **Bandwidth bound (batch 1):** {bb['fraction_of_bandwidth']:.0%} of the measured read "
-      f"bandwidth ({common.fmt_si(bb['memory_bandwidth_bytes_s'], 'B/s')}, best of two jitted "
-      f"sums over {res['config']['bandwidth_mb']} MB) on a {bb['params']['total'] / 1e6:.1f}M-param model "
-      f"({bb['model']['num_hidden_layers']} layers, hidden {bb['model']['hidden_size']}, MLP "
-      f"{bb['model']['intermediate_size']}; {bb['bytes_per_step'] / 2**20:.0f} MiB read per step, "
-      f"{_ms(bb['ours_step_in_loop_s'])}/token over {bb['new_tokens']} tokens). {bb['formula']}.",
-      f"- **Where batch-1 time goes:** {res['notes']['batch1']}",
-      "",
-      common.raw_numbers_note(NAME),
-  ]
-  return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -335,8 +271,8 @@ def run(spec: Spec, log: Callable[[str], None]) -> dict:
   torch.set_num_threads(HF_THREADS)
   res: dict[str, Any] = {"machine": common.machine_info()}
   log("probing matmul peak and memory bandwidth")
-  peak = common.measure_matmul_peak(spec.matmul_n, spec.probe_reps)
-  bandwidth = common.measure_memory_bandwidth(spec.bandwidth_mb, spec.probe_reps)
+  peak = timing.measure_matmul_peak(spec.matmul_n, spec.probe_reps)
+  bandwidth = timing.measure_memory_bandwidth(spec.bandwidth_mb, spec.probe_reps)
   res["probes"] = {"matmul_peak_flops": peak, "memory_bandwidth_bytes_s": bandwidth}
   log(f"  {common.fmt_si(peak, 'FLOP/s')}, {common.fmt_si(bandwidth, 'B/s')}")
   m = build_models(spec.model)
@@ -351,8 +287,8 @@ def run(spec: Spec, log: Callable[[str], None]) -> dict:
         f"ratio {rows[-1]['ratio']:.2f}")
   res["throughput"] = rows
   log("re-probing (the best of both probes is the roofline)")
-  res["probes"]["matmul_peak_flops_reprobe"] = common.measure_matmul_peak(spec.matmul_n, spec.probe_reps)
-  res["probes"]["memory_bandwidth_bytes_s_reprobe"] = common.measure_memory_bandwidth(
+  res["probes"]["matmul_peak_flops_reprobe"] = timing.measure_matmul_peak(spec.matmul_n, spec.probe_reps)
+  res["probes"]["memory_bandwidth_bytes_s_reprobe"] = timing.measure_memory_bandwidth(
       spec.bandwidth_mb, spec.probe_reps)
   peak = max(peak, res["probes"]["matmul_peak_flops_reprobe"])
   bandwidth = max(bandwidth, res["probes"]["memory_bandwidth_bytes_s_reprobe"])
@@ -363,20 +299,14 @@ def run(spec: Spec, log: Callable[[str], None]) -> dict:
   m.hf = None
   log("bandwidth bound (big model, batch 1)")
   res["bandwidth_bound"] = bandwidth_bound(spec, bandwidth, peak)
-  row1 = next((r for r in rows if r["batch"] == 1), rows[0])
   res["loadavg_end"] = common.loadavg()
-  res["notes"] = {"batch1": batch1_note(res["profile_batch1"], row1),
-                  "below_5x_hf_at_batch1": row1["ratio_vs_best_hf"] < 5}
   return res
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = common.arg_parser(__doc__).parse_args(argv)
-  log = common.logger(NAME)
-  res = common.timed_run(lambda: run(QUICK if args.quick else FULL, log))
-  common.publish(NAME, NAME, res, render_docs, args.quick, args.out_dir, log)
-  return 0
+BENCHMARK = common.Benchmark(
+    name=NAME, section=NAME, doc=__doc__, render=render.render,
+    measure=lambda args, log: run(QUICK if args.quick else FULL, log))
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(common.main(BENCHMARK))
