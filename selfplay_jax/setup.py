@@ -158,7 +158,8 @@ def task_and_tokenizer(cfg, workdir: str | Path):
   elif cfg.data.task in tasks.TASKS:
     kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty,
                                  step_by_step=cfg.data.step_by_step),
-              "sort": dict(length=cfg.data.difficulty)}.get(cfg.data.task, {})
+              "sort": dict(length=cfg.data.difficulty),
+              "countdown": dict(num_numbers=cfg.data.difficulty)}.get(cfg.data.task, {})
     task = tasks.get_task(cfg.data.task, **kwargs)
   else:
     raise ConfigError(f"data.task: {cfg.data.task!r} is neither a built-in task "

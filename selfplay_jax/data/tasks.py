@@ -308,8 +308,11 @@ class SortTask(Task):
 
 # ---- registry --------------------------------------------------------------------------------
 
+# countdown.py subclasses Task (defined above), so it is imported here, not at the top
+from selfplay_jax.data.countdown import CountdownTask  # noqa: E402
 
-TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "sort": SortTask}
+TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "sort": SortTask,
+                                "countdown": CountdownTask}
 
 
 def get_task(name: str, **kwargs: Any) -> Task:
