@@ -14,3 +14,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+import pytest  # noqa: E402
+
+from tests.task_helpers import IDS, TASK_SPECS  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=TASK_SPECS[:4], ids=IDS[:4])
+def task_and_tok(request, tmp_path_factory):
+  """(task, its tokenizer) for four of the built-in task variants (test_encoding.py and
+  test_verifiers.py; a tokenizer takes ~0.2 s to train)."""
+  from selfplay_jax.data import tasks  # pylint: disable=import-outside-toplevel
+  name, kwargs = request.param
+  task = tasks.get_task(name, **kwargs)
+  return task, tasks.build_tokenizer(task, tmp_path_factory.mktemp("tok"))

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from selfplay_jax import config_validation
 from selfplay_jax import config_lib
-from selfplay_jax import evaluate as ev
+from selfplay_jax import setup
 from selfplay_jax.algorithms.spec import LogProbs
 from selfplay_jax.models.config import ConfigError
 
@@ -25,8 +26,8 @@ def _rollout(lengths, width=8):
 
 def test_rest_em_keeps_at_most_max_per_prompt_correct_samples():
   cfg = config_lib.load_config("configs/rest_em.py", ["sampling.n=4", "algorithm.max_per_prompt=2"])
-  config_lib.validate(cfg)
-  spec = ev.build_spec(cfg)
+  config_validation.validate(cfg)
+  spec = setup.build_spec(cfg)
   rewards = np.array([1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0], np.float32)
   rows = spec.build({}, _rollout([3] * 12), jnp.asarray(rewards), None)
   kept = np.asarray(rows["mask"]).any(axis=1)
@@ -37,8 +38,8 @@ def test_rest_em_keeps_at_most_max_per_prompt_correct_samples():
 def test_dapo_overlong_penalty_shapes_rewards_before_advantages():
   cfg = config_lib.load_config("configs/dapo.py", ["sampling.n=4", "sampling.max_new_tokens=8",
                                                    "algorithm.overlong_buffer=4"])
-  config_lib.validate(cfg)
-  spec = ev.build_spec(cfg)
+  config_validation.validate(cfg)
+  spec = setup.build_spec(cfg)
   lengths = np.array([4, 6, 7, 8])
   rows = spec.build({}, _rollout(lengths), jnp.ones(4, jnp.float32),
                     LogProbs(old=lambda r: jnp.zeros(r["mask"].shape), ref=None))
@@ -58,5 +59,5 @@ def test_dapo_overlong_penalty_shapes_rewards_before_advantages():
 def test_knob_errors_name_the_key(overrides, text):
   cfg = config_lib.load_config(str(config_lib.default_config_path()), overrides)
   with pytest.raises(ConfigError) as info:
-    config_lib.validate(cfg)
+    config_validation.validate(cfg)
   assert text in str(info.value)

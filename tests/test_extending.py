@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from selfplay_jax import config_validation
 from selfplay_jax import config_lib
-from selfplay_jax import evaluate as ev
+from selfplay_jax import setup
 from selfplay_jax.models.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +103,7 @@ def test_awr_loss_matches_numpy():
 def test_bad_references_are_one_config_error(key, value, text):
   cfg = config_lib.load_config(str(config_lib.default_config_path()), [f"{key}={value}"])
   with pytest.raises(ConfigError, match=None) as info:
-    config_lib.validate(cfg)
+    config_validation.validate(cfg)
   assert text in str(info.value)
 
 
@@ -116,11 +117,11 @@ def test_objects_that_are_not_specs_are_named(tmp_path):
     cfg = config_lib.load_config(str(config_lib.default_config_path()),
                                  [f"algorithm.spec={module}:{name}"])
     with pytest.raises(ConfigError, match="algorithm.spec") as info:
-      ev.build_spec(cfg)
+      setup.build_spec(cfg)
     assert text in str(info.value)
   broken = tmp_path / "broken.py"
   broken.write_text("raise ValueError('bad module')\n")
   cfg = config_lib.load_config(str(config_lib.default_config_path()),
                                [f"data.task={broken}:make"])
   with pytest.raises(ConfigError, match="data.task: importing .*broken.py failed: ValueError"):
-    ev.task_and_tokenizer(cfg, tmp_path)
+    setup.task_and_tokenizer(cfg, tmp_path)

@@ -1,6 +1,6 @@
 """Losses and advantages vs independent float64 NumPy re-derivations, hand values and edge cases.
 
-The `np_*` references below are written from `shared/ALGORITHMS.md` with explicit loops and do not
+The `np_*` references below are written from `docs/algorithms.md` with explicit loops and do not
 call the JAX code. Edge cases: all-equal group rewards, fully masked rows, length-1 completions,
 all-masked batches (no NaN), ±1e4 margins (finite losses and gradients), and gradient isolation
 (nothing flows into reference / old-policy log-probs or advantages).

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+from selfplay_jax import run_config
+from selfplay_jax import runtime
 from selfplay_jax import config_lib
-from selfplay_jax import evaluate as ev
 from tests.test_train import _final_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +57,7 @@ def _metrics(workdir):
 
 
 def _params(workdir):
-  return _final_params(ev.load_run_config(workdir), workdir).params
+  return _final_params(run_config.load_run_config(workdir), workdir).params
 
 
 @pytest.mark.slow
@@ -101,11 +102,10 @@ def test_two_processes_train_checkpoint_resume_and_match_one_device(tmp_path):
 
 
 def test_distributed_flags_are_checked():
-  from selfplay_jax import train
   with pytest.raises(config_lib.ConfigError, match="--num_processes: required"):
-    train.initialize_distributed("on", "localhost:1234", None, 0)
+    runtime.initialize_distributed("on", "localhost:1234", None, 0)
   with pytest.raises(config_lib.ConfigError, match="--process_id: need 0 <= process_id"):
-    train.initialize_distributed("on", "localhost:1234", 2, 2)
+    runtime.initialize_distributed("on", "localhost:1234", 2, 2)
   with pytest.raises(config_lib.ConfigError, match="--distributed=off"):
-    train.initialize_distributed("off", "localhost:1234", 2, 0)
-  assert train.initialize_distributed("auto") is False  # nothing detected: a single process
+    runtime.initialize_distributed("off", "localhost:1234", 2, 0)
+  assert runtime.initialize_distributed("auto") is False  # nothing detected: a single process

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from selfplay_jax import config_validation
 from selfplay_jax import config_lib, models, plan
 from selfplay_jax.models import hf
 from selfplay_jax.models.config import ConfigError
@@ -88,7 +89,7 @@ def test_every_recipe_validates_and_plans(monkeypatch):
     for algorithm in ALGORITHMS:
       for hardware, devices in HARDWARE.items():
         cfg = recipe(model, algorithm, hardware)
-        config_lib.validate(cfg)
+        config_validation.validate(cfg)
         assert cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor == devices
         assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "float32")
         p = plan.plan(cfg)

@@ -1,6 +1,8 @@
-"""Preference pairs, SPIN's moving reference, the self-critique judge and self-likelihood scores.
+"""The preference family (algorithms/preference.py): pair losses, pairs from data, gold vs sample
+and best vs worst, SPIN's moving reference, and Self-Rewarding's judge-training warm-up (JudgeSFT).
 
-Each checked against an independent NumPy computation or hand-built expectations.
+Each checked against an independent NumPy computation or hand-built expectations. The judge itself
+is tested in test_judge.py, `completion_logprobs` in test_logprobs.py.
 """
 
 
@@ -10,12 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from selfplay_jax import models, sampling, scoring
+from selfplay_jax import models, sampling
 from selfplay_jax import round as rnd
 from selfplay_jax.algorithms.preference import JudgeSFT, Preference
-from selfplay_jax.algorithms.sft import RestEM
-from selfplay_jax.models.config import ConfigError
 from selfplay_jax.scoring.judge import Judge
+from tests.stand_ins import CharTokenizer as _Tok
 
 CFG = models.get_preset("tiny").replace(vocab_size=32, hidden_size=32, intermediate_size=64,
                                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16)
@@ -116,23 +117,6 @@ def test_gold_vs_sample_pairs_have_the_gold_response_as_chosen():
     np.testing.assert_array_equal(rows["prompt_tokens"][i, 0], batch["prompt_tokens"][i // n])
 
 
-def test_completion_logprobs_of_pairs_equal_those_of_single_rows():
-  params = models.init_params(CFG, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  rows = {"prompt_tokens": jnp.asarray(rng.integers(4, 32, (3, 2, 4)), jnp.int32),
-          "prompt_mask": jnp.ones((3, 2, 4), bool).at[:, :, 0].set(False),
-          "tokens": jnp.asarray(rng.integers(4, 32, (3, 2, 5)), jnp.int32),
-          "mask": jnp.ones((3, 2, 5), bool)}
-  pairs = rnd.completion_logprobs(CFG, params, rows)
-  for k in range(2):
-    single = rnd.completion_logprobs(CFG, params, {key: v[:, k] for key, v in rows.items()})
-    np.testing.assert_allclose(pairs[:, k], single, atol=1e-6)
-  # In chunks of rows (6 flat rows in 3 chunks of 2; 4 chunks do not divide them: one pass).
-  for chunks in (3, 6, 4):
-    np.testing.assert_allclose(rnd.completion_logprobs(CFG, params, rows, num_chunks=chunks), pairs,
-                               atol=1e-6)
-
-
 # ---- SPIN's moving reference -----------------------------------------------------------------
 
 
@@ -195,162 +179,7 @@ def test_sampling_from_the_reference_uses_the_reference_params():
   np.testing.assert_array_equal(metrics["samples/tokens"], want.tokens)
 
 
-# ---- judge -----------------------------------------------------------------------------------
-
-
-class _Tok:
-  """A stand-in tokenizer: characters map to ids; digits are single tokens."""
-  bos_id, pad_id, eos_id = 1, 0, 2
-  eos_ids = (2,)
-  vocab = {ch: i + 4 for i, ch in enumerate("0123456789abcdefghijklmnopqrstuvwxyz:<> ")}
-
-  def encode(self, text):
-    return [self.vocab[ch] for ch in text]
-
-
-def test_judge_prompt_layout_matches_host_construction():
-  tok = _Tok()
-  judge = Judge.from_template("ab{prompt}:{response}<s>", tok)
-  # Two rows: prompts left-padded with BOS; responses with the stop token and right padding.
-  prompt = np.array([[0, 1, 10, 11], [1, 12, 13, 14]])
-  prompt_mask = prompt != 0
-  resp = np.array([[20, 21, 2, 0], [22, 2, 0, 0]])
-  resp_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
-  tokens, mask = judge.prompts(jnp.asarray(prompt), jnp.asarray(prompt_mask), jnp.asarray(resp),
-                               jnp.asarray(resp_mask))
-  enc = tok.encode
-  want = [[1] + enc("ab") + [10, 11] + enc(":") + [20, 21] + enc("<s>"),
-          [1] + enc("ab") + [12, 13, 14] + enc(":") + [22] + enc("<s>")]
-  width = judge.prompt_width(4, 4)
-  assert tokens.shape == (2, width)
-  for i, row in enumerate(want):
-    got = np.asarray(tokens[i])[np.asarray(mask[i])]
-    np.testing.assert_array_equal(got, row)
-    assert np.all(np.asarray(mask[i])[width - len(row):])  # left-padded
-    assert not np.any(np.asarray(mask[i])[:width - len(row)])
-
-
-def test_response_first_template_swaps_the_fields():
-  tok = _Tok()
-  judge = Judge.from_template("a{response}<>{prompt}:", tok)
-  assert judge.response_first
-  prompt = np.array([[0, 1, 10, 11], [1, 12, 13, 14]])
-  resp = np.array([[20, 21, 2, 0], [22, 2, 0, 0]])
-  resp_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
-  tokens, mask = judge.prompts(jnp.asarray(prompt), jnp.asarray(prompt != 0), jnp.asarray(resp),
-                               jnp.asarray(resp_mask))
-  enc = tok.encode
-  want = [[1] + enc("a") + [20, 21] + enc("<>") + [10, 11] + enc(":"),
-          [1] + enc("a") + [22] + enc("<>") + [12, 13, 14] + enc(":")]
-  for i, row in enumerate(want):
-    got = np.asarray(tokens[i])
-    np.testing.assert_array_equal(got[-len(row):], row)
-    assert not np.any(np.asarray(mask[i])[:-len(row)])
-
-
-def test_rationale_training_rows_write_the_gold_solution_then_the_score():
-  tok = _Tok()
-  v = tok.vocab
-  judge = Judge.from_template("{response}<>{prompt}", tok, score_marker="s:", num_samples=1,
-                              rationale=True)
-  gold = np.array([[30, 31, 2, 0], [32, 2, 0, 0], [33, 34, 35, 2]])  # with EOS, right-padded
-  gold_mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], bool)
-  width = judge.completion_width(gold.shape[1])
-  assert width == 4 + 2 + 2
-  rows = judge.training_rows(jnp.array([[1, 10]]).repeat(3, 0), jnp.ones((3, 2), bool),
-                             jnp.array([[20, 2]]).repeat(3, 0), jnp.ones((3, 2), bool),
-                             jnp.array([5.0, 0.0, 2.6]), completion_width=width + 1,
-                             rationale=(jnp.asarray(gold), jnp.asarray(gold_mask)))
-  want = [[30, 31, v["s"], v[":"], v["5"], 2],
-          [32, v["s"], v[":"], v["0"], 2],
-          [33, 34, 35, v["s"], v[":"], v["3"], 2]]
-  assert rows["tokens"].shape == (3, width + 1)
-  for i, row in enumerate(want):  # right-padded: the completion from position 0, then padding
-    np.testing.assert_array_equal(np.asarray(rows["tokens"][i, :len(row)]), row)
-    np.testing.assert_array_equal(np.asarray(rows["mask"][i]), np.arange(width + 1) < len(row))
-    np.testing.assert_array_equal(np.asarray(rows["verdict"][i]),  # marker "s:", score, EOS
-                                  (np.arange(width + 1) < len(row))
-                                  & (np.arange(width + 1) >= len(row) - 4))
-  # What the judge is taught to write is what `read_scores` reads back.
-  np.testing.assert_array_equal(judge.read_scores(rows["tokens"], rows["mask"]), [5.0, 0.0, 3.0])
-  with pytest.raises(ValueError, match="rationale"):
-    judge.training_rows(jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), bool),
-                        jnp.ones((1, 2), jnp.int32), jnp.ones((1, 2), bool), jnp.ones(1))
-
-
-def test_judge_template_errors_name_the_key():
-  tok = _Tok()
-  with pytest.raises(ConfigError, match=r"judge.template.*\{response\}"):
-    Judge.from_template("{prompt} only", tok)
-  with pytest.raises(ConfigError, match=r"judge.template.*exactly once"):
-    Judge.from_template("{response}{prompt}{prompt}", tok)
-  with pytest.raises(ConfigError, match=r"judge.num_samples.*rationale"):
-    Judge.from_template("{response}{prompt}", tok, rationale=True, score_marker="s")
-  with pytest.raises(ConfigError, match=r"judge.score_marker.*rationale"):
-    Judge.from_template("{response}{prompt}", tok, rationale=True, num_samples=1)
-
-  class Wide(_Tok):
-    def encode(self, text):
-      return super().encode(text) * (2 if text == "3" else 1)
-
-  with pytest.raises(ConfigError, match=r"judge.score_max.*score 3 is 2 tokens"):
-    Judge.from_template("{prompt}{response}", Wide())
-
-
-def test_expected_score_is_the_mean_over_score_tokens():
-  tok = _Tok()
-  judge = Judge.from_template("j{prompt}{response}s", tok, score_max=5)
-  params = models.init_params(CFG.replace(vocab_size=48), jax.random.key(3))
-  cfg = CFG.replace(vocab_size=48)
-  prompt = jnp.array([[0, 1, 10], [1, 11, 12]])
-  resp = jnp.array([[20, 2], [21, 22]])
-  got = judge.score(cfg, params, prompt, prompt != 0, resp, jnp.ones_like(resp, bool),
-                    jax.random.key(0))
-  for i in range(2):
-    seq = [1] + tok.encode("j") + [int(x) for x in prompt[i] if x > 1] + \
-        [int(x) for x in resp[i] if x != 2] + tok.encode("s")
-    logits = np.asarray(models.forward(cfg, params, jnp.asarray([seq])))[0, -1].astype(np.float64)
-    ids = [tok.vocab[str(k)] for k in range(6)]
-    p = np.exp(logits[ids] - logits[ids].max())
-    p /= p.sum()
-    np.testing.assert_allclose(float(got[i]), (p * np.arange(6)).sum(), rtol=1e-4)
-
-
-def test_read_scores_after_the_marker():
-  tok = _Tok()
-  judge = Judge.from_template("{prompt}{response}", tok, score_marker="s:", num_samples=2)
-  v = tok.vocab
-  gen = [[v["a"], v["s"], v[":"], v["4"], 2, 0],        # "as:4" -> 4
-         [v["s"], v[":"], v["1"], v["s"], v[":"], v["3"]],  # last marker wins -> 3
-         [v["3"], v["b"], 2, 0, 0, 0],                  # no marker -> NaN
-         [v["s"], v[":"], 2, 0, 0, 0]]                  # marker without a score -> NaN
-  mask = np.array([[1, 1, 1, 1, 1, 0], [1] * 6, [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]], bool)
-  got = np.asarray(judge.read_scores(jnp.asarray(gen), jnp.asarray(mask)))
-  np.testing.assert_array_equal(got[:2], [4.0, 3.0])
-  assert np.isnan(got[2]) and np.isnan(got[3])
-  plain = Judge.from_template("{prompt}{response}", tok)
-  got = np.asarray(plain.read_scores(jnp.asarray(gen), jnp.asarray(mask)))
-  assert got[2] == 3.0 and np.isnan(got[0])  # without a marker: the first generated token
-
-
-def test_judge_training_rows_target_the_score_token():
-  tok = _Tok()
-  judge = Judge.from_template("{prompt}{response}", tok, score_min=1, score_max=5)
-  rows = judge.training_rows(jnp.array([[1, 10]]).repeat(3, 0), jnp.ones((3, 2), bool),
-                             jnp.array([[20, 2]]).repeat(3, 0), jnp.ones((3, 2), bool),
-                             jnp.array([5.0, 0.0, 2.6]), prompt_width=6, completion_width=4)
-  np.testing.assert_array_equal(rows["tokens"][:, 0], [tok.vocab["5"], tok.vocab["1"], tok.vocab["3"]])
-  np.testing.assert_array_equal(rows["tokens"][:, 1], [2, 2, 2])
-  np.testing.assert_array_equal(rows["mask"], [[1, 1, 0, 0]] * 3)
-  assert rows["prompt_tokens"].shape == (3, 6)
-
-
-def test_ranking_agreement_counts_correct_over_wrong_pairs():
-  scores = jnp.array([3.0, 1.0, 1.0, 2.0,   # correct {0, 3} vs wrong {1, 2}: 4 wins of 4
-                      1.0, 1.0, 0.0, 5.0])  # correct {0} vs wrong {1, 2, 3}: tie, win, loss
-  verified = jnp.array([1, 0, 0, 1, 1, 0, 0, 0], jnp.float32)
-  assert float(scoring.ranking_agreement(scores, verified, 4)) == pytest.approx((4 + 1.5) / 7)
-  assert np.isnan(float(scoring.ranking_agreement(scores, jnp.ones(8), 4)))
+# ---- the judge-training warm-up (JudgeSFT) -----------------------------------------------------
 
 
 def test_judge_sft_rows_mix_gold_and_judged_samples():
@@ -389,31 +218,3 @@ def test_rationale_judge_sft_rows_solve_each_rows_own_prompt():
     np.testing.assert_array_equal(np.asarray(rows["tokens"][2 + k, :len(want)]), want)
     assert int(rows["mask"][2 + k].sum()) == len(want)
   np.testing.assert_array_equal(rows["tokens"][:2, :gold.shape[1]], gold)  # SFT on gold
-
-
-# ---- self-likelihood and SFT-sharpening ------------------------------------------------------
-
-
-def test_self_likelihood_matches_numpy_and_best_of_n_keeps_its_argmax():
-  params = models.init_params(CFG, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  rows = {"prompt_tokens": jnp.asarray(rng.integers(4, 32, (4, 3)), jnp.int32),
-          "prompt_mask": jnp.ones((4, 3), bool),
-          "tokens": jnp.asarray(rng.integers(4, 32, (4, 5)), jnp.int32),
-          "mask": jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)}
-  seq = np.concatenate([rows["prompt_tokens"], rows["tokens"]], 1)
-  logits = np.asarray(models.forward(CFG, params, jnp.asarray(seq))).astype(np.float64)
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
-  tok_lp = np.take_along_axis(logp[:, 2:-1], np.asarray(rows["tokens"])[..., None], -1)[..., 0]
-  m = np.asarray(rows["mask"])
-  want_sum = (tok_lp * m).sum(1)
-  np.testing.assert_allclose(scoring.self_likelihood(CFG, params, rows, "sum"), want_sum, rtol=1e-5)
-  np.testing.assert_allclose(scoring.self_likelihood(CFG, params, rows, "mean"),
-                             want_sum / m.sum(1), rtol=1e-5)
-
-  ro = _rollout(rows["prompt_tokens"], rows["prompt_mask"], rows["tokens"], rows["mask"])
-  scores = jnp.array([0.5, 2.0, np.nan, -1.0])
-  kept = RestEM(group_size=2, select="best").build({}, ro, scores, None)
-  np.testing.assert_array_equal(kept["mask"].any(1), [False, True, False, True])
-  np.testing.assert_array_equal(kept["mask"][1], rows["mask"][1])

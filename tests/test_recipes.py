@@ -10,8 +10,10 @@ import numpy as np
 import optax
 import pytest
 
+from selfplay_jax import config_validation
 from selfplay_jax import config_lib, models, sampling
-from selfplay_jax import evaluate as ev
+from selfplay_jax import setup
+from selfplay_jax import evaluate
 from selfplay_jax import round as rnd
 from selfplay_jax.algorithms.sft import SFT
 from selfplay_jax.data import pipeline
@@ -25,7 +27,7 @@ RECIPES = ["sft", "rest_em", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", 
 def _cfg(recipe: str):
   name, _, arg = recipe.partition(":")
   cfg = config_lib.load_config(f"configs/{name}.py" + (f":{arg}" if arg else ""), SMALL)
-  config_lib.validate(cfg)
+  config_validation.validate(cfg)
   return cfg
 
 
@@ -38,13 +40,13 @@ def _sampling(cfg, tok):
 @pytest.fixture(scope="module")
 def warmed(tmp_path_factory):
   cfg = _cfg("grpo")
-  task, tok = ev.task_and_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
-  mc = ev.model_config(cfg, tok)
-  lens = ev.data_lengths(cfg)
+  task, tok = setup.task_and_tokenizer(cfg, tmp_path_factory.mktemp("tok"))
+  mc = setup.model_config(cfg, tok)
+  lens = setup.data_lengths(cfg)
   it = pipeline.make_iterator(task.source("train", 0), tokenizer=tok, batch_size=64, seed=0, **lens)
   # The run's own optimizer (warm-up learning rate, then the recipe's), state carried over, as in
   # `train.py`: a fresh Adam state on a trained model makes lr-sized steps in every coordinate.
-  opt, spec = ev.build_optimizer(cfg), SFT()
+  opt, spec = setup.build_optimizer(cfg), SFT()
   state = rnd.init_state(models.init_params(mc, jax.random.key(0)), opt, spec, jax.random.key(1))
   warm = rnd.build_round_fn(mc, spec, opt, _sampling(cfg, tok), None)
   for _ in range(WARMUP_ROUNDS):
@@ -52,7 +54,7 @@ def warmed(tmp_path_factory):
   batches = pipeline.eval_batches(task, "heldout", cfg.eval.num_examples, tokenizer=tok,
                                   batch_size=64, **lens)
   verify = task.make_verifier(tok)
-  accuracy = lambda params: ev.greedy_accuracy(mc, params, batches, verify, tok.eos_ids,
+  accuracy = lambda params: evaluate.greedy_accuracy(mc, params, batches, verify, tok.eos_ids,
                                                cfg.sampling.max_new_tokens)
   before = accuracy(state.params)
   assert 0.0 < before < 0.6, before  # room to improve, and some reward signal to start from
@@ -64,15 +66,15 @@ def warmed(tmp_path_factory):
 def test_recipe_improves_heldout_accuracy(warmed, recipe):
   task, tok, mc, (params, opt_state), accuracy, before = warmed
   cfg = _cfg(recipe)
-  spec = ev.build_spec(cfg)
+  spec = setup.build_spec(cfg)
   assert spec.name == recipe
-  opt = ev.build_optimizer(cfg)
+  opt = setup.build_optimizer(cfg)
   round_fn = rnd.build_round_fn(mc, spec, opt, _sampling(cfg, tok), task.make_verifier(tok),
                                 num_minibatches=cfg.algorithm.num_minibatches)
   state = rnd.init_state(params, opt, spec, jax.random.key(2)).replace(opt_state=opt_state)
   source = task.source("train", 1, pairs=recipe == "dpo")  # dpo: gold vs wrong-answer pairs
   it = pipeline.make_iterator(source, tokenizer=tok, batch_size=cfg.data.batch_size, seed=1,
-                              **ev.data_lengths(cfg))
+                              **setup.data_lengths(cfg))
   skipped = []
   for _ in range(RECIPE_ROUNDS):
     state, metrics = round_fn(state, next(it))
@@ -91,21 +93,21 @@ def test_sharpening_raises_the_self_likelihood_of_samples(warmed, recipe, name):
   Held-out accuracy is printed (docs/recipes.md), not asserted: sharpening need not help it."""
   task, tok, mc, (params, opt_state), accuracy, before = warmed
   cfg = _cfg(recipe)
-  spec, opt = ev.build_spec(cfg), ev.build_optimizer(cfg)
+  spec, opt = setup.build_spec(cfg), setup.build_optimizer(cfg)
   assert spec.name == name
-  scorer = ev.build_scorer(cfg, mc, tok)
+  scorer = setup.build_scorer(cfg, mc, tok)
   round_fn = rnd.build_round_fn(mc, spec, opt, _sampling(cfg, tok), None, scorer=scorer,
                                 num_minibatches=cfg.algorithm.num_minibatches)
   state = rnd.init_state(params, opt, spec, jax.random.key(2)).replace(opt_state=opt_state)
   it = pipeline.make_iterator(task.source("train", 1), tokenizer=tok, batch_size=cfg.data.batch_size,
-                              seed=1, **ev.data_lengths(cfg))
+                              seed=1, **setup.data_lengths(cfg))
   # The self-likelihood of fresh samples under the *current* policy, measured each round.
-  probe = rnd.build_round_fn(mc, ev.build_spec(_cfg("sharpen")), optax.sgd(0.0), _sampling(cfg, tok),
-                             None, scorer=ev.build_scorer(_cfg("sharpen"), mc, tok))
+  probe = rnd.build_round_fn(mc, setup.build_spec(_cfg("sharpen")), optax.sgd(0.0), _sampling(cfg, tok),
+                             None, scorer=setup.build_scorer(_cfg("sharpen"), mc, tok))
   likelihood = []
   for _ in range(RECIPE_ROUNDS):
     p = rnd.init_state(jax.tree.map(jnp.copy, state.params), optax.sgd(0.0),
-                       ev.build_spec(_cfg("sharpen")), jax.random.key(len(likelihood)))
+                       setup.build_spec(_cfg("sharpen")), jax.random.key(len(likelihood)))
     likelihood.append(float(probe(p, next(it))[1]["train/self_likelihood"]))
     state, _ = round_fn(state, next(it))
   after = accuracy(state.params)

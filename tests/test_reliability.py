@@ -135,18 +135,18 @@ _PREEMPTED_WORKER = textwrap.dedent("""
     import time
     import jax
     jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=1, process_id=0)
-    from selfplay_jax import config_lib, train
+    from selfplay_jax import config_lib, runtime, train
     # Rounds of this tiny model take ~10 ms, less than the coordination service needs to agree on a
     # sync round; slow the per-round check down so the notice lands within the run.
-    requested = train._StopOnSignal.requested
+    requested = runtime.StopOnSignal.requested
     def slow_requested(self, round_number):
       time.sleep(0.2)
       return requested(self, round_number)
-    train._StopOnSignal.requested = slow_requested
+    runtime.StopOnSignal.requested = slow_requested
     cfg = config_lib.load_config(str(config_lib.default_config_path()), sys.argv[3:])
     try:
       train.train_and_evaluate(cfg, sys.argv[1])
-    except train.Preempted as e:
+    except runtime.Preempted as e:
       print(f"PREEMPTED {e.round}", flush=True)
       sys.exit(143)
     print("FINISHED", flush=True)

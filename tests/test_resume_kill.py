@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from selfplay_jax import checkpoint, config_lib
-from selfplay_jax import evaluate as ev
+from selfplay_jax import setup
 from tests.fault_fs import tmpfs
 
 OVERRIDES = ["warmup.rounds=2", "rounds=4", "eval.every_rounds=3", "eval.num_examples=8",
@@ -30,9 +30,9 @@ def _train(workdir, *extra):
 
 def _state(workdir):
   cfg = config_lib.load_config(str(config_lib.default_config_path()), OVERRIDES)
-  task, tok = ev.task_and_tokenizer(cfg, workdir)
-  mc = ev.model_config(cfg, tok)
-  like = ev.initial_state(cfg, mc, ev.build_spec(cfg), ev.build_optimizer(cfg))
+  task, tok = setup.task_and_tokenizer(cfg, workdir)
+  mc = setup.model_config(cfg, tok)
+  like = setup.initial_state(cfg, mc, setup.build_spec(cfg), setup.build_optimizer(cfg))
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
     state, data_state, _, _ = ckpt.restore(abstract_state=like)
     return jax.device_get(state), data_state, ckpt.restored_step

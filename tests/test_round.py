@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from selfplay_jax.models.logprobs import completion_logprobs
 from selfplay_jax import models, sampling
 from selfplay_jax import round as rnd
 from selfplay_jax.algorithms.grpo import PolicyGradient
@@ -92,15 +93,15 @@ def test_fused_round_equals_separate_pieces(setup, spec):
                               rep(batch["answer_mask"]))
   # The round's frozen passes run in num_minibatches chunks of rows (only round-off differs from
   # one pass, but Adam turns round-off in near-zero gradients into lr-sized steps).
-  logp_fn = jax.jit(lambda p, rows: rnd.completion_logprobs(cfg, p, rows, num_chunks=minibatches))
+  logp_fn = jax.jit(lambda p, rows: completion_logprobs(cfg, p, rows, num_chunks=minibatches))
   logp = LogProbs(old=lambda rows: logp_fn(state.params, rows),
                   ref=lambda rows: logp_fn(state.ref_params, rows))
   rows = jax.device_get(spec.build(batch, rollout, rewards, logp))
-  minibatches_all = jax.device_get(rnd._minibatches(rows, k_shuffle, epochs, minibatches))
+  minibatches_all = jax.device_get(rnd.minibatches(rows, k_shuffle, epochs, minibatches))
 
   @jax.jit
   def update(params, opt_state, mb):
-    grads = jax.grad(lambda p: spec.loss(rnd.completion_logprobs(cfg, p, mb), mb)[0])(params)
+    grads = jax.grad(lambda p: spec.loss(completion_logprobs(cfg, p, mb), mb)[0])(params)
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 

@@ -9,10 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from selfplay_jax import checkpoint, config_lib, models
+from selfplay_jax import config_validation, run_config
+from selfplay_jax import checkpoint, config_lib, models, sampling
 from selfplay_jax import round as rnd
-from selfplay_jax import evaluate as ev
+from selfplay_jax import setup
 from selfplay_jax import train
+from selfplay_jax.data import pipeline
+from tests.task_helpers import answer_is_right, string_reward
 
 OVERRIDES = ["warmup.rounds=3", "rounds=3", "eval.every_rounds=2", "eval.num_examples=8",
              "eval.batch_size=8", "data.batch_size=4", "sampling.n=2", "sampling.max_new_tokens=8",
@@ -22,14 +25,14 @@ OVERRIDES = ["warmup.rounds=3", "rounds=3", "eval.every_rounds=2", "eval.num_exa
 
 def _cfg(*extra):
   cfg = config_lib.load_config(str(config_lib.default_config_path()), OVERRIDES + list(extra))
-  config_lib.validate(cfg)
+  config_validation.validate(cfg)
   return cfg
 
 
 def _final_params(cfg, workdir):
-  task, tok = ev.task_and_tokenizer(cfg, workdir)
-  mc = ev.model_config(cfg, tok)
-  spec, opt = ev.build_spec(cfg), ev.build_optimizer(cfg)
+  task, tok = setup.task_and_tokenizer(cfg, workdir)
+  mc = setup.model_config(cfg, tok)
+  spec, opt = setup.build_spec(cfg), setup.build_optimizer(cfg)
   like = rnd.init_state(models.init_params(mc, jax.random.key(0)), opt, spec, jax.random.key(0))
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
     state, _, _, _ = ckpt.restore(abstract_state=like)
@@ -44,7 +47,14 @@ def test_train_writes_metrics_and_checkpoints(tmp_path):
   for m in lines:  # the documented keys are on every line (None where a round measures nothing)
     assert {"round", "train/loss", "time/round_s", "train/reward_mean", "eval/accuracy"} <= set(m)
   assert all(m["train/reward_mean"] is None for m in lines[:3])
-  assert all(0.0 <= m["train/reward_mean"] <= 1.0 for m in lines[3:])
+  for m in lines[3:]:  # the verifier's rewards, re-derived from the round's sample dump
+    dump = [json.loads(l) for l in
+            (tmp_path / "samples" / f"round_{m['round']:04d}.jsonl").read_text().splitlines()]
+    rewards = np.array([s["reward"] for s in dump])
+    assert len(dump) == 8 and set(rewards) <= {0.0, 1.0}  # all 4 x 2 rows of the round
+    assert all(answer_is_right(s["completion"], s["prompt"]) for s in dump if s["reward"] == 1.0)
+    assert m["train/reward_mean"] == pytest.approx(rewards.mean())
+    assert m["train/accuracy"] == pytest.approx(rewards.mean())
   assert [m["eval/accuracy"] is not None for m in lines] == [False, True, False, True, False, True]
   assert "eval/accuracy_after_warmup" in lines[3] and "eval/accuracy_after_warmup" in history
   samples = [json.loads(l) for l in (tmp_path / "samples" / "round_0004.jsonl").read_text().splitlines()]
@@ -88,6 +98,31 @@ def test_resume_is_bit_identical(tmp_path, algorithm):
     assert f.read_text() == (part / "samples" / f.name).read_text()
 
 
+def _numpy_pass_at_k(workdir, k):
+  """pass@k of the run's last checkpoint re-derived: k samples per held-out prompt, drawn as
+  `evaluate.pass_rates` draws them (seed `cfg.seed`, one key per batch), each checked in Python
+  against the prompt's gold answer; a prompt counts once, padding rows not at all."""
+  cfg = _cfg()
+  task, tok = setup.task_and_tokenizer(cfg, workdir)
+  mc = setup.model_config(cfg, tok)
+  params = _final_params(cfg, workdir).params
+  sc = setup.sampling_config(cfg, tok, n=k)
+  assert sc.temperature > 0
+  batches = pipeline.eval_batches(task, "heldout", cfg.eval.num_examples, tokenizer=tok,
+                                  batch_size=cfg.eval.batch_size, **setup.data_lengths(cfg))
+  solved = total = 0
+  for i, b in enumerate(batches):
+    ro = jax.device_get(sampling.sample(mc, params, b["prompt_tokens"], b["prompt_mask"],
+                                        jax.random.fold_in(jax.random.key(cfg.seed), i), sc))
+    for j in np.flatnonzero(b["valid"]):
+      prompt = tok.decode(b["prompt_tokens"][j][b["prompt_mask"][j]])
+      solved += max(string_reward(tok, ro.tokens[j * k + s], ro.mask[j * k + s], prompt)
+                    for s in range(k))
+      total += 1
+  assert total == cfg.eval.num_examples
+  return solved / total
+
+
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "selfplay_jax.cli", *args], env=env,
@@ -102,7 +137,7 @@ def test_eval_command_matches_training_eval(tmp_path):
   result = json.loads((tmp_path / "eval_round_0006.json").read_text())
   assert result["round"] == 6
   assert result["eval/accuracy"] == pytest.approx(history["eval/accuracy"])  # same greedy eval
-  assert 0.0 <= result["eval/pass@2"] <= 1.0
+  assert result["eval/pass@2"] == pytest.approx(_numpy_pass_at_k(tmp_path, 2))
   bad = _cli("eval", f"--workdir={tmp_path / 'nope'}")
   assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -167,13 +202,13 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
   state = _final_params(_cfg(), run)
   cfg = _cfg()
-  tok = ev.task_and_tokenizer(cfg, run)[1]
+  tok = setup.task_and_tokenizer(cfg, run)[1]
   exported_tok = tokenizers.load_tokenizer(tmp_path / "hf")
   text = "7+8="
   ids = tok.encode(text, add_bos=True)
   assert exported_tok.encode(text, add_bos=True) == ids
   assert (exported_tok.bos_id, exported_tok.eos_id, exported_tok.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
-  mc = ev.model_config(cfg, tok)
+  mc = setup.model_config(cfg, tok)
   ours = np.asarray(models.forward(mc, state.params, np.array([ids])))
   with torch.no_grad():
     ref = model(torch.tensor([ids])).logits.numpy()
@@ -217,12 +252,12 @@ def test_training_starts_from_the_hf_checkpoint_weights(tmp_path):
              f"--config.model.hf_path={hf_dir}", f"--config.model.tokenizer_path={model_file}",
              "--config.warmup.rounds=0", "--config.rounds=1", *[f"--config.{o}" for o in small])
   assert res.returncode == 0, res.stderr[-3000:]
-  cfg = ev.load_run_config(run)
-  task, tok = ev.task_and_tokenizer(cfg, run)
-  mc = ev.model_config(cfg, tok)
+  cfg = run_config.load_run_config(run)
+  task, tok = setup.task_and_tokenizer(cfg, run)
+  mc = setup.model_config(cfg, tok)
   with checkpoint.Checkpointer(str(run)) as ckpt:
-    state = ckpt.restore(abstract_state=ev.abstract_state(cfg, mc, ev.build_spec(cfg),
-                                                          ev.build_optimizer(cfg)))[0]
+    state = ckpt.restore(abstract_state=setup.abstract_state(cfg, mc, setup.build_spec(cfg),
+                                                          setup.build_optimizer(cfg)))[0]
   ids = tok.encode("3+4=", add_bos=True)
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
   with torch.no_grad():
@@ -248,7 +283,7 @@ def test_preference_recipes_run_on_an_hf_checkpoint_and_jsonl(tmp_path, recipe):
   lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert len(lines) == 6 and lines[-1]["eval/accuracy"] is not None
   main = lines[-1]
-  assert main["phase"] == ev.build_spec(config_lib.load_config(f"configs/{recipe}")).name
+  assert main["phase"] == setup.build_spec(config_lib.load_config(f"configs/{recipe}")).name
   assert np.isfinite(main["train/loss"])
   if recipe == "self_rewarding.py":
     assert "judge/score_mean" in main and "train/judge_loss" in lines[0]
@@ -266,9 +301,9 @@ def test_spin_with_replay_resumes_bit_identically(tmp_path):
   cfg = _cfg(*extra)
   states = []
   for workdir in (full, part):
-    task, tok = ev.task_and_tokenizer(cfg, workdir)
-    mc = ev.model_config(cfg, tok)
-    like = ev.initial_state(cfg, mc, ev.build_spec(cfg), ev.build_optimizer(cfg))
+    task, tok = setup.task_and_tokenizer(cfg, workdir)
+    mc = setup.model_config(cfg, tok)
+    like = setup.initial_state(cfg, mc, setup.build_spec(cfg), setup.build_optimizer(cfg))
     with checkpoint.Checkpointer(str(workdir)) as ckpt:
       states.append(jax.device_get(ckpt.restore(abstract_state=like)[0]))
   a, b = states

@@ -1,0 +1,24 @@
+"""SFT-family specs (algorithms/sft.py): ReST-EM's best-of-n selection (SFT-sharpening). More of
+ReST-EM through the config: test_algorithm_knobs.py; SFT and ReST-EM in the round: test_round.py."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from selfplay_jax import sampling
+from selfplay_jax.algorithms.sft import RestEM
+
+
+def test_best_of_n_keeps_its_argmax():
+  """select="best": per group of 2, only the highest-scored sample is kept, whole; a NaN score
+  never wins (even against a negative one)."""
+  rng = np.random.default_rng(0)
+  mask = jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+  ro = sampling.Rollout(prompt_tokens=jnp.asarray(rng.integers(4, 32, (4, 3)), jnp.int32),
+                        prompt_mask=jnp.ones((4, 3), bool),
+                        tokens=jnp.asarray(rng.integers(4, 32, (4, 5)), jnp.int32),
+                        logprobs=jnp.zeros((4, 5)), model_logprobs=jnp.zeros((4, 5)), mask=mask,
+                        lengths=mask.sum(-1))
+  scores = jnp.array([0.5, 2.0, np.nan, -1.0])
+  kept = RestEM(group_size=2, select="best").build({}, ro, scores, None)
+  np.testing.assert_array_equal(kept["mask"].any(1), [False, True, False, True])
+  np.testing.assert_array_equal(kept["mask"][1], mask[1])
