@@ -92,6 +92,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("judge.max_new_tokens", int, _positive, "must be >= 1"),
     ("judge.score_marker", str, None, ""),
     ("judge.rationale", bool, None, ""),
+    ("judge.trace", str, lambda v: v in ("solve", "verify"), "must be 'solve' or 'verify'"),
     ("judge.train_in_warmup", bool, None, ""),
     ("judge.loss_weight", float, _non_negative, "must be >= 0"),
     ("algorithm.advantage", str, lambda v: v in ("",) + losses.ADVANTAGES,

@@ -27,6 +27,8 @@ TABLE_COLUMNS = (
     ("phase", "phase"), ("train/loss", "loss"), ("train/reward_mean", "reward"),
     ("train/reward_std", "reward std"), ("train/accuracy", "sample acc."),
     ("train/kl_ref", "KL ref"), ("train/judge_agreement", "judge agree."),
+    ("judge/gv_gap", "g-v gap"), ("judge/corr_correct", "corr correct"),
+    ("judge/corr_likelihood", "corr self-lik."),
     ("train/pair_accuracy", "pair acc."), ("train/completion_len", "length"),
     ("train/skipped_fraction", "skipped"), ("eval/accuracy", "held-out acc."),
     ("time/round_s", "time (s)"),

@@ -32,7 +32,7 @@ from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.config import ModelConfig
 from selfplay_jax.models.logprobs import completion_logprobs
 from selfplay_jax.rows import Rows, concat_rows, repeat_rows
-from selfplay_jax.scoring.judge import ranking_agreement
+from selfplay_jax.scoring.judge import gap_meter, ranking_agreement
 from selfplay_jax.scoring.verifiers import Verifier
 
 # scorer(sample_params, ref_params, batch, rollout, rng) -> (scores [R], metrics); see `scoring`.
@@ -110,8 +110,10 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
 
   Rewards are the `scorer`'s (judge, self-likelihood, your own) when given, else the verifier's
   (None when there is neither). The verifier also gives `train/accuracy`, and with a scorer
-  `train/judge_agreement`. Returns (rollout, rewards [R] or None, metrics); with
-  `num_samples > 0` the metrics carry the first rows under `samples/*` (for sample dumps).
+  `train/judge_agreement` and the generation-verification gap meter (`judge/gv_gap`,
+  `judge/corr_correct`, `judge/corr_likelihood`: `scoring.judge.gap_meter`). Returns
+  (rollout, rewards [R] or None, metrics); with `num_samples > 0` the metrics carry the first rows
+  under `samples/*` (for sample dumps).
   """
   sc = sampling_config
   k_score = jax.random.fold_in(rng, 1)
@@ -129,6 +131,10 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
     metrics.update(score_metrics)
     if verified is not None:
       metrics["train/judge_agreement"] = ranking_agreement(rewards, verified, sc.n)
+      # The gap meter (verifier read for metrics only): self-likelihood = each sample's mean token
+      # log-prob under the model that sampled it, from the sampler's own log-probs.
+      self_likelihood = losses.masked_mean(rollout.model_logprobs, rollout.mask, axis=1)
+      metrics.update(gap_meter(rewards, verified, self_likelihood, sc.n))
   if rewards is not None:
     metrics["train/reward_mean"] = jnp.nanmean(rewards)
     metrics["train/reward_std"] = jnp.nanstd(rewards)

@@ -37,9 +37,9 @@ from selfplay_jax.optim import build_optimizer
 from selfplay_jax.scoring import judge as judge_lib
 
 __all__ = ["Run", "build", "reward_kind", "uses_judge", "is_jsonl_data", "uses_pair_data",
-           "build_spec", "build_warmup_spec", "build_judge", "build_scorer", "build_optimizer",
-           "sampling_config", "task_and_tokenizer", "model_config", "data_lengths",
-           "example_batch", "initial_state", "abstract_state", "with_shardings"]
+           "build_spec", "build_warmup_spec", "build_judge", "build_trace", "build_scorer",
+           "build_optimizer", "sampling_config", "task_and_tokenizer", "model_config",
+           "data_lengths", "example_batch", "initial_state", "abstract_state", "with_shardings"]
 
 build_spec = registry.build_spec
 
@@ -91,12 +91,36 @@ def sampling_config(cfg, tok=None, n: int | None = None) -> sampling.SamplingCon
 # ---- scoring --------------------------------------------------------------------------------------
 
 
-def build_judge(cfg, tok) -> scoring.Judge:
+def build_trace(cfg, tok, task=None):
+  """The task's verification trace (`Task.make_trace_fn`) a judge with `judge.trace=verify`
+  writes, else None. `task` None: built from `cfg` (a JSONL file has no trace)."""
+  if cfg.judge.trace != "verify":
+    return None
+  if task is None and not is_jsonl_data(cfg):
+    task = _build_task(cfg)
+  make = getattr(task, "make_trace_fn", None)
+  trace = make(tok) if make is not None else None
+  if trace is None:
+    raise ConfigError(f"judge.trace: 'verify' needs a task that writes a verification trace of a "
+                      f"response (Task.make_trace_fn); data.task={cfg.data.task!r} has none (use "
+                      "judge.trace='solve')")
+  return trace
+
+
+def build_judge(cfg, tok, task=None) -> scoring.Judge:
   """The self-critique judge of `cfg.judge` (template "" = the built-in task template, or the
   additive 5-point rubric for a natural-language tokenizer; with `judge.rationale` their
-  rationale versions, and score_marker "" = "<score>" / "Score: ")."""
+  rationale versions, with `judge.trace=verify` the task's verify template, and score_marker
+  "" = "<score>" / "Score: ")."""
   j, text = cfg.judge, is_jsonl_data(cfg)
-  if j.rationale:
+  trace = build_trace(cfg, tok, task)
+  if trace is not None and not j.rationale:
+    raise ConfigError("judge.trace: 'verify' makes the judge write a verification trace before "
+                      "its score, a rationale: set judge.rationale=True (and judge.num_samples)")
+  if trace is not None:
+    template = j.template or judge_lib.TASK_VERIFY_TEMPLATE
+    marker = j.score_marker or judge_lib.TASK_SCORE_MARKER
+  elif j.rationale:
     template = j.template or (judge_lib.RUBRIC_RATIONALE_TEMPLATE if text
                               else judge_lib.TASK_RATIONALE_TEMPLATE)
     marker = j.score_marker or (judge_lib.RUBRIC_SCORE_MARKER if text
@@ -108,7 +132,14 @@ def build_judge(cfg, tok) -> scoring.Judge:
       template, tok, score_min=j.score_min, score_max=j.score_max, score_marker=marker,
       num_samples=j.num_samples, temperature=j.temperature, max_new_tokens=j.max_new_tokens,
       rationale=j.rationale)
-  if j.rationale:  # the judgement must have room for a whole solution, the marker and the score
+  if trace is not None:  # room for the longest trace, the marker and the score
+    need = trace.width + len(judge.marker) + 2
+    if j.max_new_tokens < need:
+      raise ConfigError(
+          f"judge.max_new_tokens: a judge with judge.trace=verify writes a verification trace "
+          f"(up to {trace.width} tokens for this task), the marker ({len(judge.marker)}) and the "
+          f"score with EOS (2): needs >= {need}, got {j.max_new_tokens}")
+  elif j.rationale:  # the judgement must have room for a whole solution, the marker and the score
     need = cfg.data.max_response_len - 1 + len(judge.marker) + 2
     if j.max_new_tokens < need:
       raise ConfigError(
@@ -130,16 +161,19 @@ def build_scorer(cfg, mc, tok, task=None):
                         f"{type(scorer).__name__}, not a scorer function")
     return scorer
   if kind == "judge":
-    return scoring.judge_scorer(build_judge(cfg, tok), mc)
+    return scoring.judge_scorer(build_judge(cfg, tok, task), mc)
   if kind == "likelihood":
     return scoring.likelihood_scorer(mc, cfg.algorithm.likelihood_normalize)
   return None
 
 
-def build_warmup_spec(cfg, tok) -> Spec:
-  """Warm-up SFT; with a judge and `judge.train_in_warmup`, SFT plus judge training (EFT)."""
+def build_warmup_spec(cfg, tok, task=None) -> Spec:
+  """Warm-up SFT; with a judge and `judge.train_in_warmup`, SFT plus judge training (EFT); with
+  `judge.trace=verify` its rationales are the task's verification traces (`task` None: built
+  from `cfg`)."""
   if uses_judge(cfg) and cfg.judge.train_in_warmup:
-    return JudgeSFT(build_judge(cfg, tok), judge_weight=cfg.judge.loss_weight)
+    return JudgeSFT(build_judge(cfg, tok, task), judge_weight=cfg.judge.loss_weight,
+                    trace=build_trace(cfg, tok, task))
   return SFT()
 
 
@@ -150,6 +184,15 @@ def task_and_tokenizer(cfg, workdir: str | Path):
   """The run's data (a built-in task, or `JsonlData` when `data.task` is a .jsonl path) and tokenizer."""
   if is_jsonl_data(cfg):
     return _jsonl_data(cfg)
+  task = _build_task(cfg)
+  extra = judge_lib.JUDGE_SYMBOLS if uses_judge(cfg) else ()
+  if uses_judge(cfg) and cfg.judge.trace == "verify":
+    extra += judge_lib.VERIFY_SYMBOLS
+  return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer", extra_symbols=extra)
+
+
+def _build_task(cfg) -> tasks.Task:
+  """The task object of `data.task` (built-in or the user's factory), checked to hold out."""
   if ":" in cfg.data.task:  # the user's own task: a factory f(cfg) -> tasks.Task
     task = config_lib.import_object(cfg.data.task, "data.task")(cfg)
     if not isinstance(task, tasks.Task):
@@ -170,8 +213,7 @@ def task_and_tokenizer(cfg, workdir: str | Path):
       task.example(split, 0)
   except ValueError as e:
     raise ConfigError(f"data.difficulty: {e}") from None
-  extra = judge_lib.JUDGE_SYMBOLS if uses_judge(cfg) else ()
-  return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer", extra_symbols=extra)
+  return task
 
 
 def _jsonl_data(cfg):
@@ -183,17 +225,24 @@ def _jsonl_data(cfg):
   entry = registry.entry_of(cfg)
   gold = (entry is not None and entry.needs_gold) or cfg.warmup.rounds
   required = ("prompt", "response") if gold else ("prompt",)
+  algo = f"algorithm.name={cfg.algorithm.name}"
+  why = {"response": f"{algo} trains on gold responses" if entry is not None and entry.needs_gold
+         else f"the SFT warm-up (warmup.rounds={cfg.warmup.rounds}) trains on gold responses; "
+              "warmup.rounds=0 avoids it"}
   if uses_pair_data(cfg):
     required += ("chosen", "rejected")
+    why.update(dict.fromkeys(("chosen", "rejected"), f"{algo} trains on preference pairs"))
   # Verifier rewards and judge training need answers; SFT, SPIN and DPO do not (held-out accuracy
   # is then not measured).
   verifier_rewards = (entry is None or entry.uses_rewards) and reward_kind(cfg) == "verifier"
   if verifier_rewards or (uses_judge(cfg) and cfg.judge.train_in_warmup and cfg.warmup.rounds):
     required += ("answer",)
+    why["answer"] = ("verifier rewards compare each sample with the row's answer" if verifier_rewards
+                     else "the judge's warm-up training needs answers")
   data = pipeline.JsonlData.load(cfg.data.task, tokenizer=tok, eval_path=cfg.data.eval_path,
                                  heldout_fraction=cfg.data.heldout_fraction,
                                  answer_marker=cfg.data.answer_marker, strict=cfg.data.strict,
-                                 require=required, **data_lengths(cfg))
+                                 require=required, why=why, **data_lengths(cfg))
   return data, tok
 
 
@@ -324,7 +373,7 @@ def build(cfg, workdir: str | Path) -> Run:
   task, tok = task_and_tokenizer(cfg, workdir)
   mc = model_config(cfg, tok)
   return Run(cfg=cfg, task=task, tokenizer=tok, model_config=mc, spec=build_spec(cfg),
-             warmup_spec=build_warmup_spec(cfg, tok), optimizer=build_optimizer(cfg),
+             warmup_spec=build_warmup_spec(cfg, tok, task), optimizer=build_optimizer(cfg),
              sampling=sampling_config(cfg, tok),
              verifier=task.make_verifier(tok) if task.has_answers else None,
              scorer=build_scorer(cfg, mc, tok, task))

@@ -361,7 +361,20 @@ def test_setup_builds_countdown_and_a_jitted_round_runs(tmp_path):
                       batch["answer_mask"])
   np.testing.assert_array_equal(np.asarray(gold), 1.0)
   state = run.initial_state()
-  state, metrics = run.round_fn()(state, batch)  # GRPO: sample, verify in the round, update
+  examples = task.examples("train", num=4)
+  rows = len(examples) * cfg.sampling.n
+  state, metrics = run.round_fn(num_samples=rows)(state, batch)  # GRPO: sample, verify, update
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics["train/loss"])
-  assert 0.0 <= metrics["train/reward_mean"] <= 1.0
+  # The in-round rewards are the host-side checker's verdicts on the decoded samples.
+  expected = []
+  for i in range(rows):
+    ex = examples[i // cfg.sampling.n]
+    tokens = metrics["samples/tokens"][i][:metrics["samples/lengths"][i]].tolist()
+    ended = bool(tokens) and tokens[-1] in tok.eos_ids
+    text = tok.decode(tokens[:-1] if ended else tokens)
+    nums, target = ex["answer"].split("=")
+    expected.append(float(ended and C.check_solution([int(x) for x in nums.split(",")],
+                                                     int(target), text)))
+  np.testing.assert_array_equal(metrics["samples/rewards"], expected)
+  assert metrics["train/reward_mean"] == pytest.approx(np.mean(expected))

@@ -148,8 +148,10 @@ class JudgeSFT:
   Judge rows are built from the round's own samples and the gold responses, each labelled with
   the verifier's verdict on the judge's scale (correct = score_max, wrong = score_min), so the
   policy learns to judge its own kind of outputs; a rationale judge's rows write the gold response
-  to the prompt before the marker and score. Loss = NLL(gold responses and rationales) +
-  judge_weight * NLL(verdicts), each a token mean. Needs a verifier (the task's, or JSONL answers).
+  to the prompt before the marker and score, or with `trace` (`judge.trace=verify`) the task's
+  verification trace of the judged response against its answer. Loss = NLL(gold responses and
+  rationales) + judge_weight * NLL(verdicts), each a token mean. Needs a verifier (the task's, or
+  JSONL answers).
   """
 
   judge: object  # scoring.Judge
@@ -158,6 +160,7 @@ class JudgeSFT:
   samples: bool = True
   reference: str = "none"
   restart_from_base: bool = False
+  trace: object = None  # Task.make_trace_fn(tokenizer) (one stable function), or None = solve
 
   def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
     j = self.judge
@@ -168,15 +171,20 @@ class JudgeSFT:
     sample_score = lo + (hi - lo) * jnp.clip(jnp.asarray(rewards, jnp.float32), 0.0, 1.0)
     width = j.prompt_width(batch["prompt_tokens"].shape[1],
                            max(gold["tokens"].shape[1], sampled["tokens"].shape[1]))
-    completion = max(gold["tokens"].shape[1], j.completion_width(gold["tokens"].shape[1]))
-    # A rationale judge's own solution is the gold response of the row's prompt.
     n = sampled["tokens"].shape[0] // gold["tokens"].shape[0]
-    rationale = lambda rows: (jnp.repeat(gold["tokens"], rows, axis=0),
-                              jnp.repeat(gold["mask"], rows, axis=0))
+    if self.trace is None:  # a rationale judge's own solution: the gold response of the prompt
+      rationale = lambda rows, k: (jnp.repeat(gold["tokens"], k, axis=0),
+                                   jnp.repeat(gold["mask"], k, axis=0))
+    else:  # a checking judge's rationale: the trace of the judged response against its answer
+      rationale = lambda rows, k: self.trace(jnp.repeat(batch["answer_tokens"], k, axis=0),
+                                             jnp.repeat(batch["answer_mask"], k, axis=0),
+                                             rows["tokens"], rows["mask"])
+    parts = ((gold, gold_score, rationale(gold, 1)), (sampled, sample_score, rationale(sampled, n)))
+    completion = max(gold["tokens"].shape[1],
+                     j.completion_width(max(r[0].shape[1] for _, _, r in parts)))
     judged = [j.training_rows(r["prompt_tokens"], r["prompt_mask"], r["tokens"], r["mask"], s,
-                              prompt_width=width, completion_width=completion,
-                              rationale=rationale(k))
-              for r, s, k in ((gold, gold_score, 1), (sampled, sample_score, n))]
+                              prompt_width=width, completion_width=completion, rationale=why)
+              for r, s, why in parts]
     prompt_tokens, prompt_mask = left_pad_to(gold["prompt_tokens"], gold["prompt_mask"], width,
                                              j.pad_id)
     sft = {"prompt_tokens": prompt_tokens, "prompt_mask": prompt_mask,
@@ -189,7 +197,7 @@ class JudgeSFT:
     return rows
 
   def loss(self, logp_BxT, rows: Rows):
-    # A rationale (the gold solution written inside a judge row) counts as SFT; the judge loss is
+    # A rationale (gold solution or trace, written in a judge row) counts as SFT; the judge loss is
     # on the verdict tokens, so the score keeps its weight however long the rationale is.
     mask = rows["mask"].astype(bool)
     verdict = rows["verdict"].astype(bool)

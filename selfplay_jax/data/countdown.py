@@ -38,7 +38,16 @@ Widths (tokens; `CountdownTask.widths()`): data.max_prompt_len / max_response_le
 max_answer_len = 18 / 29 / 12 for 3 numbers, 21 / 41 / 15 for 4 (15 / 17 / 9 for 2).
 
 Tokens: digits, `+ - * / = ,`, the marker and the space (SentencePiece's `▁` piece, which a
-space encodes to) are user-defined symbols, so each is exactly one token.
+space encodes to) are user-defined symbols, so each is exactly one token; so are the check tokens
+`<ok>` / `<no>` of the verification trace.
+
+Verification trace (`CountdownTask.make_trace_fn`, what a judge with `judge.trace=verify` writes
+before its verdict; `make_countdown_trace`): the response re-walked step by step with checks,
+stopping at the first bad point; its last token is `<ok>` iff the verifier accepts the response:
+
+  "12+7=19 19*3=57 ####57"  ->  "12+7=19<ok>=19<ok> 19*3=57<ok>=57<ok> ####57<ok>"
+  "12+7=18 18*3=54 ####54"  ->  "12+7=18<ok>=19<no>"
+  "12+8=20 20*3=60 ####60"  ->  "12+8=20<no>"              (8 is not one of the numbers)
 """
 
 from __future__ import annotations
@@ -58,11 +67,12 @@ import numpy as np
 from selfplay_jax import tokenizers
 from selfplay_jax.data import tasks
 from selfplay_jax.data.encoding import check_tokenizer
+from selfplay_jax.rows import right_pack
 from selfplay_jax.scoring.verifiers import Verifier
 
-__all__ = ["MAX_VALUE", "OPS", "CountdownTask", "all_solutions", "check_solution", "gold_solution",
-           "make_countdown_verifier", "num_problems", "problem_targets", "reachable_targets",
-           "render_steps"]
+__all__ = ["CHECK_FAIL", "CHECK_OK", "MAX_VALUE", "OPS", "CountdownTask", "all_solutions",
+           "check_solution", "gold_solution", "make_countdown_trace", "make_countdown_verifier",
+           "num_problems", "problem_targets", "reachable_targets", "render_steps", "trace_width"]
 
 MAX_VALUE = 999  # every written number has at most 3 digits
 MAX_DIGITS = 3
@@ -301,7 +311,9 @@ def _parse_answer(cls_BxA, mask_BxA, pool_size):
 
 
 def _check_steps(cls_BxN, active_BxN, pool_BxP):
-  """The step parser: (final state, final answer value, last result, syntax error, rule error)."""
+  """The step parser: (final state, final answer value, last result, syntax error, rule error,
+  per position [B, N]: (syntax error here, a step's space, its operands available, its arithmetic
+  right, a, op, b, c))."""
   b = cls_BxN.shape[0]
   z = jnp.zeros((b,), jnp.int32)
   f = z.astype(bool)
@@ -339,12 +351,16 @@ def _check_steps(cls_BxN, active_BxN, pool_BxP):
            jnp.where(is_eq, cur, bb), steps + is_sep, jnp.where(is_sep, res, last),
            jnp.where(is_sep[:, None], pool3, pool))
     keep = lambda n, o: jnp.where(act if n.ndim == 1 else act[:, None], n, o)
-    return tuple(map(keep, new, carry[:10])) + (syn | (act & syn_bad), sem | (act & sem_bad)), None
+    # per position (what `make_countdown_trace` writes): this token's own verdicts and, at a
+    # step's space, the step it completes
+    here = (syn_bad, is_sep, found_a & found_b, arith, a, op, bb, res)
+    return (tuple(map(keep, new, carry[:10])) + (syn | (act & syn_bad), sem | (act & sem_bad)),
+            here)
 
   init = (z, z, z, f, z, z, z, z, z - 1, pool_BxP, f, f)
-  out, _ = jax.lax.scan(body, init, (cls_BxN.T, active_BxN.T))
+  out, here = jax.lax.scan(body, init, (cls_BxN.T, active_BxN.T))
   st, cur, *_, last, _, syn, sem = out
-  return st, cur, last, syn, sem
+  return st, cur, last, syn, sem, tuple(x.T for x in here)
 
 
 def make_countdown_verifier(tokenizer: tokenizers.Tokenizer, max_answer_len: int | None = None,
@@ -375,7 +391,7 @@ def make_countdown_verifier(tokenizer: tokenizers.Tokenizer, max_answer_len: int
     end_B = jnp.where(has_eos, jnp.argmax(is_eos, axis=1), n)
     active = pos_N[None] < end_B[:, None]
     complete = has_eos & ~(active & ~mask).any(axis=1)
-    st, final, last, syn, sem = _check_steps(classify(tokens), active, pool)
+    st, final, last, syn, sem, _ = _check_steps(classify(tokens), active, pool)
     well_formed = complete & ~syn & (st == _ANS_IN)
     correct = well_formed & ~sem & answer_ok & (final == target) & (last == target)
     if format_reward == 0.0:
@@ -383,6 +399,124 @@ def make_countdown_verifier(tokenizer: tokenizers.Tokenizer, max_answer_len: int
     return jnp.where(correct, 1.0, jnp.where(well_formed, format_reward, 0.0)).astype(jnp.float32)
 
   return verify
+
+
+# ---- the verification trace --------------------------------------------------------------------
+
+CHECK_OK, CHECK_FAIL = "<ok>", "<no>"  # the trace's check tokens (symbols of the task tokenizer)
+_STEP_LEN = 3 * MAX_DIGITS + 2  # "a op b=c"
+_CHECKS_LEN = 1 + 1 + MAX_DIGITS + 1  # "<ok>", "=", the recomputed result, "<ok>"
+_SLOTS = _CHECKS_LEN + 1  # what one response position may emit (a step's space: checks + space)
+
+
+def trace_width(num_numbers: int) -> int:
+  """Longest trace of any response for `num_numbers` numbers (30 / 48 / 66 for 2 / 3 / 4): at
+  most n - 1 steps pass (each takes two numbers out of the pool and puts one back), each written
+  with its checks and space (18 tokens at most); after them the pool holds one number, so what
+  follows is a step that fails its availability check or earlier ("ddd+ddd=ddd<no>", 12), or the
+  answer ("####ddd<ok>", 5). (A step failing its arithmetic, up to "ddd+ddd=ddd<ok>=ddd<no>", 17,
+  comes at the latest in place of step n - 1, so within the bound.)"""
+  return (num_numbers - 1) * (_STEP_LEN + _SLOTS) + _STEP_LEN + 1
+
+
+def _recompute(a, op, b):
+  """(a op b, whether it is a value of the task: exact, 0..MAX_VALUE) for op classes."""
+  safe_b = jnp.where(b > 0, b, 1)
+  value = jnp.select([op == _PLUS, op == _MINUS, op == _TIMES], [a + b, a - b, a * b], a // safe_b)
+  exact = (op != _DIV) | ((b > 0) & (a % safe_b == 0))
+  return value, exact & (value >= 0) & (value <= MAX_VALUE)
+
+
+def make_countdown_trace(tokenizer: tokenizers.Tokenizer, num_numbers: int):
+  """A pure, jittable `trace(answer_BxA, answer_mask_BxA, response_BxN, response_mask_BxN)` ->
+  (tokens [B, W], mask [B, W], right-padded), W = `trace_width(num_numbers)`: the verification
+  trace of each response, what a judge that checks (instead of solving) writes before its verdict.
+
+  It re-walks the response the way the verifier does (the same scan, `_check_steps`):
+
+    "12+7=19 19*3=57 ####57"  ->  "12+7=19<ok>=19<ok> 19*3=57<ok>=57<ok> ####57<ok>"
+
+  each step `a op b=c` copied, then whether both operands were available (given numbers and
+  earlier results, each used at most once), then `=` and the recomputed `a op b` (nothing when it
+  is not a value: negative, inexact division, over 999) and whether it equals c, then the space;
+  then `####x` copied and whether x is the target and the last step's result and the response
+  ended there (EOS). The trace stops at the first bad point with `<no>`: a step that fails a check
+  ("12+8=20<no>", "12+7=18<ok>=19<no>", "7/2=3<ok>=<no>"), a token the grammar does not allow
+  there, a masked token before EOS, the end of a response cut off before EOS. So its last token is
+  `<ok>` exactly when the verifier accepts the response, and no EOS is written.
+
+  Built in token space from the scan's per-position outputs: each position emits up to `_SLOTS`
+  tokens (itself; a passing step's space: its checks, then itself; the first bad position or the
+  end: its checks), packed to the left (`rows.right_pack`). W assumes the task's setting: answers
+  with more than `num_numbers` numbers allow longer traces, which are cut at W."""
+  table = jnp.asarray(_class_table(tokenizer))
+  eos = jnp.asarray(list(tokenizer.eos_ids) or [-1], jnp.int32)
+  ids = {}
+  for s in tasks.DIGITS + ("=", CHECK_OK, CHECK_FAIL):
+    enc = tokenizer.encode(s)
+    if len(enc) != 1:
+      raise ValueError(f"tokenizer {tokenizer!r} encodes {s!r} as {len(enc)} tokens; the countdown "
+                       "trace needs it to be one (build it with build_tokenizer)")
+    ids[s] = enc[0]
+  digit_ids = jnp.asarray([ids[d] for d in tasks.DIGITS], jnp.int32)
+  ok_id, no_id, eq_id = ids[CHECK_OK], ids[CHECK_FAIL], ids["="]
+  space_id = tokenizer.encode(" ")[0]
+  pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  width = trace_width(num_numbers)
+
+  def classify(tokens):
+    inside = (tokens >= 0) & (tokens < table.shape[0])
+    return jnp.where(inside, table[jnp.clip(tokens, 0, table.shape[0] - 1)], _OTHER)
+
+  def trace(answer_BxA, answer_mask_BxA, response_BxN, response_mask_BxN):
+    tokens, mask = jnp.asarray(response_BxN, jnp.int32), jnp.asarray(response_mask_BxN, bool)
+    gold, gold_mask = jnp.asarray(answer_BxA, jnp.int32), jnp.asarray(answer_mask_BxA, bool)
+    b, n = tokens.shape
+    pool, target, answer_ok = _parse_answer(classify(gold), gold_mask,
+                                            max(1, (gold.shape[1] + 1) // 2))
+    pos_N = jnp.arange(n)
+    is_eos = jnp.isin(tokens, eos) & mask
+    has_eos = is_eos.any(axis=1)
+    end_B = jnp.where(has_eos, jnp.argmax(is_eos, axis=1), n)
+    active = pos_N[None] < end_B[:, None]
+    st, final, last, _, _, here = _check_steps(classify(tokens), active, pool)
+    syn_bad, is_sep, avail, arith, a, op, bb, _ = here  # (c: the verifier's arith)
+    hole = active & ~mask
+    step = is_sep & ~hole
+    bad = active & (hole | syn_bad | (step & ~(avail & arith)))
+    first_bad = jnp.where(bad.any(axis=1), jnp.argmax(bad, axis=1), n + 1)
+    failed = first_bad < end_B
+    stop = jnp.minimum(first_bad, end_B)  # the position that writes the last token, 0..n
+    final_ok = has_eos & (st == _ANS_IN) & answer_ok & (final == target) & (last == target)
+    # n + 1 positions: the response's, then the end of one without EOS
+    ext = lambda x, v=0: jnp.pad(x, ((0, 0), (0, 1)), constant_values=v)
+    col = jnp.arange(n + 1)[None]
+    before, at = col < stop[:, None], col == stop[:, None]
+    bad_at, end_at = at & failed[:, None], at & ~failed[:, None]
+    step_here = ext(step) & (before | bad_at)
+    show = step_here & ext(avail)  # "=", the recomputed result, its check
+    value, valid = _recompute(ext(a), ext(op), ext(bb))
+    digit = lambda k: digit_ids[jnp.clip(value, 0, MAX_VALUE) // 10**k % 10]
+    verdict = lambda ok: jnp.where(ok, ok_id, no_id)
+    full = lambda v: jnp.full((b, n + 1), v, jnp.int32)
+    slots = [  # (token, written) of each slot, [B, n + 1]
+        (jnp.where(step_here, verdict(ext(avail)),
+                   jnp.where(end_at, verdict(final_ok)[:, None],
+                             jnp.where(bad_at, no_id, ext(tokens, pad_id)))), before | at),
+        (full(eq_id), show)]
+    slots += [(digit(k), show & valid & ((value >= 10**k) | (k == 0)))
+              for k in reversed(range(MAX_DIGITS))]
+    slots += [(verdict(ext(arith)), show), (full(space_id), step_here & before)]
+    assert len(slots) == _SLOTS
+    out = jnp.stack([t for t, _ in slots], axis=2).reshape(b, -1)
+    out_mask = jnp.stack([m for _, m in slots], axis=2).reshape(b, -1)
+    out, out_mask = right_pack(out, out_mask, pad_id)
+    extra = max(width - out.shape[1], 0)
+    out = jnp.pad(out, ((0, 0), (0, extra)), constant_values=pad_id)[:, :width]
+    return out, jnp.pad(out_mask, ((0, 0), (0, extra)))[:, :width]
+
+  trace.width = width
+  return trace
 
 
 # ---- the task ----------------------------------------------------------------------------------
@@ -394,7 +528,7 @@ class CountdownTask(tasks.Task):
 
   name: ClassVar[str] = "countdown"
   symbols: ClassVar[tuple[str, ...]] = tasks.DIGITS + (tasks.ANSWER_MARKER, "+", "-", "*", "/",
-                                                         "=", ",", SPACE)
+                                                         "=", ",", SPACE, CHECK_OK, CHECK_FAIL)
   answer_symbols: ClassVar[tuple[str, ...]] = tasks.DIGITS + (",", "=")
   num_numbers: int = 3
   max_number: int = 12
@@ -454,3 +588,14 @@ class CountdownTask(tasks.Task):
     check_tokenizer(self, tokenizer)
     return make_countdown_verifier(tokenizer, max_answer_len=max_answer_len,
                                    format_reward=format_reward)
+
+  def make_trace_fn(self, tokenizer: tokenizers.Tokenizer):
+    """The jittable verification trace (`make_countdown_trace`), W = `trace.width`; one object
+    per (setting, tokenizer), so specs that hold it compare equal across builds."""
+    check_tokenizer(self, tokenizer)
+    return _cached_trace(self.num_numbers, tokenizer)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_trace(num_numbers: int, tokenizer: tokenizers.Tokenizer):
+  return make_countdown_trace(tokenizer, num_numbers)

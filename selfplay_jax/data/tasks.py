@@ -145,6 +145,16 @@ class Task(abc.ABC):
                                 answer_ids, max_answer_len=max_answer_len,
                                 format_reward=format_reward)
 
+  def make_trace_fn(self, tokenizer: tokenizers.Tokenizer) -> Any:
+    """The verification trace a checking judge writes (`judge.trace=verify`), or None (the
+    default): this task has none. A trace is a jittable
+    `trace(answer [R, A], answer_mask, response [R, N], response_mask) -> (tokens [R, W], mask)`
+    (right-padded, no EOS) with an int attribute `width` = W, fixed for the task's setting: the
+    response re-checked step by step, whose last token says whether the verifier accepts it (see
+    `countdown.make_countdown_trace`). Return one stable object per tokenizer."""
+    del tokenizer
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskSource:

@@ -20,7 +20,11 @@ With a rationale (`rationale=True`, sampled mode) the judge writes something bef
 `rationale + marker + score + EOS`, where the rationale is the gold response to the prompt, i.e.
 the judge solves the problem itself, then says whether the response's answer agrees. Judging
 then costs a generation per judgement, but the verdict compares two written answers instead of
-re-deriving one in a single forward pass.
+re-deriving one in a single forward pass. With `judge.trace=verify` the rationale is instead the
+task's verification trace of the response (`Task.make_trace_fn`; countdown: each step copied,
+then whether its operands were available and its arithmetic right): the judge checks the
+response rather than solving the problem. Judging is the same either way: generate, read the
+score after the last marker.
 
 Everything is jittable: judging runs inside the round on the round's own samples.
 
@@ -53,6 +57,11 @@ TASK_TEMPLATE = "{prompt}{response}<score>"
 # exactly as when the policy answers it (same relative positions), then the verdict.
 TASK_RATIONALE_TEMPLATE = "{response}<score>{prompt}"
 TASK_SCORE_MARKER = "<score>"
+# With a verification trace (`judge.trace=verify`): the judge reads the problem and the response,
+# then writes the task's trace of the response (`Task.make_trace_fn`: the response re-checked step
+# by step), the marker and the score. "<verify>" is one more tokenizer symbol, added only then.
+VERIFY_SYMBOLS = ("<verify>",)
+TASK_VERIFY_TEMPLATE = "{prompt}{response}<verify>"
 
 # For natural-language tokenizers: the paper's additive 5-point rubric (Yuan et al. 2024, Fig. 2),
 # ending where the score is read.
@@ -192,7 +201,7 @@ class Judge:
     """Judge-training (EFT) rows: prompt = the judge prompt, completion = [score token, EOS]
     for `target_scores` (rounded, clipped to the scale); with a rationale judge,
     `rationale + marker + score + EOS`, `rationale` = (tokens [R, N], mask) of each row's gold
-    response (its stop token dropped). `verdict` marks the tokens after the rationale.
+    response or verification trace (its stop token dropped). `verdict` marks the tokens after the rationale.
     Widths pad to at least the given ones."""
     judge_tokens, judge_mask = self.prompts(prompt_tokens, prompt_mask, tokens, mask)
     if prompt_width is not None and prompt_width > judge_tokens.shape[1]:
@@ -286,3 +295,70 @@ def ranking_agreement(scores: jax.Array, verified: jax.Array, group_size: int) -
   win = jnp.where(si > sj, 1.0, jnp.where(si == sj, 0.5, 0.0))
   count = pair.sum()
   return jnp.where(count > 0, jnp.sum(win * pair) / jnp.maximum(count, 1), jnp.nan)
+
+
+# ---- the generation-verification gap meter ------------------------------------------------------
+# Read next to `ranking_agreement` in every round with a scorer and a verifier (`judge/*` metrics),
+# so a run shows whether self-critique can help before its scores are trusted. The verifier is read
+# for these metrics only, never for rewards. Groups are the `group_size` consecutive samples of a
+# prompt; a sample is correct when its verifier reward is >= 1 (as for `train/accuracy`).
+
+
+def gv_gap(scores: jax.Array, verified: jax.Array, group_size: int) -> jax.Array:
+  """Generation-verification gap (Song et al. 2024, "Mind the Gap"): the accuracy of the sample the
+  scores rank highest in each group minus the mean accuracy of the group's samples, averaged over
+  groups. > 0: picking by the scores beats picking at random, i.e. self-critique can help.
+
+  Ties: when several samples share the top score, the top "sample" counts the mean accuracy of the
+  tied ones (the expected accuracy of a random pick among them). NaN scores never win (a sample
+  without a score still counts in its group's mean accuracy); a group whose scores are all NaN is
+  left out of both terms. NaN when no group qualifies. All-correct and all-wrong groups give 0.
+  """
+  s = scores.reshape(-1, group_size).astype(jnp.float32)
+  correct = (verified.reshape(-1, group_size) >= 1.0).astype(jnp.float32)
+  valid = ~jnp.isnan(s)
+  top = jnp.max(jnp.where(valid, s, -jnp.inf), axis=1, keepdims=True)
+  tied = valid & (s == top)  # NaN != top: NaN scores never win
+  top_accuracy = jnp.sum(correct * tied, axis=1) / jnp.maximum(jnp.sum(tied, axis=1), 1)
+  gap = top_accuracy - jnp.mean(correct, axis=1)
+  counted = valid.any(axis=1)
+  n = jnp.sum(counted)
+  return jnp.where(n > 0, jnp.sum(jnp.where(counted, gap, 0.0)) / jnp.maximum(n, 1), jnp.nan)
+
+
+def within_group_corr(x: jax.Array, y: jax.Array, group_size: int) -> jax.Array:
+  """Pearson correlation of `x` with `y` within each group, averaged over the groups where both
+  vary. Samples where either value is not finite (a NaN score, a -inf log-prob) are left out of
+  their group; a group counts when, over the samples left, neither `x` nor `y` is constant (so it
+  has at least two of them). NaN when no group counts."""
+  x = x.reshape(-1, group_size).astype(jnp.float32)
+  y = y.reshape(-1, group_size).astype(jnp.float32)
+  valid = jnp.isfinite(x) & jnp.isfinite(y)
+  count = jnp.maximum(jnp.sum(valid, axis=1, keepdims=True), 1)
+
+  def centred(v):
+    v = jnp.where(valid, v, 0.0)
+    return jnp.where(valid, v - jnp.sum(v, axis=1, keepdims=True) / count, 0.0)
+
+  def varies(v):  # compared exactly: a constant group's float mean need not equal its values
+    return (jnp.max(jnp.where(valid, v, -jnp.inf), axis=1)
+            > jnp.min(jnp.where(valid, v, jnp.inf), axis=1))
+
+  dx, dy = centred(x), centred(y)
+  denom = jnp.sqrt(jnp.sum(dx * dx, axis=1) * jnp.sum(dy * dy, axis=1))
+  ok = varies(x) & varies(y) & (denom > 0)
+  r = jnp.clip(jnp.sum(dx * dy, axis=1) / jnp.where(ok, denom, 1.0), -1.0, 1.0)
+  n = jnp.sum(ok)
+  return jnp.where(n > 0, jnp.sum(jnp.where(ok, r, 0.0)) / jnp.maximum(n, 1), jnp.nan)
+
+
+def gap_meter(scores: jax.Array, verified: jax.Array, self_likelihood: jax.Array,
+              group_size: int) -> dict[str, jax.Array]:
+  """The round's gap-meter metrics: `judge/gv_gap` (`gv_gap`), `judge/corr_correct` (within-prompt
+  correlation of the scores with the verifier's correctness) and `judge/corr_likelihood` (with the
+  samples' self-likelihood: the mean token log-prob of each sample under the model that sampled
+  it), each NaN when no group qualifies."""
+  correct = (verified >= 1.0).astype(jnp.float32)
+  return {"judge/gv_gap": gv_gap(scores, verified, group_size),
+          "judge/corr_correct": within_group_corr(scores, correct, group_size),
+          "judge/corr_likelihood": within_group_corr(scores, self_likelihood, group_size)}
