@@ -28,9 +28,9 @@ from selfplay_jax.errors import (CheckpointError, CheckpointFormatError, ConfigE
 
 COMMANDS = {
     "train": "run self-improvement rounds from a config (checkpoints and metrics in --workdir)",
-    "eval": "evaluate a checkpoint or preset on the config's task",
+    "eval": "held-out accuracy and pass@k of a run's checkpoint (writes eval_round_NNNN.json)",
     "export": "write a checkpoint as a Hugging Face model directory",
-    "generate": "sample completions from a checkpoint or preset",
+    "generate": "sample completions from a Hugging Face model directory (--model)",
     "report": "write a self-contained HTML report of a run (summary, plots, rounds, samples)",
     "plan": "print parameter count, memory and sharding for a config without allocating",
 }
@@ -68,27 +68,52 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def _define_flags(argv: Sequence[str]) -> flags.FlagHolder:
-  flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, resolved config)")
+  flags.DEFINE_string("workdir", None, "output directory (checkpoints, metrics, resolved config); "
+                      "train: default runs/default under the current directory")
   return config_flags.DEFINE_config_file(
       "config", default=str(config_lib.default_config_path()), sys_argv=list(argv),
       help_string="config file, optionally with a `:key=value,...` argument for get_config()")
 
 
+def _config_file(argv: Sequence[str]) -> str | None:
+  """The `--config` file that flag parsing loads (None for commands without one)."""
+  if "config" not in _FLAGS:
+    return None
+  given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  return (given[-1] if given else str(config_lib.default_config_path())).partition(":")[0]
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports failures as one `error:` line instead of a traceback."""
+  """absl flag parsing that reports failures as one `error:` line instead of a traceback; so is
+  an error in the config file's own code (SyntaxError, NameError, ImportError, no get_config),
+  with the file and line."""
   try:
     return _FLAGS(argv)
-  except (flags.Error, ValueError, TypeError, OSError) as e:
-    message = str(_root_cause(e)).strip().splitlines()
+  except Exception as e:  # pylint: disable=broad-except
+    cause = _root_cause(e)
+    path = _config_file(argv)
+    if not isinstance(cause, ConfigError) and path is not None:
+      cause = config_lib.config_file_error(path, e) or cause
+    if not isinstance(cause, ConfigError) and not isinstance(
+        e, (flags.Error, ValueError, TypeError, OSError)):
+      raise
+    message = [l.strip() for l in str(cause).strip().splitlines() if l.strip()]
+    if message and message[0].endswith("Error whilst parsing config file:"):  # ml_collections
+      message = [f"config: {path}: {message[-1]}"]
     _fail(message[0] if message else type(e).__name__)
+
+
+def _quiet_absl() -> None:
+  """Keeps Orbax's per-save / per-restore INFO lines out of the output unless --verbosity is given."""
+  if not _FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def _train(cfg, workdir: str | None) -> int:
   from selfplay_jax import runtime, train  # pylint: disable=import-outside-toplevel
 
   workdir = workdir or "runs/default"
-  if not _FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines out of the demo's output
-    absl_logging.set_verbosity(absl_logging.WARNING)
+  _quiet_absl()  # keep Orbax's per-save INFO lines out of the demo's output
   model_cfg = config_lib.model_config(cfg.model)
   print(f"selfplay-jax train: {cfg.algorithm.name} on {cfg.data.task}, model {model_cfg.family} "
         f"({cfg.model.hf_path or 'preset ' + cfg.model.preset}), workdir {workdir}")
@@ -111,8 +136,9 @@ def _train(cfg, workdir: str | None) -> int:
 
 def _define_distributed_flags() -> None:
   flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                    "jax.distributed.initialize(): auto = when --coordinator_address is given or "
-                    "a multi-process SLURM step / TPU slice is detected")
+                    "jax.distributed.initialize(): auto = when --coordinator_address or "
+                    "JAX_COORDINATOR_ADDRESS is given or a multi-process SLURM step / TPU slice is "
+                    "detected")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator")
   flags.DEFINE_integer("num_processes", None, "number of JAX processes")
   flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
@@ -185,15 +211,24 @@ def _eval(argv: list[str]) -> int:
     _fail("--workdir: the training workdir to evaluate is required")
   if _FLAGS.k < 0:
     _fail(f"--k: must be >= 0, got {_FLAGS.k}")
+  if _FLAGS.num_examples is not None and _FLAGS.num_examples < 1:
+    _fail(f"--num_examples: must be >= 1, got {_FLAGS.num_examples} (leave it out for the run's "
+          "eval.num_examples)")
+  if _FLAGS.round is not None and _FLAGS.round < 0:
+    _fail(f"--round: must be >= 0, got {_FLAGS.round}")
+  _quiet_absl()
   try:
     result = evaluate.evaluate_workdir(_FLAGS.workdir, step=_FLAGS.round, k=_FLAGS.k,
                                        num_examples=_FLAGS.num_examples)
   except _INPUT_ERRORS + (ValueError,) as e:
     _fail(e)
-  out = Path(_FLAGS.workdir) / f"eval_round_{int(result['round']):04d}.json"
-  out.write_text(json.dumps(result, indent=2))
-  for key, value in result.items():
+  for key, value in result.items():  # shown first: a workdir that refuses the file loses nothing
     print(f"{key}: {value:.4f}" if key != "round" else f"round: {int(value)}")
+  out = Path(_FLAGS.workdir) / f"eval_round_{int(result['round']):04d}.json"
+  try:
+    out.write_text(json.dumps(result, indent=2))
+  except OSError as e:
+    _fail(f"cannot write {out}: {e.strerror or e} (the results above were not saved)")
   print(f"written to {out}")
   return 0
 
@@ -212,6 +247,7 @@ def _export(argv: list[str]) -> int:
   for name in ("workdir", "out"):
     if not _FLAGS[name].value:
       _fail(f"--{name}: required")
+  _quiet_absl()
   try:
     out, step = export.export_workdir(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.round, dtype=_FLAGS.dtype)
   except _INPUT_ERRORS + (ValueError,) as e:
@@ -251,8 +287,7 @@ def _plan(argv: list[str], overrides: list[str], config: flags.FlagHolder) -> in
   from selfplay_jax import plan  # pylint: disable=import-outside-toplevel
 
   _no_positional_args(argv)
-  if not _FLAGS["verbosity"].present:  # no INFO lines (e.g. absent TPU backends) around the table
-    absl_logging.set_verbosity(absl_logging.WARNING)
+  _quiet_absl()  # no INFO lines (e.g. absent TPU backends) around the table
   for name in ("devices", "device_memory_gib"):
     if _FLAGS[name].value is not None and _FLAGS[name].value <= 0:
       _fail(f"--{name}: must be > 0, got {_FLAGS[name].value}")

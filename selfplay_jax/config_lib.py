@@ -17,7 +17,9 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import os
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -25,12 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from absl import logging
 from ml_collections import config_dict
 
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.config import ModelConfig, get_preset
 
-__all__ = ["ConfigError", "apply_overrides", "default_config_path", "load_config", "model_config",
+__all__ = ["ConfigError", "apply_overrides", "config_file_error", "default_config_path",
+           "load_config", "model_config",
            "parse_arg", "resolve_config_path", "set_preset", "split_argv", "to_json"]
 
 _NONE_WORDS = ("none", "null")
@@ -63,8 +67,37 @@ def resolve_config_path(path_with_arg: str) -> str:
     candidates.append(_package_root() / path)
   for candidate in candidates:
     if candidate.is_file():
+      if candidate.suffix != ".py":
+        raise ConfigError(f"config: {candidate} is not a Python config file; --config takes a .py "
+                          "file that defines get_config(), e.g. configs/default.py")
       return f"{candidate}{sep}{arg}"
+    if candidate.is_dir():
+      raise ConfigError(f"config: {candidate} is a directory; --config takes a .py file that "
+                        "defines get_config(), e.g. configs/default.py")
   raise ConfigError(f"config: file not found: {path!r}")
+
+
+def config_file_error(path: str | os.PathLike, error: BaseException) -> ConfigError | None:
+  """One line for a config file whose code failed (SyntaxError, NameError, ImportError, no
+  `get_config`, ...): `config: <file> line <n>: <ErrorType>: <message>`. None when `error` did not
+  come from that file's code (a ConfigError it raised on purpose passes through unchanged)."""
+  if isinstance(error, ConfigError):
+    return None
+  where = os.path.abspath(path)
+  seen: BaseException | None = error
+  while seen is not None:  # flag parsers re-raise the file's error with it as the context
+    text = str(seen).strip().splitlines()[0] if str(seen).strip() else ""
+    kind = type(seen).__name__
+    if isinstance(seen, SyntaxError) and seen.filename and os.path.abspath(seen.filename) == where:
+      return ConfigError(f"config: {path} line {seen.lineno}: {kind}: {seen.msg}")
+    frames = [f for f in traceback.extract_tb(seen.__traceback__)
+              if os.path.abspath(f.filename) == where]
+    if frames:
+      return ConfigError(f"config: {path} line {frames[-1].lineno}: {kind}: {text}")
+    if isinstance(seen, AttributeError) and getattr(seen, "name", None) == "get_config":
+      return ConfigError(f"config: {path} defines no get_config()")
+    seen = seen.__cause__ or seen.__context__
+  return None
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -109,10 +142,16 @@ def load_config(path_with_arg: str, overrides: Sequence[str] = ()) -> ml_collect
   path, sep, arg = resolved.partition(":")
   spec = importlib.util.spec_from_file_location(f"_selfplay_config_{Path(path).stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config: {path} defines no get_config()")
-  cfg = module.get_config(arg) if sep else module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"config: {path} defines no get_config()")
+    cfg = module.get_config(arg) if sep else module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    error = config_file_error(path, e)
+    if error is None:
+      raise
+    raise error from None
   return apply_overrides(cfg, overrides)
 
 
@@ -182,11 +221,28 @@ def set_preset(model: ml_collections.ConfigDict, name: str) -> None:
       model[field.name] = value
 
 
+def ignored_with_hf_path(model: ml_collections.ConfigDict) -> list[str]:
+  """`model.<field>=<value>` for each architecture field that differs from `model.preset`'s value
+  (so the user or the config file set it) although `model.hf_path` makes it ineffective."""
+  try:
+    preset = get_preset(model.get("preset"))
+  except ConfigError:
+    return []
+  norm = lambda v: tuple(v) if isinstance(v, list) else v
+  return [f"model.{f.name}={model[f.name]}" for f in dataclasses.fields(ModelConfig)
+          if f.name not in _HF_OVERRIDABLE and f.name in model
+          and norm(model[f.name]) != norm(getattr(preset, f.name))]
+
+
+_WARNED_HF_OVERRIDES: set[tuple[str, ...]] = set()  # warn once per process, not per model_config()
+
+
 def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
   """Builds the validated `ModelConfig` of `cfg.model`.
 
   With `model.hf_path` set, the architecture comes from that Hugging Face directory's config.json
-  and only `dtype`, `param_dtype`, `remat` and `scan_layers` apply on top.
+  and only `dtype`, `param_dtype`, `remat` and `scan_layers` apply on top; other `model.*` fields
+  set away from the preset's values are ignored, with one warning naming them.
   """
   if model.get("hf_path"):
     try:
@@ -200,6 +256,13 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
     except (OSError, ValueError, KeyError) as e:
       raise ConfigError(f"model.hf_path: {e}") from e
     result = base.replace(**{k: model[k] for k in _HF_OVERRIDABLE})
+    ignored = tuple(ignored_with_hf_path(model))
+    if ignored and (model.hf_path,) + ignored not in _WARNED_HF_OVERRIDES:
+      _WARNED_HF_OVERRIDES.add((model.hf_path,) + ignored)
+      logging.warning("model.hf_path=%s sets the architecture (its config.json), so %s %s "
+                      "ignored; only model.dtype, model.param_dtype, model.remat and "
+                      "model.scan_layers apply on top of it", model.hf_path, ", ".join(ignored),
+                      "is" if len(ignored) == 1 else "are")
   else:
     result = ModelConfig(**{f.name: model[f.name] for f in dataclasses.fields(ModelConfig)})
   return result.validate("model")

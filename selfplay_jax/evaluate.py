@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from selfplay_jax import checkpoint, run_config, sampling, setup, sharding
 from selfplay_jax.data import pipeline
+from selfplay_jax.errors import CheckpointNotFoundError
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -59,7 +60,12 @@ def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int,
 # ---- `selfplay-jax eval` -------------------------------------------------------------------------
 
 
-# ---- `selfplay-jax eval` -------------------------------------------------------------------------
+def require_checkpoint(workdir: Path) -> None:
+  """`CheckpointNotFoundError` when `workdir` has no complete checkpoint, before anything (an
+  empty `checkpoints/`, Orbax's background threads) is created."""
+  if not checkpoint.complete_steps(workdir):
+    raise CheckpointNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}: the run "
+                                  "saved none yet (see checkpoint.every_rounds)")
 
 
 def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8,
@@ -67,12 +73,15 @@ def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8
   """Greedy held-out accuracy and pass@k of a run's checkpoint (default: the newest)."""
   workdir = Path(workdir)
   cfg = run_config.load_run_config(workdir)
+  require_checkpoint(workdir)
   run = setup.build(cfg, workdir)
   task, tok, mc = run.task, run.tokenizer, run.model_config
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
     state, _, _, _ = ckpt.restore(step, abstract_state=run.abstract_state())
     used = ckpt.restored_step
-  batches = pipeline.eval_batches(task, "heldout", num_examples or cfg.eval.num_examples, tokenizer=tok,
+  if num_examples is None:
+    num_examples = cfg.eval.num_examples
+  batches = pipeline.eval_batches(task, "heldout", num_examples, tokenizer=tok,
                                   batch_size=cfg.eval.batch_size, **setup.data_lengths(cfg))
   verify = task.make_verifier(tok)
   n_new = cfg.sampling.max_new_tokens

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
-from selfplay_jax import checkpoint, run_config, setup, tokenizers
+import safetensors
+
+from selfplay_jax import checkpoint, evaluate, run_config, setup, tokenizers
+from selfplay_jax.errors import WorkdirError
 from selfplay_jax.models import hf
 
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -34,18 +38,43 @@ def _copy_tokenizer(tok: tokenizers.Tokenizer, out: Path) -> None:
   config_file.write_text(json.dumps(special, indent=2))
 
 
+def _io_reason(error: BaseException) -> str:
+  """`No space left on device` from an OSError or safetensors' `... I/O error: ... (os error 28)`."""
+  if isinstance(error, OSError):
+    return error.strerror or str(error)
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+  return match.group(1) if match else text
+
+
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
                    dtype: str | None = None) -> tuple[Path, int]:
-  """Exports the policy of checkpoint `step` (default: the newest). Returns (out dir, step)."""
+  """Exports the policy of checkpoint `step` (default: the newest). Returns (out dir, step).
+
+  The model is written into a hidden sibling directory and renamed to `out` when complete; a
+  failed write (disk full, ...) removes it, so `out` never holds a half-written model."""
   workdir, out = Path(workdir), Path(out)
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"--out {out} is a file, not a directory; choose a new directory")
+  if out.is_dir() and any(out.iterdir()):
+    raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
   cfg = run_config.load_run_config(workdir)
+  evaluate.require_checkpoint(workdir)
   run = setup.build(cfg, workdir)
   tok, mc, like = run.tokenizer, run.model_config, run.abstract_state()
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
     state, _, _, _ = ckpt.restore(step, abstract_state=like)
     used = ckpt.restored_step
-  if out.exists() and any(out.iterdir()):
-    raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
-  hf.save_pretrained(mc, state.params, out, dtype=dtype)
-  _copy_tokenizer(tok, out)
+  tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(mc, state.params, tmp, dtype=dtype)
+    _copy_tokenizer(tok, tmp)
+    os.rename(tmp, out)  # replaces an empty `out` directory
+  except BaseException as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, (OSError, safetensors.SafetensorError)):
+      raise WorkdirError(f"--out {out}: cannot write the model ({_io_reason(e)}); nothing was "
+                         "left there") from None
+    raise
   return out, used

@@ -37,16 +37,25 @@ __all__ = ["WorkdirError", "writing", "read_jsonl", "truncate_jsonl", "JsonlWrit
 PLOT_FILE = Path("plots") / "metrics.png"
 
 # (panel title, [(metric key, label)], band key): the per-round plot's panels. The reward panel
-# shades mean ± std. Panels whose metrics a run never logs (e.g. judge agreement) are left out.
+# shades mean ± std. Panels whose metrics a run never logs (e.g. judge agreement) are left out, and
+# so is a panel when another one shows every metric it would show and more: with the
+# generation-verification gap meter logged (a scorer and a verifier), "self-critique" replaces
+# "judge agreement"; a run that logged judge agreement alone keeps the "judge agreement" panel.
 PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str | None], ...] = (
     ("held-out accuracy", (("eval/accuracy", "greedy accuracy"),), None),
     ("reward", (("train/reward_mean", "mean"),), "train/reward_std"),
     ("loss", (("train/loss", "loss"),), None),
     ("KL to reference", (("train/kl_ref", "KL (k3)"),), None),
     ("judge agreement", (("train/judge_agreement", "agreement"),), None),
+    ("self-critique", (("train/judge_agreement", "judge agreement"),
+                       ("judge/gv_gap", "gen.-verif. gap"),
+                       ("judge/corr_correct", "corr(score, correct)"),
+                       ("judge/corr_likelihood", "corr(score, self-lik.)")), None),
     ("completion length", (("train/completion_len", "tokens"),), None),
     ("round time", (("time/round_s", "seconds"),), None),
 )
+
+_ZERO_LINE = ("self-critique",)  # panels with a dashed line at 0 (no gap, no correlation)
 
 
 @contextlib.contextmanager
@@ -70,11 +79,18 @@ def _finite(value: Any) -> float | None:
 
 
 def _parse_line(line: str) -> dict | None:
+  """The record of one line; None for a line that is not one (cut short, not an object, or a
+  `round` that is not an integer, e.g. `{"round": "seven"}`)."""
   try:
     record = json.loads(line)
-  except ValueError:
+  except (ValueError, RecursionError):
     return None
-  return record if isinstance(record, dict) else None
+  if not isinstance(record, dict):
+    return None
+  number = record.get("round", 0)
+  if isinstance(number, bool) or not isinstance(number, int):
+    return None
+  return record
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -86,18 +102,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
   return [r for l in lines if l.strip() and (r := _parse_line(l)) is not None]
 
 
-def truncate_jsonl(path: str | os.PathLike, last_round: int) -> None:
-  """Drops the lines of rounds after `last_round` (they will be run again) and any partial line a
-  killed process left behind."""
+def truncate_jsonl(path: str | os.PathLike, last_round: int) -> int:
+  """Drops the lines of rounds after `last_round` (they will be run again) and any line that is
+  not a record (a partial line a killed process left behind, a `round` that is not an integer);
+  returns how many unreadable lines were dropped (logged as a warning)."""
   path = Path(path)
   if not path.is_file():
-    return
+    return 0
   lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
-  kept = [l for l in lines
-          if (r := _parse_line(l)) is not None and r.get("round", 0) <= last_round]
+  records = [_parse_line(l) for l in lines]
+  kept = [l for l, r in zip(lines, records) if r is not None and r.get("round", 0) <= last_round]
+  unreadable = sum(r is None for r in records)
+  if unreadable:
+    logging.warning("%s: dropped %d unreadable line(s) (cut short, not a JSON object, or a "
+                    "non-integer round)", path, unreadable)
   if len(kept) != len(lines):
     with writing(path):
       path.write_text("".join(l + "\n" for l in kept))
+  return unreadable
 
 
 class JsonlWriter:
@@ -193,8 +215,11 @@ def render_plot(history: Sequence[Mapping[str, Any]], title: str = "") -> tuple[
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
 
-  panels = [(t, keys, band) for t, keys, band in PANELS
-            if any(_series(history, k)[0] for k, _ in keys)]
+  logged = [frozenset(k for k, _ in keys if _series(history, k)[0]) for _, keys, _ in PANELS]
+  # Left out: nothing logged, or all of it shown by another panel (of two equal ones, the first).
+  panels = [p for i, (p, mine) in enumerate(zip(PANELS, logged))
+            if mine and not any(mine < other or (mine == other and j < i)
+                                for j, other in enumerate(logged))]
   cols = 3 if len(panels) > 4 else max(len(panels), 1)
   rows = max(1, math.ceil(len(panels) / cols))
   fig = Figure(figsize=(4.2 * cols, 2.8 * rows), dpi=100, layout="constrained")
@@ -204,10 +229,13 @@ def render_plot(history: Sequence[Mapping[str, Any]], title: str = "") -> tuple[
     ax = fig.add_subplot(rows, cols, i + 1)
     if warm is not None:
       ax.axvspan(warm[0], warm[1], color="0.9", lw=0, label="warm-up" if i == 0 else None)
-    for key, label in keys:
+    for j, (key, label) in enumerate(keys):
       xs, ys = _series(history, key)
+      if not xs:  # a metric of a shared panel that this run never measured
+        continue
       marker = "o" if len(xs) < 40 else None
-      ax.plot(xs, ys, marker=marker, ms=3, lw=1.3, label=label)
+      # A metric keeps its colour whichever of its panel's other metrics a run logs.
+      ax.plot(xs, ys, marker=marker, ms=3, lw=1.3, label=label, color=f"C{j}")
       shown.append({"panel": panel, "key": key, "points": len(xs)})
       if band is not None:
         by_round = dict(zip(*_series(history, band)))
@@ -219,7 +247,9 @@ def render_plot(history: Sequence[Mapping[str, Any]], title: str = "") -> tuple[
     ax.set_xlabel("round", fontsize=8)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
-    if band is not None or (warm is not None and i == 0):
+    if panel in _ZERO_LINE:
+      ax.axhline(0.0, color="0.5", lw=0.8, ls="--")
+    if band is not None or len(keys) > 1 or (warm is not None and i == 0):
       ax.legend(fontsize=7, loc="best")
   if not panels:
     fig.text(0.5, 0.5, "no metrics yet", ha="center", va="center")

@@ -30,6 +30,9 @@ def read_run_config(workdir: str | Path) -> dict[str, Any]:
   """The config dict a run saved as `<workdir>/config.json`, with one error naming the file when it
   is missing or unreadable."""
   path = Path(workdir) / "config.json"
+  if Path(workdir).exists() and not Path(workdir).is_dir():
+    raise NotADirectoryError(f"workdir {workdir} is a file, not a directory; give the directory a "
+                             "training run wrote (config.json and checkpoints/)")
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: is {workdir} a selfplay-jax training workdir?")
   try:

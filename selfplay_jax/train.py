@@ -52,6 +52,9 @@ class Diverged(Exception):
 
 def _writable_workdir(workdir: Path) -> None:
   """Creates `workdir` and checks that files can be written there, naming it in the error."""
+  if workdir.exists() and not workdir.is_dir():
+    raise WorkdirError(f"workdir {workdir} is a file, not a directory; give a new or existing "
+                       "directory as --workdir")
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):
@@ -68,7 +71,8 @@ def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> 
     completion = samples["samples/tokens"][i][:samples["samples/lengths"][i]]
     reward = samples.get("samples/rewards")
     rows.append({"prompt": tok.decode(prompt), "completion": tok.decode(completion),
-                 "reward": None if reward is None else float(reward[i])})
+                 # NaN (an unscorable sample) -> null: the file stays strict JSON
+                 "reward": None if reward is None or not np.isfinite(reward[i]) else float(reward[i])})
   with _writing(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -112,21 +116,68 @@ def _check_updates(cfg, metrics: dict, metrics_path: Path, writer, ckpt) -> None
         f"check the data; metrics up to this round are in {metrics_path}")
 
 
-def _check_resume_config(ckpt: checkpoint.Checkpointer, cfg, workdir: Path) -> None:
-  """Resuming a run under a config that makes it another experiment (model, algorithm, task) is
-  an error naming the keys; other changes (more rounds, a lower learning rate) are logged."""
-  step = ckpt.latest_step()
-  saved = ckpt.read_config(step)
+def _saved_config(workdir: Path, ckpt: checkpoint.Checkpointer | None, step: int | None
+                  ) -> dict | None:
+  """The config of the run in `workdir`: the one saved with checkpoint `step`, else its
+  `config.json` (written as a run starts, so also there when it died before its first save)."""
+  text = ckpt.read_config(step) if ckpt is not None and step is not None else None
+  path = workdir / "config.json"
+  if not text and path.is_file():
+    text = path.read_text(errors="replace")
+  try:
+    saved = json.loads(text) if text else None
+  except ValueError:
+    return None
+  return saved if isinstance(saved, dict) else None
+
+
+def _check_resume_config(ckpt: checkpoint.Checkpointer | None, cfg, workdir: Path) -> None:
+  """Resuming a run (or reusing the workdir of a run that died before its first checkpoint) under
+  a config that makes it another experiment (model, algorithm, task) is an error naming the keys;
+  other changes (more rounds, a lower learning rate) are logged."""
+  step = ckpt.latest_step() if ckpt is not None else None
+  saved = _saved_config(workdir, ckpt, step)
   if not saved:
     return
-  identity, other = run_config.resume_differences(json.loads(saved), cfg)
+  identity, other = run_config.resume_differences(saved, cfg)
+  held = f"checkpoint round {step}" if step is not None else "stopped before its first checkpoint"
   if identity:
     raise CheckpointMismatchError(
-        f"{identity[0].split(':')[0]}: {workdir} holds a run (checkpoint round {step}) made with a "
+        f"{identity[0].split(':')[0]}: {workdir} holds a run ({held}) made with a "
         f"different {', '.join(identity)}; resume it with its own config ({workdir / 'config.json'})"
-        " or use a new --workdir")
-  if other:
+        " or use a new --workdir" + ("" if step is not None else f" (or delete {workdir})"))
+  if other and step is not None:
     logging.warning("resuming %s with changed settings: %s", workdir, "; ".join(other))
+
+
+# What a run writes into its workdir besides checkpoints/ and the task's tokenizer/ (a cache).
+_RUN_RECORDS = ("metrics.jsonl", "config.json", "samples", "plots", "tensorboard",
+                "wandb_run_id.txt", "report.html")
+
+
+def _claim_workdir(cfg, workdir: Path, main_process: bool) -> None:
+  """A run never appends to another run's records. With no complete checkpoint, what a run that
+  died before its first save left (metrics, config.json, samples, ...) is moved to
+  `<workdir>/abandoned-<time>/`, which is printed; a workdir whose config.json is another
+  experiment is refused first (one error, nothing moved). With a checkpoint, `_prepare` resumes."""
+  if checkpoint.complete_steps(workdir):
+    return
+  _check_resume_config(None, cfg, workdir)
+  left = [workdir / name for name in _RUN_RECORDS if (workdir / name).exists()]
+  left += sorted(workdir.glob("eval_round_*.json"))
+  if not left or not main_process:
+    return
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  dest, n = workdir / f"abandoned-{stamp}", 1
+  while dest.exists():
+    n += 1
+    dest = workdir / f"abandoned-{stamp}-{n}"
+  with _writing(dest):
+    dest.mkdir()
+    for path in left:
+      os.replace(path, dest / path.name)
+  print(f"{workdir} holds records of a run that stopped before its first checkpoint "
+        f"({', '.join(p.name for p in left)}); moved them to {dest} and starting a new run")
 
 
 def _anchor_references(state: rnd.TrainState) -> rnd.TrainState:
@@ -281,6 +332,7 @@ def _save(loop: _Loop, state, r: int, metrics: dict) -> bool:
 def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   workdir = Path(workdir)
   _writable_workdir(workdir)
+  _claim_workdir(cfg, workdir, jax.process_index() == 0)
   loop, state = _prepare(cfg, workdir)
   if loop.main_process:
     with _writing(workdir / "config.json"):

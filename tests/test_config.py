@@ -334,3 +334,18 @@ def test_configuration_reference_is_current():
       assert f"| `{key}` |" in text, key
       if not key.startswith("model."):
         assert comments.get(key), f"configs/default.py: {key} has no comment"
+
+
+@pytest.mark.parametrize("name, text, error", [
+    ("syntax.py", "def get_config(:\n  pass\n", r"line 1: SyntaxError: invalid syntax"),
+    ("name.py", "def get_config():\n  return undefined_name\n",
+     r"line 2: NameError: name 'undefined_name' is not defined"),
+    ("imports.py", "import no_such_module_xyz\n", r"line 1: ModuleNotFoundError"),
+    ("no_get_config.py", "X = 1\n", r"defines no get_config\(\)"),
+    ("run.json", "{}\n", r"is not a Python config file"),
+])
+def test_config_file_errors_name_the_file_and_line(tmp_path, name, text, error):
+  path = tmp_path / name
+  path.write_text(text)
+  with pytest.raises(ConfigError, match=rf"^config: {path}:? ?{error}"):
+    config_lib.load_config(str(path), [])

@@ -124,6 +124,40 @@ def test_load_jsonl_require_and_errors(tmp_path, char_tok):
     P.load_jsonl(tmp_path / "nope.jsonl", tokenizer=char_tok, **LENS)
 
 
+def test_jsonl_summary_names_missing_fields_and_too_long_limits(tmp_path, char_tok, caplog):
+  path = _write(tmp_path / "d.jsonl", [
+      _line({"prompt": "ab"}), _line({"prompt": "abcdefgh", "response": "b"}),
+      _line({"prompt": "abcdefghijk", "response": "b"}), _line({"answer": "1"}),
+      _line({"prompt": "a", "response": "b"})])
+  with caplog.at_level(logging.WARNING):
+    rows, report = P.load_jsonl(path, tokenizer=char_tok, require=("response",),
+                                why={"response": "the warm-up trains on them"}, **LENS)
+  assert len(rows) == 1 and report.missing == {"response": 1, "prompt": 1}
+  summary = report.summary()
+  assert ("missing_field=2 (no 'prompt' field in 1 row(s); no 'response' field in 1 row(s): the "
+          "warm-up trains on them)") in summary
+  assert "prompt_too_long=2 (longest 12 tokens with BOS > data.max_prompt_len=8)" in summary
+  with pytest.raises(P.DataError, match=r"line 1: missing_field \(no 'response' field; the warm-up"):
+    P.load_jsonl(path, tokenizer=char_tok, require=("response",), strict=True,
+                 why={"response": "the warm-up trains on them"}, **LENS)
+  with pytest.raises(IsADirectoryError, match="is a directory"):
+    P.load_jsonl(tmp_path, tokenizer=char_tok, **LENS)
+
+
+def test_eval_path_overlapping_the_training_file_warns_with_the_count(tmp_path, char_tok, caplog):
+  train = _write(tmp_path / "train.jsonl", [_line({"prompt": f"p{i}"}) for i in range(20)])
+  held = _write(tmp_path / "held.jsonl", [_line({"prompt": f"p{i}"}) for i in range(16, 26)])
+  with caplog.at_level(logging.WARNING):
+    P.JsonlData.load(str(train), tokenizer=char_tok, eval_path=str(held), **LENS)
+  [warning] = [r.getMessage() for r in caplog.records if "leaks" in r.getMessage()]
+  assert f"overlaps the training file {train}: 4 of its 10 held-out prompts" in warning
+  caplog.clear()
+  apart = _write(tmp_path / "apart.jsonl", [_line({"prompt": f"q{i}"}) for i in range(10)])
+  with caplog.at_level(logging.WARNING):
+    P.JsonlData.load(str(train), tokenizer=char_tok, eval_path=str(apart), **LENS)
+  assert not [r for r in caplog.records if "leaks" in r.getMessage()]
+
+
 def test_load_jsonl_utf8_bom_and_unicode(tmp_path, char_tok):
   path = _write(tmp_path / "bom.jsonl", [b"\xef\xbb\xbf" + _line({"prompt": "ab"}),
                                          '{"prompt": "é"}\n'.encode()])

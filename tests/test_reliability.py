@@ -128,6 +128,48 @@ def test_resuming_with_changed_settings_warns_and_continues(spin_run, tmp_path):
   assert [m["round"] for m in _rounds(workdir)] == [1, 2, 3, 4]
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_never_mixed_with_the_next(tmp_path):
+  """Killed in round 3 with checkpoints every 5 rounds: metrics.jsonl and config.json exist but no
+  checkpoint. A run of another model is refused by the same config check a checkpoint would get
+  (nothing touched); the same run starts clean, moving the dead run's records aside and saying so,
+  so metrics.jsonl holds rounds 1..6 once (it held [1, 2, 1, 2, 3, ...] before)."""
+  workdir = tmp_path / "run"
+  every5 = "checkpoint.every_rounds=5"
+  killed = _train(workdir, every5, "debug.kill_at_round=3", "debug.kill_point=round")
+  assert killed.returncode == -9, killed.stderr
+  assert [m["round"] for m in _rounds(workdir)] == [1, 2]
+  before = _tree_bytes(workdir)
+  other = _train(workdir, every5, "model.num_layers=2")
+  assert other.returncode == 2, other.stderr[-2000:]
+  assert "Traceback" not in other.stderr
+  assert other.stderr.strip().splitlines()[-1].startswith(
+      f"error: model.num_layers: {workdir} holds a run (stopped before its first checkpoint) made "
+      "with a different model.num_layers: 1 -> 2")
+  assert _tree_bytes(workdir) == before
+  again = _train(workdir, every5)
+  assert again.returncode == 0, again.stderr[-2000:]
+  [abandoned] = workdir.glob("abandoned-*")
+  assert f"moved them to {abandoned}" in again.stdout
+  assert [m["round"] for m in _rounds(workdir)] == list(range(1, 7))
+  assert [m["round"] for m in _rounds(abandoned)] == [1, 2]
+  assert json.loads((abandoned / "config.json").read_text())["debug"]["kill_at_round"] == 3
+  assert json.loads((workdir / "config.json").read_text())["debug"]["kill_at_round"] != 3
+
+
+def test_a_metrics_line_with_a_non_integer_round_is_dropped_on_resume(tmp_path):
+  """`{"round": "seven"}` in metrics.jsonl stopped the resume with a TypeError; it is dropped and
+  counted like a line cut short."""
+  workdir = tmp_path / "run"
+  assert _train(workdir, "rounds=1").returncode == 0
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"round": "seven"}\n{"round": true, "train/loss": 1.0}\n')
+  resumed = _train(workdir, "rounds=2")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "Traceback" not in resumed.stderr
+  assert "dropped 2 unreadable line(s)" in resumed.stderr
+  assert [m["round"] for m in _rounds(workdir)] == [1, 2, 3, 4]
+
+
 # ---- multi-host preemption notice --------------------------------------------------------------
 
 _PREEMPTED_WORKER = textwrap.dedent("""

@@ -50,11 +50,14 @@ REASONS = ("line_too_long", "invalid_utf8", "invalid_json", "not_object", "missi
 
 
 class _BadRow(Exception):
-  """Internal: why one row was rejected."""
+  """Internal: why one row was rejected; `field` (missing_field) and `tokens` / `limit`
+  (*_too_long) feed the summary."""
 
-  def __init__(self, reason: str, detail: str = ""):
+  def __init__(self, reason: str, detail: str = "", *, field: str = "", tokens: int = 0,
+               limit: str = ""):
     super().__init__(reason)
     self.reason, self.detail = reason, detail
+    self.field, self.tokens, self.limit = field, tokens, limit
 
 
 @dataclasses.dataclass
@@ -67,6 +70,9 @@ class RowReport:
     num_valid: rows kept.
     counts: skipped rows per reason (keys from `REASONS`).
     examples: the first few skipped rows as `(1-based line number, reason)`.
+    missing: rows skipped as missing_field, per missing field.
+    longest: per *_too_long reason, (the longest row's tokens, the limit it broke).
+    why: per required field, why the run needs it (shown with missing_field).
   """
 
   path: str
@@ -74,18 +80,37 @@ class RowReport:
   num_valid: int = 0
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
   examples: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+  missing: dict[str, int] = dataclasses.field(default_factory=dict)
+  longest: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+  why: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def num_skipped(self) -> int:
     return sum(self.counts.values())
 
-  def add(self, line: int, reason: str) -> None:
+  def add(self, line: int, reason: str, bad: _BadRow | None = None) -> None:
     self.counts[reason] = self.counts.get(reason, 0) + 1
     if len(self.examples) < MAX_REPORT_EXAMPLES:
       self.examples.append((line, reason))
+    if bad is not None and bad.field:
+      self.missing[bad.field] = self.missing.get(bad.field, 0) + 1
+    if bad is not None and bad.limit and bad.tokens > self.longest.get(reason, (0, ""))[0]:
+      self.longest[reason] = (bad.tokens, bad.limit)
+
+  def _note(self, reason: str) -> str:
+    """What a reason's count means: the missing field(s) and why they are needed; the longest
+    row against the limit."""
+    if reason == "missing_field" and self.missing:
+      return " (" + "; ".join(
+          f"no {f!r} field in {n} row(s)" + (f": {self.why[f]}" if f in self.why else "")
+          for f, n in sorted(self.missing.items())) + ")"
+    if reason in self.longest:
+      tokens, limit = self.longest[reason]
+      return f" (longest {tokens} tokens{limit})"
+    return ""
 
   def summary(self) -> str:
-    reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.counts.items())) or "none"
+    reasons = ", ".join(f"{r}={n}{self._note(r)}" for r, n in sorted(self.counts.items())) or "none"
     first = ", ".join(f"line {n}: {r}" for n, r in self.examples)
     text = (f"{self.path}: kept {self.num_valid} of {self.num_rows} rows, skipped "
             f"{self.num_skipped} ({reasons})")
@@ -145,7 +170,7 @@ def _fields(obj: Any, required: frozenset[str]) -> dict[str, str]:
     raise _BadRow("not_object", f"row is a JSON {type(obj).__name__}, not an object")
   for name in FIELDS:
     if name in required and name not in obj:
-      raise _BadRow("missing_field", f"no {name!r} field")
+      raise _BadRow("missing_field", f"no {name!r} field", field=name)
   out = {}
   for name in FIELDS:
     value = obj.get(name)
@@ -165,15 +190,16 @@ def _fields(obj: Any, required: frozenset[str]) -> dict[str, str]:
 def _check_lengths(row: Mapping[str, str], tokenizer: tokenizers.Tokenizer, max_prompt_len: int,
                    max_response_len: int, max_answer_len: int) -> None:
   """Rejects rows that `encode_examples` could not fit (BOS + prompt, response + EOS, answer)."""
-  checks = [("prompt", dict(add_bos=True), max_prompt_len, " with BOS", "max_prompt_len"),
-            ("answer", {}, max_answer_len, "", "max_answer_len")]
-  checks += [(f, dict(add_eos=True), max_response_len, " with EOS", "max_response_len")
+  checks = [("prompt", dict(add_bos=True), max_prompt_len, " with BOS", "data.max_prompt_len"),
+            ("answer", {}, max_answer_len, "", "data.max_answer_len")]
+  checks += [(f, dict(add_eos=True), max_response_len, " with EOS", "data.max_response_len")
              for f in _RESPONSE_LIKE]
   for name, kw, limit, extra, limit_name in checks:
     if name in row:
       n = len(tokenizer.encode(row[name], **kw))
       if n > limit:
-        raise _BadRow(f"{name}_too_long", f"{n} tokens{extra} > {limit_name}={limit}")
+        over = f"{extra} > {limit_name}={limit}"
+        raise _BadRow(f"{name}_too_long", f"{n} tokens{over}", tokens=n, limit=over)
 
 
 def _read_row(raw: bytes | None, first: bool, required: frozenset[str],
@@ -198,17 +224,19 @@ def _normalize(row: Mapping[str, Any]) -> dict[str, str]:
 
 def load_jsonl(path: str | os.PathLike, *, tokenizer: tokenizers.Tokenizer, max_prompt_len: int,
                max_response_len: int, max_answer_len: int, strict: bool = False,
-               require: Sequence[str] = ("prompt",)) -> tuple[list[dict[str, str]], RowReport]:
+               require: Sequence[str] = ("prompt",), why: Mapping[str, str] | None = None,
+               ) -> tuple[list[dict[str, str]], RowReport]:
   """Reads and validates a JSONL file of examples.
 
   Each kept row is `{"prompt", "response", "answer"}` (response / answer "" when absent; a
   numeric answer becomes its string) plus `chosen` / `rejected` when present; other keys are
   dropped. `prompt` is always required; `require` may add more of `FIELDS`. A null optional field
   counts as absent. Blank lines are ignored. Bad rows (`REASONS`) are skipped, counted in the
-  returned `RowReport` and logged once as a summary.
+  returned `RowReport` and logged once as a summary. `why` says, per required field, why the run
+  needs it (named with the rows that lack it).
 
   Raises:
-    FileNotFoundError: `path` is not a file.
+    FileNotFoundError: `path` does not exist (IsADirectoryError: it is a directory).
     DataError: with `strict`, at the first bad row (message: file, line number, reason); or when
       no row is valid.
   """
@@ -218,10 +246,12 @@ def load_jsonl(path: str | os.PathLike, *, tokenizer: tokenizers.Tokenizer, max_
     raise ValueError(f"require must name fields of {FIELDS}, got {sorted(unknown)}")
   if tokenizer.eos_id is None:
     raise ValueError("load_jsonl needs a tokenizer with an EOS token (responses end with EOS)")
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"JSONL file {path} is a directory, not a file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"JSONL file not found: {path}")
   required = frozenset(("prompt", *require))
-  report, rows = RowReport(path), []
+  report, rows = RowReport(path, why=dict(why or {})), []
   with open(path, "rb") as f:
     for number, raw in _lines(f, MAX_LINE_BYTES):
       try:
@@ -229,9 +259,10 @@ def load_jsonl(path: str | os.PathLike, *, tokenizer: tokenizers.Tokenizer, max_
                         max_answer_len)
       except _BadRow as bad:
         if strict:
-          raise DataError(f"{path} line {number}: {bad.reason} ({bad.detail})") from None
+          because = f"; {report.why[bad.field]}" if bad.field in report.why else ""
+          raise DataError(f"{path} line {number}: {bad.reason} ({bad.detail}{because})") from None
         report.num_rows += 1
-        report.add(number, bad.reason)
+        report.add(number, bad.reason, bad)
         continue
       if row is not None:
         report.num_rows += 1
@@ -365,6 +396,24 @@ def eval_batches(task_or_examples: tasks.Task | Sequence[Mapping[str, Any]],
   return out
 
 
+def _warn_if_heldout_leaks(path: str, eval_path: str, train: Sequence[Mapping[str, str]],
+                           heldout: Sequence[Mapping[str, str]]) -> int:
+  """Warns when held-out prompts are also trained on (`data.eval_path` is, or overlaps, the
+  training file): held-out accuracy would then measure memorisation. Returns the overlap."""
+  seen = {r["prompt"] for r in train}
+  overlap = sum(r["prompt"] in seen for r in heldout)
+  if not overlap:
+    return 0
+  same = os.path.realpath(path) == os.path.realpath(eval_path)
+  logging.warning(
+      "data.eval_path %s %s: %d of its %d held-out prompts are also training prompts, so the "
+      "held-out set leaks (held-out accuracy measures memorisation); give data.eval_path rows "
+      "whose prompts are not in data.task, or leave it empty to hold out by prompt",
+      eval_path, "is the training file" if same else f"overlaps the training file {path}",
+      overlap, len(heldout))
+  return overlap
+
+
 @dataclasses.dataclass(frozen=True)
 class JsonlData:
   """User data from JSONL files, used where a built-in task would be (`data.task=path.jsonl`).
@@ -382,19 +431,25 @@ class JsonlData:
   @classmethod
   def load(cls, path: str, *, tokenizer: tokenizers.Tokenizer, eval_path: str = "",
            heldout_fraction: float = 0.1, answer_marker: str = tasks.ANSWER_MARKER,
-           strict: bool = False, require: Sequence[str] = ("prompt",), **lengths: int) -> "JsonlData":
-    rows, _ = load_jsonl(path, tokenizer=tokenizer, strict=strict, require=tuple(require), **lengths)
+           strict: bool = False, require: Sequence[str] = ("prompt",),
+           why: Mapping[str, str] | None = None, **lengths: int) -> "JsonlData":
+    rows, _ = load_jsonl(path, tokenizer=tokenizer, strict=strict, require=tuple(require),
+                         why=why, **lengths)
     if eval_path:
       heldout, _ = load_jsonl(eval_path, tokenizer=tokenizer, strict=strict, require=tuple(require),
-                              **lengths)
+                              why=why, **lengths)
       train = rows
+      _warn_if_heldout_leaks(path, eval_path, train, heldout)
     else:
       is_heldout = [tasks.stable_fraction(r["prompt"]) < heldout_fraction for r in rows]
       train = [r for r, h in zip(rows, is_heldout) if not h]
       heldout = [r for r, h in zip(rows, is_heldout) if h]
       if not train or not heldout:
-        raise DataError(f"{path}: {len(rows)} valid rows are too few to hold out "
-                        f"{heldout_fraction:.0%} for evaluation; pass data.eval_path")
+        distinct = len({r["prompt"] for r in rows})
+        raise DataError(
+            f"{path}: {len(rows)} valid rows with {distinct} distinct prompt(s) cannot be split "
+            f"{heldout_fraction:.0%} held-out (the split is by prompt, so rows with the same "
+            "prompt stay together); use more distinct prompts or pass data.eval_path")
     return cls(tuple(train), tuple(heldout), answer_marker)
 
   @property
