@@ -60,9 +60,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   hw = HARDWARE[arg.hardware]
 
   cfg.hardware = ml_collections.ConfigDict()  # read by `selfplay-jax plan`, not by training
-  cfg.hardware.name = arg.hardware
-  cfg.hardware.num_devices = hw["num_devices"]
-  cfg.hardware.device_memory_gib = hw["device_memory_gib"]
+  cfg.hardware.name = arg.hardware  # h100x8 | v5e_64 (the `hardware=` arg); read by plan only
+  cfg.hardware.num_devices = hw["num_devices"]  # devices plan sizes for (--devices overrides)
+  cfg.hardware.device_memory_gib = hw["device_memory_gib"]  # GiB per device plan checks against
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = hw["mesh"]
 
   cfg.model.dtype = "bfloat16"

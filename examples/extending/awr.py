@@ -3,7 +3,7 @@
 Peng et al. 2019, "Advantage-Weighted Regression": regress the policy onto its own samples with
 weights exp(A / beta), here with group-normalised advantages (as GRPO computes them) and the
 weight clipped at `max_weight`. One frozen dataclass with `build` and `loss` is all the round needs;
-`from_config` maps the config onto it. Run it with `configs/awr.py` in this folder:
+`from_config` maps the config onto it. Run it with `config.py` in this folder:
 
   selfplay-jax train --config=examples/extending/config.py --workdir=runs/awr
 

@@ -42,26 +42,26 @@ class ModelConfig:
   """
 
   family: str = "llama"  # llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3_text
-  vocab_size: int = 256
-  hidden_size: int = 64  # "embed" axis
-  intermediate_size: int = 256  # "mlp" axis
-  num_layers: int = 2
-  num_heads: int = 4
+  vocab_size: int = 256  # embedding rows (token ids); from scratch: the tokenizer's size
+  hidden_size: int = 64  # model width, the residual stream ("embed" axis)
+  intermediate_size: int = 256  # hidden width of the gated MLP ("mlp" axis)
+  num_layers: int = 2  # decoder layers
+  num_heads: int = 4  # query heads
   num_kv_heads: int = 2  # grouped-query attention when < num_heads
-  head_dim: int = 16
+  head_dim: int = 16  # width of each attention head
   activation: str = "silu"  # gated MLP activation: silu (SwiGLU) | gelu_tanh (GeGLU) | gelu
-  norm_eps: float = 1e-6
+  norm_eps: float = 1e-6  # RMSNorm epsilon
   norm_plus_one: bool = False  # Gemma RMSNorm: x * (1 + w)
   post_norms: bool = False  # Gemma 2/3: extra norms after attention and MLP (sandwich)
   qk_norm: bool = False  # Qwen3 / Gemma 3: RMSNorm over head_dim on q and k before RoPE
   qkv_bias: bool = False  # Qwen2: bias on q, k, v projections
   o_bias: bool = False  # Llama `attention_bias=True` also biases o_proj
-  mlp_bias: bool = False
+  mlp_bias: bool = False  # bias on the MLP projections
   embed_scale: bool = False  # Gemma: multiply embeddings by sqrt(hidden_size)
   tie_embeddings: bool = False  # output projection = embedding matrix transposed
-  rope_theta: float = 10000.0
+  rope_theta: float = 10000.0  # RoPE base
   rope_type: str = "default"  # default | linear | llama3
-  rope_factor: float = 1.0
+  rope_factor: float = 1.0  # RoPE scaling factor (linear, llama3)
   rope_low_freq_factor: float = 1.0  # llama3 scaling
   rope_high_freq_factor: float = 4.0  # llama3 scaling
   rope_original_max_positions: int = 8192  # llama3 scaling
@@ -71,10 +71,10 @@ class ModelConfig:
   final_logit_softcap: float | None = None  # Gemma 2: tanh soft-capping of output logits
   sliding_window: int | None = None  # window size (tokens, including the current one)
   layer_types: tuple[str, ...] = ()  # per layer "full" | "sliding"; () = all full
-  max_position_embeddings: int = 8192
-  bos_token_id: int | None = 1
-  eos_token_ids: tuple[int, ...] = (2,)
-  pad_token_id: int | None = 0
+  max_position_embeddings: int = 8192  # longest prompt + completion (tokens) the model takes
+  bos_token_id: int | None = 1  # begin-of-sequence id, written to an exported config.json
+  eos_token_ids: tuple[int, ...] = (2,)  # stop ids (sampling stops at any, with the tokenizer's)
+  pad_token_id: int | None = 0  # filler id after a sample stops; None = 0
   # Memory and compile knobs: how the model runs, not what it computes (equal up to float rounding).
   # They apply on top of a Hugging Face config.json (`model.hf_path`); only param_dtype is written
   # to one (as its "dtype"). remat "dots" keeps the weight matmuls' outputs, recomputes the rest.
