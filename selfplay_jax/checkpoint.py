@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import logging
 import math
 import os
-import re
 import shutil
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +41,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from selfplay_jax import checkpoint_messages
 from selfplay_jax.errors import (CheckpointCorruptedError, CheckpointError,  # noqa: F401
                                  CheckpointMismatchError, CheckpointNotFoundError,
                                  CheckpointWriteError)
@@ -243,61 +241,6 @@ def complete_steps(workdir: str | os.PathLike) -> list[int]:
   return sorted(m.step for m in ocp.step.standard_name_format().find_all(directory))
 
 
-_LOCAL_FILE = re.compile(r'local file "([^"]+)"')
-
-
-def _describe_failure(step_dir: epath.Path, error: BaseException) -> str:
-  """What made a step unreadable, as `<file>: <problem>`: TensorStore's status code, driver chain
-  and `tensorstore_spec` JSON are left out; a JSON item that does not parse is found by name."""
-  text = str(error).split(" [tensorstore_spec=")[0].strip().splitlines()
-  text = text[0] if text else type(error).__name__
-  if isinstance(error, json.JSONDecodeError):
-    for item in (_DATA, _CONFIG, _METRICS):
-      for f in sorted(p for p in (step_dir / item).glob("*") if p.name != "commit_success.txt"):
-        try:
-          json.loads(f.read_text())
-        except (ValueError, OSError):
-          return f"{f}: not valid JSON ({text})"
-    return f"{step_dir}: a JSON item is not valid JSON ({text})"
-  files = _LOCAL_FILE.findall(text)
-  if not files:
-    return text if isinstance(error, CheckpointError) else f"{step_dir}: {type(error).__name__}: {text}"
-  code = re.match(r"([A-Z_]+): ", text)
-  where = text.rfind(f'local file "{files[-1]}"')
-  after = text[where + len(f'local file "{files[-1]}"'):]
-  if after.startswith(":"):  # "... of local file "f": Requested byte range ... is not valid ..."
-    problem = after[1:].strip()
-  else:  # "Metadata at "x/.zarray" in OCDBT database at local file "d/" does not exist"
-    clause = text[text.rfind(": ", 0, where) + 2:]
-    problem = re.sub(r'\s*(in OCDBT database at |of )?local file "[^"]+"', "", clause).strip()
-  hint = {"OUT_OF_RANGE": "truncated?", "DATA_LOSS": "corrupted?", "NOT_FOUND": "deleted?"}
-  extra = f" ({hint[code.group(1)]})" if code and code.group(1) in hint else ""
-  return f"{files[-1]}: {problem}{extra}"
-
-
-_quiet_loop_errors_installed = False
-
-
-def _quiet_closed_event_loop_errors() -> None:
-  """A failed TensorStore read leaves futures whose callbacks later try to reach the asyncio loop
-  Orbax has already closed; each prints `RuntimeError: Event loop is closed` through
-  `sys.unraisablehook` (dozens per failed step). From the first restore on, those, and only
-  those, are dropped; every other unraisable error still reaches the previous hook."""
-  global _quiet_loop_errors_installed
-  if _quiet_loop_errors_installed:
-    return
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if (isinstance(unraisable.exc_value, RuntimeError)
-        and str(unraisable.exc_value) == "Event loop is closed"):
-      return
-    previous(unraisable)
-
-  sys.unraisablehook = hook
-  _quiet_loop_errors_installed = True
-
-
 # ---------------------------------------------------------------------------------------------
 # The checkpointer.
 
@@ -472,7 +415,7 @@ class Checkpointer:
     checkpoint written on any mesh restores onto any other. With `step=None`, the newest readable step is used and
     unreadable newer ones are logged and skipped; the step used is `self.restored_step`.
     """
-    _quiet_closed_event_loop_errors()
+    checkpoint_messages.quiet_closed_event_loop_errors()
     self.wait()
     self._manager.reload()
     steps = sorted(self._manager.all_steps(), reverse=True)
@@ -489,7 +432,8 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        problem = _describe_failure(self.directory / str(s), e)[:500]
+        problem = checkpoint_messages.describe_failure(self.directory / str(s), e,
+                                                       (_DATA, _CONFIG, _METRICS))[:500]
         problems.append(f"step {s}: {problem}")
         self._skipped_steps.add(s)
         log.warning("checkpoint step %d in %s is unreadable (%s)%s", s, self.directory, problem,
