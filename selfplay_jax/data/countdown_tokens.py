@@ -22,7 +22,7 @@ import numpy as np
 from selfplay_jax import tokenizers
 from selfplay_jax.data import tasks
 from selfplay_jax.rows import right_pack
-from selfplay_jax.scoring.verifiers import Verifier
+from selfplay_jax.scoring.verifiers import Verifier, completion_end
 
 MAX_VALUE = 999  # every written number has at most 3 digits
 MAX_DIGITS = 3
@@ -174,9 +174,7 @@ def make_countdown_verifier(tokenizer: tokenizers.Tokenizer, max_answer_len: int
       raise ValueError(f"answer width {a} exceeds max_answer_len={max_answer_len}")
     pool, target, answer_ok = _parse_answer(classify(gold), gold_mask, max(1, (a + 1) // 2))
     pos_N = jnp.arange(n)
-    is_eos = jnp.isin(tokens, eos) & mask
-    has_eos = is_eos.any(axis=1)
-    end_B = jnp.where(has_eos, jnp.argmax(is_eos, axis=1), n)
+    has_eos, end_B = completion_end(tokens, mask, eos)
     active = pos_N[None] < end_B[:, None]
     complete = has_eos & ~(active & ~mask).any(axis=1)
     st, final, last, syn, sem, _ = _check_steps(classify(tokens), active, pool)
@@ -263,9 +261,7 @@ def make_countdown_trace(tokenizer: tokenizers.Tokenizer, num_numbers: int):
     pool, target, answer_ok = _parse_answer(classify(gold), gold_mask,
                                             max(1, (gold.shape[1] + 1) // 2))
     pos_N = jnp.arange(n)
-    is_eos = jnp.isin(tokens, eos) & mask
-    has_eos = is_eos.any(axis=1)
-    end_B = jnp.where(has_eos, jnp.argmax(is_eos, axis=1), n)
+    has_eos, end_B = completion_end(tokens, mask, eos)
     active = pos_N[None] < end_B[:, None]
     st, final, last, _, _, here = _check_steps(classify(tokens), active, pool)
     syn_bad, is_sep, avail, arith, a, op, bb, _ = here  # (c: the verifier's arith)

@@ -16,6 +16,14 @@ import jax.numpy as jnp
 Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def completion_end(tokens: jax.Array, mask: jax.Array, eos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(has_eos [B], end [B]) of completions [B, N]: whether a stop token (`eos`, ids) is among the
+  masked tokens, and the position of the first one (N when there is none)."""
+  is_eos = jnp.isin(tokens, eos) & mask
+  has_eos = is_eos.any(axis=1)
+  return has_eos, jnp.where(has_eos, jnp.argmax(is_eos, axis=1), tokens.shape[1])
+
+
 def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Sequence[int] = (),
                          max_answer_len: int | None = None,
                          format_reward: float = 0.0) -> Verifier:
@@ -39,9 +47,7 @@ def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Seq
     if max_answer_len is not None and a > max_answer_len:
       raise ValueError(f"answer width {a} exceeds max_answer_len={max_answer_len}")
     pos_N = jnp.arange(n)
-    is_eos = jnp.isin(tokens, eos) & mask
-    has_eos = is_eos.any(axis=1)
-    end_B = jnp.where(has_eos, jnp.argmax(is_eos, axis=1), n)
+    has_eos, end_B = completion_end(tokens, mask, eos)
     is_marker = (tokens == marker_id) & mask & (pos_N[None] < end_B[:, None])
     has_marker = is_marker.any(axis=1)
     start_B = jnp.argmax(is_marker, axis=1) + 1
