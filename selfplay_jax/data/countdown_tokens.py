@@ -22,7 +22,7 @@ import numpy as np
 from selfplay_jax import tokenizers
 from selfplay_jax.data import tasks
 from selfplay_jax.rows import right_pack
-from selfplay_jax.scoring.verifiers import Verifier, completion_end
+from selfplay_jax.scoring.verifiers import Verifier, completion_end, verifier_inputs
 
 MAX_VALUE = 999  # every written number has at most 3 digits
 MAX_DIGITS = 3
@@ -167,11 +167,9 @@ def make_countdown_verifier(tokenizer: tokenizers.Tokenizer, max_answer_len: int
   classify = functools.partial(_classify, table)
 
   def verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA):
-    tokens, mask = jnp.asarray(completion_BxN, jnp.int32), jnp.asarray(completion_mask_BxN, bool)
-    gold, gold_mask = jnp.asarray(answer_BxA, jnp.int32), jnp.asarray(answer_mask_BxA, bool)
+    tokens, mask, gold, gold_mask = verifier_inputs(completion_BxN, completion_mask_BxN,
+                                                    answer_BxA, answer_mask_BxA, max_answer_len)
     n, a = tokens.shape[1], gold.shape[1]
-    if max_answer_len is not None and a > max_answer_len:
-      raise ValueError(f"answer width {a} exceeds max_answer_len={max_answer_len}")
     pool, target, answer_ok = _parse_answer(classify(gold), gold_mask, max(1, (a + 1) // 2))
     pos_N = jnp.arange(n)
     has_eos, end_B = completion_end(tokens, mask, eos)

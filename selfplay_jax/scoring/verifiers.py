@@ -16,6 +16,17 @@ import jax.numpy as jnp
 Verifier = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def verifier_inputs(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA,
+                    max_answer_len: int | None = None):
+  """A verifier's four inputs as (int32, bool, int32, bool) arrays; ValueError when the answer
+  is wider than `max_answer_len`."""
+  gold = jnp.asarray(answer_BxA, jnp.int32)
+  if max_answer_len is not None and gold.shape[1] > max_answer_len:
+    raise ValueError(f"answer width {gold.shape[1]} exceeds max_answer_len={max_answer_len}")
+  return (jnp.asarray(completion_BxN, jnp.int32), jnp.asarray(completion_mask_BxN, bool), gold,
+          jnp.asarray(answer_mask_BxA, bool))
+
+
 def completion_end(tokens: jax.Array, mask: jax.Array, eos: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(has_eos [B], end [B]) of completions [B, N]: whether a stop token (`eos`, ids) is among the
   masked tokens, and the position of the first one (N when there is none)."""
@@ -41,11 +52,9 @@ def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Seq
   allowed = jnp.asarray(list(answer_ids) or [-1], jnp.int32)
 
   def verify(completion_BxN, completion_mask_BxN, answer_BxA, answer_mask_BxA):
-    tokens, mask = jnp.asarray(completion_BxN, jnp.int32), jnp.asarray(completion_mask_BxN, bool)
-    gold, gold_mask = jnp.asarray(answer_BxA, jnp.int32), jnp.asarray(answer_mask_BxA, bool)
+    tokens, mask, gold, gold_mask = verifier_inputs(completion_BxN, completion_mask_BxN,
+                                                    answer_BxA, answer_mask_BxA, max_answer_len)
     n, a = tokens.shape[1], gold.shape[1]
-    if max_answer_len is not None and a > max_answer_len:
-      raise ValueError(f"answer width {a} exceeds max_answer_len={max_answer_len}")
     pos_N = jnp.arange(n)
     has_eos, end_B = completion_end(tokens, mask, eos)
     is_marker = (tokens == marker_id) & mask & (pos_N[None] < end_B[:, None])
