@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.warmup.rounds = 110  # SFT rounds on gold responses before self-improvement
   cfg.warmup.num_minibatches = 1  # optimizer steps per warm-up round
   cfg.warmup.learning_rate = 3e-3  # warm-up SFT learning rate (self-improvement: optimizer.*)
+  cfg.warmup.judge_rounds = -1  # judge.train_in_warmup: the last N warm-up rounds train the judge; -1 = all
 
   cfg.eval = ml_collections.ConfigDict()
   cfg.eval.every_rounds = 10  # greedy held-out accuracy every N rounds (and at the end)
@@ -114,6 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.strict = False  # JSONL data: a bad row is an error (True) or skipped and counted
   cfg.data.batch_size = 64  # prompts per round (global, across all devices)
   cfg.data.difficulty = 2  # arithmetic: digits per operand; sort: list length; countdown: numbers (2-4)
+  cfg.data.max_value = 0  # sort: largest list value (9); countdown: numbers from 1..N (12); 0 = default
   cfg.data.step_by_step = True  # arithmetic: digit-wise worked answer before the final one
   cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
   cfg.data.max_response_len = 32  # gold response length incl. EOS (tokens)

@@ -104,10 +104,12 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("warmup.rounds", int, _non_negative, "must be >= 0"),
     ("warmup.num_minibatches", int, _positive, "must be >= 1"),
     ("warmup.learning_rate", float, lambda v: v > 0, "must be > 0"),
+    ("warmup.judge_rounds", int, lambda v: v >= -1, "must be >= 0, or -1 (all warm-up rounds)"),
     ("eval.every_rounds", int, _positive, "must be >= 1"),
     ("eval.num_examples", int, _positive, "must be >= 1"),
     ("eval.batch_size", int, _positive, "must be >= 1"),
     ("data.difficulty", int, _positive, "must be >= 1"),
+    ("data.max_value", int, _non_negative, "must be >= 0 (0 = the task's default)"),
     ("data.heldout_fraction", float, lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("data.eval_path", str, None, ""),
     ("data.answer_marker", str, bool, "must be non-empty"),
@@ -218,6 +220,12 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     raise ConfigError(f"debug.nan_to_round: {cfg.debug.nan_to_round} is before "
                       f"debug.nan_from_round={cfg.debug.nan_from_round}")
   judge.check_score_range(cfg.judge.score_min, cfg.judge.score_max)
+  if cfg.warmup.judge_rounds > cfg.warmup.rounds:
+    raise ConfigError(f"warmup.judge_rounds: {cfg.warmup.judge_rounds} exceeds warmup.rounds="
+                      f"{cfg.warmup.rounds} (the judge trains in the last judge_rounds of them)")
+  if cfg.data.max_value and (cfg.data.task == "arithmetic" or cfg.data.task.endswith(".jsonl")):
+    raise ConfigError(f"data.max_value: {cfg.data.task} has no value range to set (sort and "
+                      f"countdown have; arithmetic's is data.difficulty digits); leave it 0")
   if cfg.data.batch_size % cfg.warmup.num_minibatches:
     raise ConfigError(f"warmup.num_minibatches: {cfg.warmup.num_minibatches} must divide "
                       f"data.batch_size = {cfg.data.batch_size}")

@@ -191,6 +191,10 @@ def task_and_tokenizer(cfg, workdir: str | Path):
   return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer", extra_symbols=extra)
 
 
+# The task field `data.max_value` sets (arithmetic's range is its digit count: not settable).
+_MAX_VALUE_FIELD = {"sort": "max_value", "countdown": "max_number"}
+
+
 def _build_task(cfg) -> tasks.Task:
   """The task object of `data.task` (built-in or the user's factory), checked to hold out."""
   if ":" in cfg.data.task:  # the user's own task: a factory f(cfg) -> tasks.Task
@@ -203,7 +207,12 @@ def _build_task(cfg) -> tasks.Task:
                                  step_by_step=cfg.data.step_by_step),
               "sort": dict(length=cfg.data.difficulty),
               "countdown": dict(num_numbers=cfg.data.difficulty)}.get(cfg.data.task, {})
-    task = tasks.get_task(cfg.data.task, **kwargs)
+    if cfg.data.max_value:  # 0 = the task's own default range
+      kwargs[_MAX_VALUE_FIELD[cfg.data.task]] = cfg.data.max_value
+    try:
+      task = tasks.get_task(cfg.data.task, **kwargs)
+    except ValueError as e:
+      raise ConfigError(f"data.difficulty / data.max_value: {e}") from None
   else:
     raise ConfigError(f"data.task: {cfg.data.task!r} is neither a built-in task "
                       f"({', '.join(sorted(tasks.TASKS))}), a .jsonl file, nor "
@@ -212,7 +221,7 @@ def _build_task(cfg) -> tasks.Task:
     for split in tasks.SPLITS:
       task.example(split, 0)
   except ValueError as e:
-    raise ConfigError(f"data.difficulty: {e}") from None
+    raise ConfigError(f"data.difficulty / data.max_value: {e}") from None
   return task
 
 
@@ -342,15 +351,25 @@ class Run:
     return initial_state(self.cfg, self.model_config, self.spec, self.optimizer,
                          shardings=shardings)
 
-  def round_fn(self, *, warmup: bool = False, num_samples: int = 0, **on_mesh):
-    """The jitted round of the warm-up or of the self-improvement phase (`on_mesh`: `mesh`,
-    `rules`, `state_shardings` as `round.build_round_fn` takes them)."""
+  @property
+  def sft_warmup_rounds(self) -> int:
+    """Leading warm-up rounds that are plain SFT (the judge trains in the rest of the warm-up)."""
+    warmup, judge_rounds = self.cfg.warmup.rounds, self.cfg.warmup.judge_rounds
+    if not isinstance(self.warmup_spec, JudgeSFT) or judge_rounds < 0:
+      return 0
+    return warmup - judge_rounds
+
+  def round_fn(self, *, warmup: bool = False, num_samples: int = 0, sft: bool = False,
+               **on_mesh):
+    """The jitted round of the warm-up (`sft`: its plain-SFT rounds) or of the self-improvement
+    phase (`on_mesh`: `mesh`, `rules`, `state_shardings` as `round.build_round_fn` takes them)."""
     cfg = self.cfg
     nan_rounds = None
     if cfg.debug.nan_from_round:  # fault injection: NaN losses in these rounds
       nan_rounds = (cfg.debug.nan_from_round, cfg.debug.nan_to_round)
     if warmup:  # judge training labels `sampling.n` samples per prompt; SFT does not sample
-      return rnd.build_round_fn(self.model_config, self.warmup_spec, self.optimizer,
+      return rnd.build_round_fn(self.model_config, SFT() if sft else self.warmup_spec,
+                                self.optimizer,
                                 self.sampling, self.verifier,
                                 num_minibatches=cfg.warmup.num_minibatches,
                                 nan_rounds=nan_rounds, **on_mesh)

@@ -201,6 +201,7 @@ class _Loop:
   rules: Any
   warm_fn: Any
   main_fn: Any
+  sft_fn: Any  # the warm-up's plain-SFT rounds before the judge trains, or None
   data_iter: Any
   eval_data: Any
   ckpt: checkpoint.Checkpointer
@@ -234,6 +235,7 @@ def _prepare(cfg, workdir: Path) -> tuple[_Loop, rnd.TrainState]:
       run=run, workdir=workdir, mesh=mesh, rules=rules,
       warm_fn=run.round_fn(warmup=True, **on_mesh),
       main_fn=run.round_fn(num_samples=NUM_SAMPLES, **on_mesh),
+      sft_fn=run.round_fn(warmup=True, sft=True, **on_mesh) if run.sft_warmup_rounds else None,
       data_iter=pipeline.make_iterator(run.train_source(), tokenizer=run.tokenizer,
                                        batch_size=cfg.data.batch_size, seed=cfg.seed, **lens),
       eval_data=pipeline.eval_batches(run.task, "heldout", cfg.eval.num_examples,
@@ -360,7 +362,9 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
         state = _anchor_references(state)
       batch = sharding.global_batch(next(loop.data_iter), loop.mesh)  # this process's rows
       dispatched = time.perf_counter()
-      state, metrics = (loop.warm_fn if r < warmup else loop.main_fn)(state, batch)
+      fn = (loop.sft_fn if r < loop.run.sft_warmup_rounds else loop.warm_fn if r < warmup
+            else loop.main_fn)
+      state, metrics = fn(state, batch)
       if pending is not None:  # round r's work is queued: now log round r - 1
         read(pending, synced=False)
       pending = _Pending(r + 1, r < warmup, metrics, extra, dispatched)

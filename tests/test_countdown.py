@@ -10,6 +10,7 @@ import pytest
 from selfplay_jax import config_lib, config_validation, setup
 from selfplay_jax.data import countdown as C
 from selfplay_jax.data import tasks as T
+from selfplay_jax.errors import ConfigError
 
 # data.max_prompt_len / max_response_len / max_answer_len per difficulty (what a config needs)
 WIDTHS = {2: (15, 17, 9), 3: (18, 29, 12), 4: (21, 41, 15)}
@@ -378,3 +379,27 @@ def test_setup_builds_countdown_and_a_jitted_round_runs(tmp_path):
                                                      int(target), text)))
   np.testing.assert_array_equal(metrics["samples/rewards"], expected)
   assert metrics["train/reward_mean"] == pytest.approx(np.mean(expected))
+
+
+def test_data_max_value_sets_the_number_range(tmp_path):
+  """data.max_value: countdown's numbers come from 1..N, sort's values from 0..N (0 = the task's
+  own default); arithmetic has no such range and says so."""
+  base = [f"data.{k}={v}" for k, v in zip(("max_prompt_len", "max_response_len",
+                                           "max_answer_len"), WIDTHS[3])]
+
+  def task_of(*extra):
+    cfg = config_lib.load_config(str(config_lib.default_config_path()), [*base, *extra])
+    config_validation.validate(cfg)
+    return setup._build_task(cfg)  # pylint: disable=protected-access
+
+  assert task_of("data.task=countdown", "data.difficulty=3").max_number == 12
+  task = task_of("data.task=countdown", "data.difficulty=3", "data.max_value=5")
+  assert task.max_number == 5
+  numbers = [int(x) for ex in task.examples("train", num=200)
+             for x in ex["answer"].split("=")[0].split(",")]
+  assert set(numbers) == set(range(1, 6))
+  assert task_of("data.task=sort", "data.difficulty=4", "data.max_value=3").max_value == 3
+  with pytest.raises(ConfigError, match=r"data.max_value: arithmetic has no value range"):
+    task_of("data.task=arithmetic", "data.max_value=5")
+  with pytest.raises(ConfigError, match=r"data.difficulty / data.max_value: max_number must be"):
+    task_of("data.task=countdown", "data.difficulty=3", "data.max_value=100")

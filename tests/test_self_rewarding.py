@@ -15,6 +15,7 @@ from selfplay_jax import config_lib, evaluate, models, sampling, scoring
 from selfplay_jax import setup
 from selfplay_jax import round as rnd
 from selfplay_jax.data import pipeline
+from selfplay_jax.errors import ConfigError
 from tests.task_helpers import string_reward
 
 WARMUP_ROUNDS = 150
@@ -247,3 +248,24 @@ def test_study_script_runs_at_smoke_size(tmp_path, monkeypatch):
            "answer_mask": jnp.ones((rows // 4, 1), bool)}
   scores, _ = scorer(None, None, batch, ro, jax.random.key(0))
   assert abs(float(jnp.mean(scores == 0.0)) - 0.3) < 0.03
+
+
+def test_judge_trains_only_in_the_last_warmup_judge_rounds(tmp_path):
+  """warmup.judge_rounds=1 of warmup.rounds=3: rounds 1-2 are plain SFT (no judge rows, no
+  sampling), round 3 also trains the judge; the self-improvement round follows."""
+  from selfplay_jax import train  # pylint: disable=import-outside-toplevel
+  from tests.test_train import OVERRIDES  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.load_config("configs/self_rewarding.py", [
+      *OVERRIDES, "rounds=1", "warmup.judge_rounds=1", "metrics.plot_every_rounds=0",
+      "checkpoint.every_rounds=0"])
+  config_validation.validate(cfg)
+  train.train_and_evaluate(cfg, tmp_path)
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [m["phase"] for m in lines] == ["warmup"] * 3 + ["self_rewarding"]
+  assert [m.get("train/judge_loss") is not None for m in lines] == [False, False, True, False]
+  assert "train/sft_loss" not in lines[0] and lines[2]["train/sft_loss"] is not None
+  for bad, match in (("warmup.judge_rounds=4", "exceeds warmup.rounds=3"),
+                     ("warmup.judge_rounds=-2", "must be >= 0, or -1")):
+    with pytest.raises(ConfigError, match=match):
+      config_validation.validate(config_lib.load_config("configs/self_rewarding.py",
+                                                        [*OVERRIDES, bad]))
