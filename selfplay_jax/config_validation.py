@@ -20,6 +20,7 @@ import ml_collections
 
 from selfplay_jax import config_lib
 from selfplay_jax.algorithms import losses, registry
+from selfplay_jax.data import tasks
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.config import PRESETS, ModelConfig
 from selfplay_jax.optim import OPTIMIZERS
@@ -223,9 +224,12 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   if cfg.warmup.judge_rounds > cfg.warmup.rounds:
     raise ConfigError(f"warmup.judge_rounds: {cfg.warmup.judge_rounds} exceeds warmup.rounds="
                       f"{cfg.warmup.rounds} (the judge trains in the last judge_rounds of them)")
-  if cfg.data.max_value and (cfg.data.task == "arithmetic" or cfg.data.task.endswith(".jsonl")):
-    raise ConfigError(f"data.max_value: {cfg.data.task} has no value range to set (sort and "
-                      f"countdown have; arithmetic's is data.difficulty digits); leave it 0")
+  task_cls = tasks.TASKS.get(cfg.data.task)  # None: JSONL data or your own factory
+  if cfg.data.max_value and (cfg.data.task.endswith(".jsonl") or
+                             (task_cls is not None and task_cls.value_range_field is None)):
+    ranged = sorted(name for name, c in tasks.TASKS.items() if c.value_range_field)
+    raise ConfigError(f"data.max_value: {cfg.data.task} has no value range to set (only "
+                      f"{', '.join(ranged)} have; leave it 0)")
   if cfg.data.batch_size % cfg.warmup.num_minibatches:
     raise ConfigError(f"warmup.num_minibatches: {cfg.warmup.num_minibatches} must divide "
                       f"data.batch_size = {cfg.data.batch_size}")

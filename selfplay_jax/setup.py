@@ -191,10 +191,6 @@ def task_and_tokenizer(cfg, workdir: str | Path):
   return task, tasks.build_tokenizer(task, Path(workdir) / "tokenizer", extra_symbols=extra)
 
 
-# The task field `data.max_value` sets (arithmetic's range is its digit count: not settable).
-_MAX_VALUE_FIELD = {"sort": "max_value", "countdown": "max_number"}
-
-
 def _build_task(cfg) -> tasks.Task:
   """The task object of `data.task` (built-in or the user's factory), checked to hold out."""
   if ":" in cfg.data.task:  # the user's own task: a factory f(cfg) -> tasks.Task
@@ -208,7 +204,7 @@ def _build_task(cfg) -> tasks.Task:
               "sort": dict(length=cfg.data.difficulty),
               "countdown": dict(num_numbers=cfg.data.difficulty)}.get(cfg.data.task, {})
     if cfg.data.max_value:  # 0 = the task's own default range
-      kwargs[_MAX_VALUE_FIELD[cfg.data.task]] = cfg.data.max_value
+      kwargs[tasks.TASKS[cfg.data.task].value_range_field] = cfg.data.max_value
     try:
       task = tasks.get_task(cfg.data.task, **kwargs)
     except ValueError as e:

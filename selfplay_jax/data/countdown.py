@@ -253,6 +253,7 @@ class CountdownTask(tasks.Task):
   symbols: ClassVar[tuple[str, ...]] = tasks.DIGITS + (tasks.ANSWER_MARKER, "+", "-", "*", "/",
                                                          "=", ",", SPACE, CHECK_OK, CHECK_FAIL)
   answer_symbols: ClassVar[tuple[str, ...]] = tasks.DIGITS + (",", "=")
+  value_range_field: ClassVar[str | None] = "max_number"
   num_numbers: int = 3
   max_number: int = 12
   heldout_fraction: float = 0.1

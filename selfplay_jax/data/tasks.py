@@ -69,6 +69,7 @@ class Task(abc.ABC):
   max_size: ClassVar[dict[str, int]] = {"train": 100_000, "heldout": 1_000}
   max_tries: ClassVar[int] = 10_000
   has_answers: ClassVar[bool] = True  # every example can be verified
+  value_range_field: ClassVar[str | None] = None  # the field `data.max_value` sets, if any
   heldout_fraction: float
 
   # ---- problem hooks -------------------------------------------------------------------------
@@ -289,6 +290,7 @@ class SortTask(Task):
   name: ClassVar[str] = "sort"
   symbols: ClassVar[tuple[str, ...]] = DIGITS + (ANSWER_MARKER, ",", "=")
   answer_symbols: ClassVar[tuple[str, ...]] = DIGITS + (",",)
+  value_range_field: ClassVar[str | None] = "max_value"
   length: int = 5
   max_value: int = 9
   heldout_fraction: float = 0.1
