@@ -208,7 +208,7 @@ def _build_task(cfg) -> tasks.Task:
     try:
       task = tasks.get_task(cfg.data.task, **kwargs)
     except ValueError as e:
-      raise ConfigError(f"data.difficulty / data.max_value: {e}") from None
+      raise ConfigError(f"{_task_keys(cfg)}: {e}") from None
   else:
     raise ConfigError(f"data.task: {cfg.data.task!r} is neither a built-in task "
                       f"({', '.join(sorted(tasks.TASKS))}), a .jsonl file, nor "
@@ -217,8 +217,15 @@ def _build_task(cfg) -> tasks.Task:
     for split in tasks.SPLITS:
       task.example(split, 0)
   except ValueError as e:
-    raise ConfigError(f"data.difficulty / data.max_value: {e}") from None
+    raise ConfigError(f"{_task_keys(cfg)}: {e}") from None
   return task
+
+
+def _task_keys(cfg) -> str:
+  """The config key(s) that built the task, for naming them in an error."""
+  if ":" in cfg.data.task:
+    return "data.task"
+  return "data.difficulty / data.max_value" if cfg.data.max_value else "data.difficulty"
 
 
 def _jsonl_data(cfg):
