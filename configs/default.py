@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.eval.every_rounds = 10  # greedy held-out accuracy every N rounds (and at the end)
   cfg.eval.num_examples = 256  # held-out examples per evaluation
   cfg.eval.batch_size = 64  # prompts per evaluation batch
+  cfg.eval.judge_samples = -1  # judge meter: samples per held-out prompt; -1 = sampling.n with a judge, 0 = off
 
   cfg.model = ml_collections.ConfigDict()
   cfg.model.hf_path = ""  # HF checkpoint dir (config.json + safetensors); "" = build from fields
@@ -99,13 +100,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.judge.score_min = 0  # lowest score (a single-digit token)
   cfg.judge.score_max = 5  # highest score
   cfg.judge.num_samples = 0  # 0 = expected score in one pass; m = mean of m sampled judgements
-  cfg.judge.temperature = 1.0  # sampled judgements: temperature
+  cfg.judge.temperature = 1.0  # sampled judgements: temperature (0 = greedy, for num_samples=1)
   cfg.judge.max_new_tokens = 8  # sampled judgements: length cap
   cfg.judge.score_marker = ""  # sampled: the score follows this text ("" = first token; rationale: built-in)
   cfg.judge.rationale = False  # judge solves the prompt itself, then scores (needs num_samples)
   cfg.judge.trace = "solve"  # rationale: solve (write the gold solution) | verify (task's check trace)
   cfg.judge.train_in_warmup = True  # warm-up also trains the judge on verifier-labelled samples
-  cfg.judge.loss_weight = 1.0  # warm-up loss = NLL(gold) + loss_weight * NLL(judge rows)
+  cfg.judge.loss_weight = 1.0  # warm-up loss = NLL(gold) + NLL(rationales) + this * NLL(verdicts)
 
   cfg.data = ml_collections.ConfigDict()
   cfg.data.task = arg.task  # arithmetic | sort | countdown, a .jsonl file, or file.py:factory
@@ -162,4 +163,5 @@ def _countdown(cfg: ml_collections.ConfigDict) -> None:
   cfg.judge.rationale = True
   cfg.judge.trace = "verify"
   cfg.judge.num_samples = 1
+  cfg.judge.temperature = 0.0  # a check is deterministic: the greedy trace, not a sampled one
   cfg.judge.max_new_tokens = countdown.trace_width(cfg.data.difficulty) + 3  # + <score>, digit, EOS

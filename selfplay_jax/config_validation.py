@@ -89,7 +89,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("judge.score_min", int, None, ""),  # the scale is checked by judge.check_score_range
     ("judge.score_max", int, None, ""),
     ("judge.num_samples", int, _non_negative, "must be >= 0 (0 = expected score)"),
-    ("judge.temperature", float, lambda v: v > 0, "must be > 0"),
+    ("judge.temperature", float, _non_negative, "must be >= 0 (0 = greedy)"),
     ("judge.max_new_tokens", int, _positive, "must be >= 1"),
     ("judge.score_marker", str, None, ""),
     ("judge.rationale", bool, None, ""),
@@ -109,6 +109,8 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("eval.every_rounds", int, _positive, "must be >= 1"),
     ("eval.num_examples", int, _positive, "must be >= 1"),
     ("eval.batch_size", int, _positive, "must be >= 1"),
+    ("eval.judge_samples", int, lambda v: v in (-1, 0) or v >= 2,
+     "must be -1 (sampling.n with a judge), 0 (off) or >= 2 (a judge picks among them)"),
     ("data.difficulty", int, _positive, "must be >= 1"),
     ("data.max_value", int, _non_negative, "must be >= 0 (0 = the task's default)"),
     ("data.heldout_fraction", float, lambda v: 0 < v < 1, "must be in (0, 1)"),
@@ -221,6 +223,15 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     raise ConfigError(f"debug.nan_to_round: {cfg.debug.nan_to_round} is before "
                       f"debug.nan_from_round={cfg.debug.nan_from_round}")
   judge.check_score_range(cfg.judge.score_min, cfg.judge.score_max)
+  if cfg.judge.temperature == 0 and cfg.judge.num_samples > 1:
+    raise ConfigError(f"judge.temperature: 0 (greedy) makes the judge.num_samples="
+                      f"{cfg.judge.num_samples} judgements identical; use num_samples=1 or a "
+                      "temperature > 0")
+  judged = a.reward == "judge" or (not a.reward and not a.scorer and entry is not None
+                                   and entry.default_reward == "judge")
+  if cfg.eval.judge_samples > 0 and not judged:
+    raise ConfigError(f"eval.judge_samples: {cfg.eval.judge_samples} measures the policy as its "
+                      "own judge, and this run has none (algorithm.reward=judge); use 0 or -1")
   if cfg.warmup.judge_rounds > cfg.warmup.rounds:
     raise ConfigError(f"warmup.judge_rounds: {cfg.warmup.judge_rounds} exceeds warmup.rounds="
                       f"{cfg.warmup.rounds} (the judge trains in the last judge_rounds of them)")

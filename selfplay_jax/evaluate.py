@@ -1,4 +1,6 @@
-"""Held-out evaluation: greedy accuracy and pass@k; `selfplay-jax eval --workdir=W` on a finished run.
+"""Held-out evaluation: greedy accuracy, pass@k and, for a run with a judge, the judge meter
+(`judge_meter`: how well the policy picks among its own samples); `selfplay-jax eval --workdir=W`
+on a finished run.
 
 The run is rebuilt by the composition root (`setup.py`), so evaluation restores exactly the state
 layout training saved.
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from selfplay_jax import checkpoint, run_config, sampling, setup, sharding
 from selfplay_jax.data import pipeline
 from selfplay_jax.errors import CheckpointNotFoundError
+from selfplay_jax.scoring import judge as judge_lib
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -49,6 +52,75 @@ def pass_rates(mc, params, batches, verify, sc: sampling.SamplingConfig, seed: i
       solved += float(s)
       total += float(t)
   return solved / max(total, 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 6))
+def _judged(mc, params, batch, verify, judge, rng, sc: sampling.SamplingConfig):
+  """Sums over one batch's valid examples for `judge_meter`: sample `sc.n` responses per prompt,
+  score each with `judge` (the same weights), read the verifier (for the metrics only)."""
+  sample_rng, judge_rng = jax.random.split(rng)
+  out = sampling.sample(mc, params, batch["prompt_tokens"], batch["prompt_mask"], sample_rng, sc)
+  rep = lambda x: jnp.repeat(x, sc.n, axis=0)
+  verified = verify(out.tokens, out.mask, rep(batch["answer_tokens"]), rep(batch["answer_mask"]))
+  scores = judge.score(mc, params, rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
+                       out.tokens, out.mask, judge_rng)
+  valid = batch["valid"].astype(bool)
+  top, mean, counted = judge_lib.pick_accuracy(scores, verified, sc.n)
+  counted = counted & valid
+  wins, pairs = judge_lib.pair_wins(scores, verified, sc.n)
+  midpoint = (judge.score_min + judge.score_max) / 2
+  scored = rep(valid) & ~jnp.isnan(scores)
+  right = (scores > midpoint) == (verified >= 1.0)
+  f32 = lambda x: jnp.sum(x.astype(jnp.float32))
+  return {"groups": f32(counted), "pick": f32(jnp.where(counted, top, 0.0)),
+          "mean": f32(jnp.where(counted, mean, 0.0)), "wins": f32(jnp.where(valid, wins, 0.0)),
+          "pairs": f32(jnp.where(valid, pairs, 0.0)), "scored": f32(scored),
+          "right": f32(scored & right), "samples": f32(rep(valid))}
+
+
+def judge_meter(mc, params, batches, verify, judge, sc: sampling.SamplingConfig, seed: int = 0,
+                mesh: jax.sharding.Mesh | None = None, rules=None) -> dict[str, float]:
+  """The generation-verification gap on held-out problems: `sc.n` samples per problem, each
+  scored by the policy as its own judge, checked by the verifier (read for these metrics only).
+
+  eval/judge_pick_accuracy: accuracy of the sample the judge ranks highest per problem (ties: the
+    mean of the tied ones), i.e. best-of-n with the self-judge;
+  eval/sample_accuracy: mean accuracy of the samples (of the same problems);
+  eval/gv_gap: the first minus the second (> 0: self-critique can pick better than chance);
+  eval/judge_agreement: over (correct, wrong) sample pairs of a problem, how often the judge
+    scores the correct one higher (ties 0.5; 0.5 = chance; NaN without such pairs);
+  eval/judge_accuracy: share of scored samples whose verdict (score above the scale's midpoint)
+    matches the verifier;
+  eval/judge_unscored: share of samples the judge gave no valid score.
+  Problems whose samples all went unscored are left out of the first three. Sums are global, so
+  with a `mesh` each process passes its own rows (as `pass_rates`)."""
+  total: dict[str, float] = {}
+  context = (sharding.activation_rules(mesh, rules or sharding.DEFAULT_RULES) if mesh is not None
+             else contextlib.nullcontext())
+  with context:
+    for i, b in enumerate(batches):
+      b = sharding.global_batch(b, mesh) if mesh is not None else b
+      sums = _judged(mc, params, b, verify, judge, jax.random.fold_in(jax.random.key(seed), i), sc)
+      for k, v in sums.items():
+        total[k] = total.get(k, 0.0) + float(v)
+  ratio = lambda a, b: total[a] / total[b] if total.get(b) else float("nan")
+  pick, mean = ratio("pick", "groups"), ratio("mean", "groups")
+  return {"eval/judge_pick_accuracy": pick, "eval/sample_accuracy": mean,
+          "eval/gv_gap": pick - mean, "eval/judge_agreement": ratio("wins", "pairs"),
+          "eval/judge_accuracy": ratio("right", "scored"),
+          "eval/judge_unscored": 1.0 - ratio("scored", "samples")}
+
+
+def judge_meter_config(cfg, tok) -> sampling.SamplingConfig | None:
+  """The sampling of the held-out judge meter (`eval.judge_samples` per problem; -1 = sampling.n
+  when the run has a judge), or None when it is off."""
+  n = cfg.eval.judge_samples
+  if n < 0:
+    n = cfg.sampling.n if setup.uses_judge(cfg) else 0
+  if n == 0:
+    return None
+  sc = setup.sampling_config(cfg, tok, n=n)
+  return dataclasses.replace(sc, temperature=sc.temperature or 1.0)  # a choice needs variety
 
 
 def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int,
@@ -91,4 +163,8 @@ def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8
     sc = setup.sampling_config(cfg, tok, n=k)
     sc = dataclasses.replace(sc, temperature=sc.temperature or 1.0)  # sampled even if T = 0
     result[f"eval/pass@{k}"] = pass_rates(mc, state.params, batches, verify, sc, seed=cfg.seed)
+  meter = judge_meter_config(cfg, tok)
+  if meter is not None:
+    result.update(judge_meter(mc, state.params, batches, verify,
+                              setup.build_judge(cfg, tok, task), meter, seed=cfg.seed))
   return result

@@ -42,7 +42,9 @@ PLOT_FILE = Path("plots") / "metrics.png"
 # generation-verification gap meter logged (a scorer and a verifier), "self-critique" replaces
 # "judge agreement"; a run that logged judge agreement alone keeps the "judge agreement" panel.
 PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str | None], ...] = (
-    ("held-out accuracy", (("eval/accuracy", "greedy accuracy"),), None),
+    ("held-out accuracy", (("eval/accuracy", "greedy accuracy"),
+                           ("eval/judge_pick_accuracy", "self-judge's pick of n"),
+                           ("eval/sample_accuracy", "mean of n samples")), None),
     ("reward", (("train/reward_mean", "mean"),), "train/reward_std"),
     ("loss", (("train/loss", "loss"),), None),
     ("KL to reference", (("train/kl_ref", "KL (k3)"),), None),
@@ -50,7 +52,9 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str | None], ...] = (
     ("self-critique", (("train/judge_agreement", "judge agreement"),
                        ("judge/gv_gap", "gen.-verif. gap"),
                        ("judge/corr_correct", "corr(score, correct)"),
-                       ("judge/corr_likelihood", "corr(score, self-lik.)")), None),
+                       ("judge/corr_likelihood", "corr(score, self-lik.)"),
+                       ("eval/gv_gap", "held-out gap"),
+                       ("eval/judge_agreement", "held-out agreement")), None),
     ("completion length", (("train/completion_len", "tokens"),), None),
     ("round time", (("time/round_s", "seconds"),), None),
 )

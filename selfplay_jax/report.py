@@ -31,6 +31,7 @@ TABLE_COLUMNS = (
     ("judge/corr_likelihood", "corr self-lik."),
     ("train/pair_accuracy", "pair acc."), ("train/completion_len", "length"),
     ("train/skipped_fraction", "skipped"), ("eval/accuracy", "held-out acc."),
+    ("eval/judge_pick_accuracy", "held-out judge pick"), ("eval/gv_gap", "held-out g-v gap"),
     ("time/round_s", "time (s)"),
 )
 SAMPLE_ROUNDS = 2  # sample dumps shown from each end of the run

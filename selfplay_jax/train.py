@@ -40,7 +40,8 @@ _writing = metrics_lib.writing
 _SUMMARY_KEYS = (("train/loss", "loss"), ("train/judge_loss", "judge_loss"),
                  ("train/reward_mean", "reward"), ("train/kl_ref", "kl"),
                  ("train/margins", "margin"), ("train/judge_agreement", "judge_agree"),
-                 ("train/completion_len", "len"), ("eval/accuracy", "heldout_acc"))
+                 ("train/completion_len", "len"), ("eval/accuracy", "heldout_acc"),
+                 ("eval/judge_pick_accuracy", "heldout_judge_pick"), ("eval/gv_gap", "heldout_gap"))
 
 
 class Diverged(Exception):
@@ -208,6 +209,8 @@ class _Loop:
   config_json: str
   main_process: bool
 
+  judge: Any = None  # the judge meter's (judge, SamplingConfig), or None when it is off
+
   def eval_accuracy(self, params) -> float | None:
     r = self.run
     if r.verifier is None:
@@ -215,6 +218,16 @@ class _Loop:
     return evaluate.greedy_accuracy(r.model_config, params, self.eval_data, r.verifier,
                                     r.tokenizer.eos_ids, r.cfg.sampling.max_new_tokens,
                                     mesh=self.mesh, rules=self.rules)
+
+  def evaluation(self, params) -> dict[str, float]:
+    """The held-out metrics of an evaluation round: greedy accuracy and the judge meter."""
+    out = {"eval/accuracy": self.eval_accuracy(params)}
+    if self.judge is not None and self.run.verifier is not None:
+      r = self.run
+      out.update(evaluate.judge_meter(r.model_config, params, self.eval_data, r.verifier,
+                                      *self.judge, seed=r.cfg.seed, mesh=self.mesh,
+                                      rules=self.rules))
+    return out
 
 
 def _prepare(cfg, workdir: Path) -> tuple[_Loop, rnd.TrainState]:
@@ -243,6 +256,9 @@ def _prepare(cfg, workdir: Path) -> tuple[_Loop, rnd.TrainState]:
                                       **lens),
       ckpt=checkpoint.Checkpointer(str(workdir), keep=cfg.checkpoint.keep),
       config_json=config_lib.to_json(cfg), main_process=jax.process_index() == 0)
+  meter = evaluate.judge_meter_config(cfg, run.tokenizer)
+  if meter is not None:
+    loop.judge = (setup.build_judge(cfg, run.tokenizer, run.task), meter)
   ckpt = loop.ckpt
   if ckpt.latest_step() is None:  # a new run: the HF checkpoint's weights or a fresh init
     return loop, run.initial_state(state_sh)
@@ -305,7 +321,7 @@ def _finish(loop: _Loop, state, metrics: dict, writer, stop: StopOnSignal, *, sy
   cfg, r = loop.run.cfg, metrics["round"]
   total = loop.run.total_rounds
   if synced and (r % cfg.eval.every_rounds == 0 or r == total):
-    metrics["eval/accuracy"] = loop.eval_accuracy(state.params)
+    metrics.update(loop.evaluation(state.params))
   _check_updates(cfg, metrics, loop.workdir / "metrics.jsonl", writer, loop.ckpt)
   every = cfg.checkpoint.every_rounds
   saved = False

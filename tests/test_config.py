@@ -147,7 +147,9 @@ def test_group_and_malformed_overrides():
     ("algorithm.label_smoothing=0.5", "algorithm.label_smoothing"),
     ("algorithm.iteration_rounds=0", "algorithm.iteration_rounds"),
     ("judge.score_max=10", "judge.score_max"),
-    ("judge.temperature=0", "judge.temperature"),
+    ("judge.temperature=-0.5", "judge.temperature"),
+    ("eval.judge_samples=1", "eval.judge_samples"),  # one sample: nothing to pick among
+    ("eval.judge_samples=4", "eval.judge_samples"),  # the default run (GRPO, verifier) has no judge
 ])
 def test_invalid_values_name_dotted_key(override, key):
   with pytest.raises(ConfigError) as e:
@@ -349,3 +351,12 @@ def test_config_file_errors_name_the_file_and_line(tmp_path, name, text, error):
   path.write_text(text)
   with pytest.raises(ConfigError, match=rf"^config: {path}:? ?{error}"):
     config_lib.load_config(str(path), [])
+
+
+def test_greedy_judge_takes_one_sample():
+  cfg = load("judge.temperature=0")
+  config_validation.validate(cfg)  # one greedy judgement: fine
+  cfg.judge.num_samples = 3
+  with pytest.raises(ConfigError, match=r"^judge.temperature: 0 \(greedy\) makes the "
+                                        r"judge.num_samples=3 judgements identical"):
+    config_validation.validate(cfg)

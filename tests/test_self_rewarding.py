@@ -264,6 +264,12 @@ def test_judge_trains_only_in_the_last_warmup_judge_rounds(tmp_path):
   assert [m["phase"] for m in lines] == ["warmup"] * 3 + ["self_rewarding"]
   assert [m.get("train/judge_loss") is not None for m in lines] == [False, False, True, False]
   assert "train/sft_loss" not in lines[0] and lines[2]["train/sft_loss"] is not None
+  # The run has a judge, so its evaluation also runs the held-out judge meter (eval.judge_samples
+  # = -1: sampling.n samples per problem); its values: test_evaluate.py.
+  meter = ("eval/judge_pick_accuracy", "eval/sample_accuracy", "eval/gv_gap",
+           "eval/judge_agreement", "eval/judge_accuracy", "eval/judge_unscored")
+  assert "eval/accuracy" in lines[-1] and set(meter) <= set(lines[-1])
+  assert 0.0 <= lines[-1]["eval/sample_accuracy"] <= 1.0
   for bad, match in (("warmup.judge_rounds=4", "exceeds warmup.rounds=3"),
                      ("warmup.judge_rounds=-2", "must be >= 0, or -1")):
     with pytest.raises(ConfigError, match=match):

@@ -35,7 +35,8 @@ def _text(tok, tokens, mask=None) -> str:
 
 def _valid_trace(steps, target) -> str:
   """The trace of a valid solution, written by hand."""
-  return "".join(f"{a}{op}{b}={c}{OK}={c}{OK} " for a, op, b, c in steps) + f"####{target}{OK}"
+  return ("".join(f"{a}{op}{b}{OK}={c}={c}{OK} " for a, op, b, c in steps)
+          + f"####{target}={target}{OK}")
 
 
 def _encode(tok, rows, n=48, a=16):
@@ -53,50 +54,54 @@ def _encode(tok, rows, n=48, a=16):
 # ---- hand-built traces ---------------------------------------------------------------------------
 
 P = (3, 7, 12), 57  # "cd 3,7,12 t57="
-STEP1 = f"12+7=19{OK}=19{OK} "
-GOOD = STEP1 + f"19*3=57{OK}=57{OK} "
+STEP1 = f"12+7{OK}=19=19{OK} "
+GOOD = STEP1 + f"19*3{OK}=57=57{OK} "
 HAND = [  # (numbers, target, response, ends with EOS, the trace written by hand)
-    (*P, "12+7=19 19*3=57 ####57", True, GOOD + f"####57{OK}"),  # valid
+    (*P, "12+7=19 19*3=57 ####57", True, GOOD + f"####57=57{OK}"),  # valid
     (*P, "7+12=19 3*19=57 ####57", True,  # valid, operands the other way round
-     f"7+12=19{OK}=19{OK} 3*19=57{OK}=57{OK} ####57{OK}"),
+     f"7+12{OK}=19=19{OK} 3*19{OK}=57=57{OK} ####57=57{OK}"),
     ((12, 12, 9), 16, "12*12=144 144/9=16 ####16", True,  # a copy of 12 each; 3-digit results
-     f"12*12=144{OK}=144{OK} 144/9=16{OK}=16{OK} ####16{OK}"),
-    (*P, "12+8=20 20*3=60 ####60", True, f"12+8=20{NO}"),  # 8 is not available
-    (*P, "3+3=6 6*7=42 ####42", True, f"3+3=6{NO}"),  # one 3, used twice
-    (*P, "12+7=19 12*3=36 ####36", True, f"12+7=19{OK}=19{OK} 12*3=36{NO}"),  # 12 used up
-    (*P, "12+7=19 19+19=38 ####38", True, f"12+7=19{OK}=19{OK} 19+19=38{NO}"),  # result reused
-    (*P, "12+7=18 18*3=54 ####54", True, f"12+7=18{OK}=19{NO}"),  # wrong arithmetic
-    (*P, "12+7=19 19*3=56 ####56", True, STEP1 + f"19*3=56{OK}=57{NO}"),  # ... in step 2
-    (*P, "7-12=5 5*3=15 ####15", True, f"7-12=5{OK}={NO}"),  # negative: no value to write
-    ((6, 4, 2), 1, "6/4=1 ####1", True, f"6/4=1{OK}={NO}"),  # inexact division
-    ((6, 6, 2), 2, "6-6=0 2/0=2 ####2", True, f"6-6=0{OK}=0{OK} 2/0=2{OK}={NO}"),  # by zero
-    (*P, "12+7=19 19*3=57 ####58", True, GOOD + f"####58{NO}"),  # wrong final answer
-    (*P, "12+7=19 ####57", True, f"12+7=19{OK}=19{OK} ####57{NO}"),  # not the last result
-    (*P, "12+7=19 19*3=5", False, STEP1 + f"19*3=5{NO}"),  # truncated mid-step
+     f"12*12{OK}=144=144{OK} 144/9{OK}=16=16{OK} ####16=16{OK}"),
+    (*P, "12+8=20 20*3=60 ####60", True, f"12+8{NO}"),  # 8 is not available
+    (*P, "3+3=6 6*7=42 ####42", True, f"3+3{NO}"),  # one 3, used twice
+    (*P, "12+7=19 12*3=36 ####36", True, STEP1 + f"12*3{NO}"),  # 12 used up
+    (*P, "12+7=19 19+19=38 ####38", True, STEP1 + f"19+19{NO}"),  # result reused
+    (*P, "12+7=18 18*3=54 ####54", True, f"12+7{OK}=19=18{NO}"),  # wrong arithmetic
+    (*P, "12+7=19 19*3=56 ####56", True, STEP1 + f"19*3{OK}=57=56{NO}"),  # ... in step 2
+    (*P, "12+7=20 20*3=60 ####60", True, f"12+7{OK}=19=20{NO}"),  # recomputed before the claim
+    (*P, "7-12=5 5*3=15 ####15", True, f"7-12{OK}={NO}"),  # negative: no value to write
+    ((6, 4, 2), 1, "6/4=1 ####1", True, f"6/4{OK}={NO}"),  # inexact division
+    ((6, 6, 2), 2, "6-6=0 2/0=2 ####2", True, f"6-6{OK}=0=0{OK} 2/0{OK}={NO}"),  # by zero
+    (*P, "12+7=19 19*3=57 ####58", True, GOOD + f"####58=57{NO}"),  # wrong final answer
+    (*P, "12+7=19 ####57", True, STEP1 + f"####57=57{NO}"),  # not the last result
+    (*P, "12+7=19 19*3=5", False, STEP1 + f"19*3{NO}"),  # truncated mid-step
     (*P, "12+7=19 19*3=57 ####57", False, GOOD + f"####57{NO}"),  # truncated before EOS
     (*P, "12+7=19 19*3=57 ####57=", True, GOOD + f"####57{NO}"),  # text after the answer
-    (*P, "12+7=19  19*3=57 ####57", True, f"12+7=19{OK}=19{OK} {NO}"),  # extra space
+    (*P, "12+7=19  19*3=57 ####57", True, STEP1 + NO),  # extra space
     (*P, "12+07=19 19*3=57 ####57", True, f"12+0{NO}"),  # leading zero
+    (*P, "12+7=019 19*3=57 ####57", True, f"12+7{NO}"),  # ... in the claim
     ((12, 10, 11), 120, "12*10=120 120*11=1320 ####1320", True,  # 4 digits
-     f"12*10=120{OK}=120{OK} 120*11=132{NO}"),
-    (*P, "12+7=19 19*3=57", True, STEP1 + f"19*3=57{NO}"),  # no answer (EOS ends the step)
+     f"12*10{OK}=120=120{OK} 120*11{NO}"),
+    (*P, "12+7=19 19*3=57", True, STEP1 + f"19*3{NO}"),  # no answer (EOS ends the step)
     (*P, "12+7=19 ", True, STEP1 + NO),  # no answer
     (*P, "####57", True, NO),  # no step
     (*P, "cd 3,7", True, NO),  # garbage
     (*P, "", True, NO),  # empty
     ((100, 200, 300), 600, "100+200=300 300+300=600 600+600=999 ####999", True,  # the longest
-     f"100+200=300{OK}=300{OK} 300+300=600{OK}=600{OK} 600+600=999{NO}"),
+     f"100+200{OK}=300=300{OK} 300+300{OK}=600=600{OK} 600+600{NO}"),
+    ((100, 200, 300), 600, "100+200=300 300+300=600 ####600", True,  # the longest valid one
+     f"100+200{OK}=300=300{OK} 300+300{OK}=600=600{OK} ####600=600{OK}"),
 ]
 
 
 def test_trace_of_hand_built_responses(tok):
   trace = C.CountdownTask(num_numbers=3).make_trace_fn(tok)
   assert trace is C.CountdownTask(num_numbers=3).make_trace_fn(tok)  # one stable object
-  assert trace.width == C.trace_width(3) == 48
-  assert [C.trace_width(n) for n in (2, 4)] == [30, 66]
+  assert trace.width == C.trace_width(3) == 45
+  assert [C.trace_width(n) for n in (2, 4)] == [27, 63]
   toks, mask, ans, ans_mask = _encode(tok, [h[:4] for h in HAND])
   out, out_mask = jax.jit(trace)(ans, ans_mask, toks, mask)
-  assert out.shape == out_mask.shape == (len(HAND), 48)
+  assert out.shape == out_mask.shape == (len(HAND), 45)
   verified = np.asarray(jax.jit(C.make_countdown_verifier(tok))(toks, mask, ans, ans_mask))
   for i, (numbers, target, response, eos, want) in enumerate(HAND):
     got = _text(tok, out[i], out_mask[i])
@@ -104,7 +109,7 @@ def test_trace_of_hand_built_responses(tok):
     assert np.all(out_mask[i, :out_mask[i].sum()])  # right-padded
     assert got.endswith(OK) == (verified[i] == 1.0), response
     assert (verified[i] == 1.0) == (eos and C.check_solution(numbers, target, response)), response
-  assert max(out_mask.sum(1)) == 48  # the last row reaches the bound
+  assert max(out_mask.sum(1)) == 45  # the last row reaches the bound
   # wider responses and answers give the same traces
   wide = lambda x, k: np.pad(x, ((0, 0), (0, k)))
   out2, mask2 = jax.jit(trace)(wide(ans, 3), wide(ans_mask, 3), wide(toks, 20), wide(mask, 20))
@@ -113,28 +118,35 @@ def test_trace_of_hand_built_responses(tok):
 
 # ---- the trace against the verifier --------------------------------------------------------------
 
-_STEP = re.compile(rf"(\d+)([-+*/])(\d+)=(\d+)({OK}|{NO})(?:=(\d*)({OK}|{NO}))?( ?)")
-_CHECKS = re.compile(rf"({OK}|{NO})(=\d*({OK}|{NO}))?")
+_STEP = re.compile(rf"(\d+)([-+*/])(\d+)({OK}|{NO})(?:=(?:(\d+)=(\d+))?({OK}|{NO}))?( ?)")
+_CHECKS = re.compile(rf"({OK}|{NO})(=(\d+=\d+)?({OK}|{NO}))?|=\d+(?={OK}$|{NO}$)")
+_NUMBER = r"(?:0|[1-9]\d{0,2})"
+_RESPONSE_STEP = re.compile(rf"({_NUMBER})([-+*/])({_NUMBER})=({_NUMBER})$")
 
 
-def _host_check(trace, response, numbers) -> None:
+def _host_check(trace, response, numbers, target) -> None:
   """Host re-derivation from the trace text alone: stripped of its checks it is the start of the
-  response; a check `<no>` only ever ends it; each step's availability (a Counter over the
-  numbers and earlier results) and recomputed value (Python ints) are what it says."""
+  response without its steps' claimed results "=c"; a check `<no>` only ever ends it; each
+  step's availability (a Counter over the numbers and earlier results), recomputed value (Python
+  ints) and copied claim c (the response's k-th space-separated step) are what it says, and its
+  last check says whether the two are equal; an answer's check writes the target."""
   assert trace.endswith((OK, NO)) and NO not in trace[:-len(NO)], trace
   copied = _CHECKS.sub("", trace)
-  assert response.startswith(copied), (trace, response)
+  assert re.sub(r"=\d*", "", response).startswith(copied), (trace, response)
+  parts = response.split(" ")
   pool = collections.Counter(numbers)
-  for m in _STEP.finditer(trace):
-    a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+  for k, m in enumerate(_STEP.finditer(trace)):
+    a, op, b = int(m[1]), m[2], int(m[3])
     avail = pool[a] >= 1 and pool[b] >= (2 if a == b else 1)
-    if m[5] == NO:  # unavailable, or the next token of the response is not the step's space
-      assert not avail or not response[len(_CHECKS.sub("", trace[:m.end()])):].startswith(" ")
+    step = _RESPONSE_STEP.match(parts[k]) if k + 1 < len(parts) else None  # a space follows
+    if m[4] == NO:  # unavailable, or the step is not "a op b=c" followed by its space
+      assert not (avail and step), (trace, response)
       break
-    assert avail, trace
+    assert avail and step, trace
+    c = int(step[4])
     value = {"+": a + b, "-": a - b, "*": a * b}.get(op, a // b if b and a % b == 0 else -1)
     valid = 0 <= value <= 999
-    assert m[6] == (str(value) if valid else ""), trace
+    assert (m[5], m[6]) == ((str(value), str(c)) if valid else (None, None)), trace
     assert (m[7] == OK) == (valid and value == c), trace
     if m[7] == NO:
       break
@@ -142,6 +154,9 @@ def _host_check(trace, response, numbers) -> None:
     pool[a] -= 1
     pool[b] -= 1
     pool[c] += 1
+  answer = re.search(rf"####(\d+)=(\d+)({OK}|{NO})$", trace)
+  if answer:
+    assert int(answer[2]) == target, trace
 
 
 def test_trace_verdict_agrees_with_the_verifier(tok):
@@ -170,13 +185,13 @@ def test_trace_verdict_agrees_with_the_verifier(tok):
   verified = np.asarray(jax.jit(C.make_countdown_verifier(tok))(toks, masks, ans, ans_mask))
   lengths = out_mask.sum(1)
   passed = []
-  for i, (_, _, numbers, _) in enumerate(rows):
+  for i, (_, _, numbers, target) in enumerate(rows):
     assert lengths[i] <= C.trace_width(len(numbers))
     last = int(out[i, lengths[i] - 1])
     assert (last == tok.piece_to_id(OK)) == (verified[i] == 1.0), (texts[i], _text(tok, out[i],
                                                                                  out_mask[i]))
     if texts[i] is not None:
-      _host_check(_text(tok, out[i], out_mask[i]), texts[i], numbers)
+      _host_check(_text(tok, out[i], out_mask[i]), texts[i], numbers, target)
     passed.append(verified[i] == 1.0)
   assert 0.2 < np.mean(passed) < 0.8  # both verdicts well represented
 
@@ -185,7 +200,7 @@ def test_trace_verdict_agrees_with_the_verifier(tok):
 
 D = 3
 PL, RL, AL = WIDTHS[D]
-NEED = C.trace_width(D) + 3  # the trace, <score>, the score, EOS: 51 for 3 numbers
+NEED = C.trace_width(D) + 3  # the trace, <score>, the score, EOS: 48 for 3 numbers
 VERIFY = ["algorithm.name=self_rewarding", "data.task=countdown", f"data.difficulty={D}",
           f"data.max_prompt_len={PL}", f"data.max_response_len={RL}", f"data.max_answer_len={AL}",
           f"sampling.max_new_tokens={RL}", "judge.rationale=True", "judge.trace=verify",
@@ -208,9 +223,9 @@ def test_verify_judge_config_and_errors(tmp_path):
   verify_id, score_id = tok.piece_to_id("<verify>"), tok.piece_to_id("<score>")
   assert judge.rationale and not judge.response_first
   assert (judge.prefix, judge.middle, judge.suffix) == ((tok.bos_id,), (), (verify_id,))
-  assert judge.marker == (score_id,) and judge.max_new_tokens == NEED == 51
+  assert judge.marker == (score_id,) and judge.max_new_tokens == NEED == 48
   assert setup.build_judge(cfg, tok) == judge  # the task built from the config when not given
-  with pytest.raises(ConfigError, match=rf"judge.max_new_tokens: .*needs >= {NEED}, got 50"):
+  with pytest.raises(ConfigError, match=rf"judge.max_new_tokens: .*needs >= {NEED}, got {NEED - 1}"):
     setup.build_judge(_cfg(f"judge.max_new_tokens={NEED - 1}"), tok, task)
   with pytest.raises(ConfigError, match=r"judge.trace: 'verify' .*judge.rationale=True"):
     setup.build_judge(_cfg("judge.rationale=False", "judge.num_samples=0"), tok, task)
@@ -256,12 +271,12 @@ def test_verify_judge_sft_rows_teach_trace_then_verdict(tmp_path):
   # judged: gold 0, gold 1, then the samples in order
   judged = [(examples[0]["prompt"], examples[0]["response"], _valid_trace(
                 C.gold_solution((3, 7, 12), 57), 57), 5),
-            (examples[1]["prompt"], examples[1]["response"], f"6/2=3{OK}=3{OK} ####3{OK}", 5),
+            (examples[1]["prompt"], examples[1]["response"], f"6/2{OK}=3=3{OK} ####3=3{OK}", 5),
             (examples[0]["prompt"], samples[0][0],
-             f"7+12=19{OK}=19{OK} 3*19=57{OK}=57{OK} ####57{OK}", 5),
-            (examples[0]["prompt"], samples[1][0], f"12+8=20{NO}", 0),
-            (examples[1]["prompt"], samples[2][0], f"6/4=1{OK}={NO}", 0),
-            (examples[1]["prompt"], samples[3][0], f"6/2=3{OK}=3{OK} ####{NO}", 0)]
+             f"7+12{OK}=19=19{OK} 3*19{OK}=57=57{OK} ####57=57{OK}", 5),
+            (examples[0]["prompt"], samples[1][0], f"12+8{NO}", 0),
+            (examples[1]["prompt"], samples[2][0], f"6/4{OK}={NO}", 0),
+            (examples[1]["prompt"], samples[3][0], f"6/2{OK}=3=3{OK} ####{NO}", 0)]
   assert examples[0]["response"] == C.render_steps(C.gold_solution((3, 7, 12), 57))
   bos = tok.id_to_piece(tok.bos_id)
   for k, (prompt, response, trace, score) in enumerate(judged):

@@ -149,9 +149,9 @@ class JudgeSFT:
   the verifier's verdict on the judge's scale (correct = score_max, wrong = score_min), so the
   policy learns to judge its own kind of outputs; a rationale judge's rows write the gold response
   to the prompt before the marker and score, or with `trace` (`judge.trace=verify`) the task's
-  verification trace of the judged response against its answer. Loss = NLL(gold responses and
-  rationales) + judge_weight * NLL(verdicts), each a token mean. Needs a verifier (the task's, or
-  JSONL answers).
+  verification trace of the judged response against its answer. Loss = NLL(gold responses) +
+  NLL(rationales) + judge_weight * NLL(verdicts), each a token mean (`loss`). Needs a verifier
+  (the task's, or JSONL answers).
   """
 
   judge: object  # scoring.Judge
@@ -197,10 +197,16 @@ class JudgeSFT:
     return rows
 
   def loss(self, logp_BxT, rows: Rows):
-    # A rationale (gold solution or trace, written in a judge row) counts as SFT; the judge loss is
-    # on the verdict tokens, so the score keeps its weight however long the rationale is.
+    # Three token means: the gold responses (solving), the rationales written in judge rows (gold
+    # solution or verification trace) and the verdict tokens. Each keeps its weight however many
+    # judge rows there are and however long their rationales: pooled into one mean, the traces of
+    # n samples per prompt would outweigh the gold responses ~10:1 and training the judge would
+    # unlearn solving.
     mask = rows["mask"].astype(bool)
     verdict = rows["verdict"].astype(bool)
-    sft = losses.nll_loss(logp_BxT, mask & ~verdict)
+    is_judge = rows["is_judge"].astype(bool)[:, None]
+    sft = losses.nll_loss(logp_BxT, mask & ~is_judge)
+    rationale = losses.nll_loss(logp_BxT, mask & is_judge & ~verdict)
     judge = losses.nll_loss(logp_BxT, mask & verdict)
-    return sft + self.judge_weight * judge, {"sft_loss": sft, "judge_loss": judge}
+    return (sft + rationale + self.judge_weight * judge,
+            {"sft_loss": sft, "rationale_loss": rationale, "judge_loss": judge})

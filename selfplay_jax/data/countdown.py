@@ -43,11 +43,14 @@ space encodes to) are user-defined symbols, so each is exactly one token; so are
 
 Verification trace (`CountdownTask.make_trace_fn`, what a judge with `judge.trace=verify` writes
 before its verdict; `make_countdown_trace`): the response re-walked step by step with checks,
-stopping at the first bad point; its last token is `<ok>` iff the verifier accepts the response:
+stopping at the first bad point; its last token is `<ok>` iff the verifier accepts the response.
+Each step's operands, `<ok>` if both are available, `=` their recomputed result, `=` the step's
+claimed result (copied after the recomputation), `<ok>` if the two are equal; the answer, `=` the
+target, `<ok>` if they agree (and the answer is the last result, and the response ends there):
 
-  "12+7=19 19*3=57 ####57"  ->  "12+7=19<ok>=19<ok> 19*3=57<ok>=57<ok> ####57<ok>"
-  "12+7=18 18*3=54 ####54"  ->  "12+7=18<ok>=19<no>"
-  "12+8=20 20*3=60 ####60"  ->  "12+8=20<no>"              (8 is not one of the numbers)
+  "12+7=19 19*3=57 ####57"  ->  "12+7<ok>=19=19<ok> 19*3<ok>=57=57<ok> ####57=57<ok>"
+  "12+7=18 18*3=54 ####54"  ->  "12+7<ok>=19=18<no>"       (12+7 is not 18)
+  "12+8=20 20*3=60 ####60"  ->  "12+8<no>"                 (8 is not one of the numbers)
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ Both run inside the training round on token arrays: a `lax.scan` state machine (
 parses a response's steps, keeps the pool of available numbers and checks each step; the verifier
 reads its verdict, the trace writes down what it found, step by step.
 
-The trace is built from the scan's per-position outputs: each position emits up to `_SLOTS`
-tokens (itself; a passing step's space: its checks, then itself; the first bad position or the
-end: its checks), packed to the left (`rows.right_pack`). Its width W assumes the task's setting:
-answers with more than `num_numbers` numbers allow longer traces, which are cut at W.
+The trace is built from the scan's per-position outputs: each position emits a few slots (its own
+token, unless it belongs to a step's claimed result "=c"; a passing or failing step's space: its
+checks, then itself; the first bad position: `<no>`; the end: the answer's check), packed to the
+left (`rows.right_pack`). Its width W assumes the task's setting: answers with more than
+`num_numbers` numbers allow longer traces, which are cut at W.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _parse_answer(cls_BxA, mask_BxA, pool_size):
 def _check_steps(cls_BxN, active_BxN, pool_BxP):
   """The step parser: (final state, final answer value, last result, syntax error, rule error,
   per position [B, N]: (syntax error here, a step's space, its operands available, its arithmetic
-  right, a, op, b, c))."""
+  right, a, op, b, c, the token is part of a step's claimed result "=c"))."""
   b = cls_BxN.shape[0]
   z = jnp.zeros((b,), jnp.int32)
   f = z.astype(bool)
@@ -133,6 +134,7 @@ def _check_steps(cls_BxN, active_BxN, pool_BxP):
     pool2 = jnp.where(slot_b & found_b[:, None], -1, pool1)
     pool3 = jnp.where(slot, res[:, None], pool2)
     sem_bad = is_sep & ~(found_a & found_b & arith)
+    in_c = is_eq | (is_dig & ((st == _C) | (st == _C_IN)))  # the step's claimed result "=c"
     new = (jnp.select([is_dig, is_op, is_eq, is_sep, is_mark],
                       [d_st, jnp.full_like(st, _B), jnp.full_like(st, _C),
                        jnp.full_like(st, _A), jnp.full_like(st, _ANS)], st),
@@ -143,7 +145,7 @@ def _check_steps(cls_BxN, active_BxN, pool_BxP):
     keep = lambda n, o: jnp.where(act if n.ndim == 1 else act[:, None], n, o)
     # per position (what `make_countdown_trace` writes): this token's own verdicts and, at a
     # step's space, the step it completes
-    here = (syn_bad, is_sep, found_a & found_b, arith, a, op, bb, res)
+    here = (syn_bad, is_sep, found_a & found_b, arith, a, op, bb, res, in_c)
     return (tuple(map(keep, new, carry[:10])) + (syn | (act & syn_bad), sem | (act & sem_bad)),
             here)
 
@@ -188,19 +190,20 @@ def make_countdown_verifier(tokenizer: tokenizers.Tokenizer, max_answer_len: int
 # ---- the verification trace --------------------------------------------------------------------
 
 CHECK_OK, CHECK_FAIL = "<ok>", "<no>"  # the trace's check tokens (symbols of the task tokenizer)
-_STEP_LEN = 3 * MAX_DIGITS + 2  # "a op b=c"
-_CHECKS_LEN = 1 + 1 + MAX_DIGITS + 1  # "<ok>", "=", the recomputed result, "<ok>"
-_SLOTS = _CHECKS_LEN + 1  # what one response position may emit (a step's space: checks + space)
+_STEP_LEN = 2 * MAX_DIGITS + 1  # "a op b" (the claimed "=c" is not copied in place)
+_CHECKS_LEN = 1 + 2 * (1 + MAX_DIGITS) + 1  # "<ok>", "=" the recomputed result, "=c", "<ok>"
+_ANSWER_LEN = 1 + MAX_DIGITS + 1 + MAX_DIGITS + 1  # "####x=t<ok>"
 
 
 def trace_width(num_numbers: int) -> int:
-  """Longest trace of any response for `num_numbers` numbers (30 / 48 / 66 for 2 / 3 / 4): at
+  """Longest trace of any response for `num_numbers` numbers (27 / 45 / 63 for 2 / 3 / 4): at
   most n - 1 steps pass (each takes two numbers out of the pool and puts one back), each written
-  with its checks and space (18 tokens at most); after them the pool holds one number, so what
-  follows is a step that fails its availability check or earlier ("ddd+ddd=ddd<no>", 12), or the
-  answer ("####ddd<ok>", 5). (A step failing its arithmetic, up to "ddd+ddd=ddd<ok>=ddd<no>", 17,
-  comes at the latest in place of step n - 1, so within the bound.)"""
-  return (num_numbers - 1) * (_STEP_LEN + _SLOTS) + _STEP_LEN + 1
+  with its checks and space ("ddd+ddd<ok>=ddd=ddd<ok> ", 18 tokens at most); after them the pool
+  holds one number, so what follows is a step that fails its availability check or earlier
+  ("ddd+ddd<no>", 8), or the answer ("####ddd=ddd<ok>", 9). (A step failing its arithmetic, up to
+  "ddd+ddd<ok>=ddd=ddd<no>", 17, comes at the latest in place of step n - 1, so within the
+  bound.)"""
+  return (num_numbers - 1) * (_STEP_LEN + _CHECKS_LEN + 1) + max(_STEP_LEN + 1, _ANSWER_LEN)
 
 
 def _recompute(a, op, b):
@@ -230,17 +233,22 @@ def make_countdown_trace(tokenizer: tokenizers.Tokenizer, num_numbers: int):
 
   It re-walks the response the way the verifier does (the same scan, `_check_steps`):
 
-    "12+7=19 19*3=57 ####57"  ->  "12+7=19<ok>=19<ok> 19*3=57<ok>=57<ok> ####57<ok>"
+    "12+7=19 19*3=57 ####57"  ->  "12+7<ok>=19=19<ok> 19*3<ok>=57=57<ok> ####57=57<ok>"
 
-  each step `a op b=c` copied, then whether both operands were available (given numbers and
-  earlier results, each used at most once), then `=` and the recomputed `a op b` (nothing when it
-  is not a value: negative, inexact division, over 999) and whether it equals c, then the space;
-  then `####x` copied and whether x is the target and the last step's result and the response
-  ended there (EOS). The trace stops at the first bad point with `<no>`: a step that fails a check
-  ("12+8=20<no>", "12+7=18<ok>=19<no>", "7/2=3<ok>=<no>"), a token the grammar does not allow
-  there, a masked token before EOS, the end of a response cut off before EOS. So its last token is
-  `<ok>` exactly when the verifier accepts the response, and no EOS is written. How it is built:
-  the module docstring."""
+  each step's operands `a op b` copied, then whether both were available (given numbers and
+  earlier results, each used at most once), then `=` and the recomputed `a op b`, `=` and the
+  step's claimed result c copied beside it, and whether the two are equal (when `a op b` is not a
+  value of the task, negative, inexact division or over 999, neither number is written), then
+  the space; then `####x` copied, `=` and the target, and whether x is the target and the last
+  step's result and the response ended there (EOS). The claim is copied after the recomputation,
+  not before it (where the response has it), so the judge computes before it sees the number it
+  compares with, and each comparison is between two adjacent numbers: a tiny judge trained on a
+  trace that copied `a op b=c` first learned to write c again as the "recomputed" value, and one
+  trained without the copy of c compared with the wrong number. The trace stops at the first bad
+  point with `<no>`: a step that fails a check ("12+8<no>", "12+7<ok>=19=18<no>" for "12+7=18",
+  "7/2<ok>=<no>"), a token the grammar does not allow there, a masked token before EOS, the end
+  of a response cut off before EOS. So its last token is `<ok>` exactly when the verifier
+  accepts the response, and no EOS is written. How it is built: the module docstring."""
   table = jnp.asarray(_class_table(tokenizer))
   eos = jnp.asarray(list(tokenizer.eos_ids) or [-1], jnp.int32)
   ids = _single_token_ids(tokenizer, tasks.DIGITS + ("=", CHECK_OK, CHECK_FAIL))
@@ -262,7 +270,7 @@ def make_countdown_trace(tokenizer: tokenizers.Tokenizer, num_numbers: int):
     has_eos, end_B = completion_end(tokens, mask, eos)
     active = pos_N[None] < end_B[:, None]
     st, final, last, _, _, here = _check_steps(classify(tokens), active, pool)
-    syn_bad, is_sep, avail, arith, a, op, bb, _ = here  # (c: the verifier's arith)
+    syn_bad, is_sep, avail, arith, a, op, bb, c, in_c = here
     hole = active & ~mask
     step = is_sep & ~hole
     bad = active & (hole | syn_bad | (step & ~(avail & arith)))
@@ -276,20 +284,27 @@ def make_countdown_trace(tokenizer: tokenizers.Tokenizer, num_numbers: int):
     before, at = col < stop[:, None], col == stop[:, None]
     bad_at, end_at = at & failed[:, None], at & ~failed[:, None]
     step_here = ext(step) & (before | bad_at)
-    show = step_here & ext(avail)  # "=", the recomputed result, its check
+    show = step_here & ext(avail)  # "=", the recomputed result, the claim, its check
     value, valid = _recompute(ext(a), ext(op), ext(bb))
-    digit = lambda k: digit_ids[jnp.clip(value, 0, MAX_VALUE) // 10**k % 10]
+    claim = ext(c)
+    answered = end_at & (st == _ANS_IN)[:, None]  # "=t": the target beside the answer
+    number = lambda v, k: digit_ids[jnp.clip(v, 0, MAX_VALUE) // 10**k % 10]
+    digits = lambda v, written: [(number(v, k), written & ((v >= 10**k) | (k == 0)))
+                                 for k in reversed(range(MAX_DIGITS))]
     verdict = lambda ok: jnp.where(ok, ok_id, no_id)
     full = lambda v: jnp.full((b, n + 1), v, jnp.int32)
-    slots = [  # (token, written) of each slot, [B, n + 1]
-        (jnp.where(step_here, verdict(ext(avail)),
-                   jnp.where(end_at, verdict(final_ok)[:, None],
-                             jnp.where(bad_at, no_id, ext(tokens, pad_id)))), before | at),
-        (full(eq_id), show)]
-    slots += [(digit(k), show & valid & ((value >= 10**k) | (k == 0)))
-              for k in reversed(range(MAX_DIGITS))]
-    slots += [(verdict(ext(arith)), show), (full(space_id), step_here & before)]
-    assert len(slots) == _SLOTS
+    # (token, written) of each slot, [B, n + 1]; each position writes one of: its own token (not
+    # inside a claim "=c"), `<no>` (a bad token), a step's checks and space, the answer's check
+    slots = [(jnp.where(bad_at & ~step_here, no_id, ext(tokens, pad_id)),
+              (before & ~ext(in_c) & ~step_here) | (bad_at & ~step_here)),
+             (verdict(ext(avail)), step_here), (full(eq_id), show)]
+    slots += digits(value, show & valid)
+    slots += [(full(eq_id), show & valid)]
+    slots += digits(claim, show & valid)
+    slots += [(verdict(ext(arith)), show), (full(space_id), step_here & before),
+              (full(eq_id), answered)]
+    slots += digits(jnp.broadcast_to(target[:, None], (b, n + 1)), answered)
+    slots += [(verdict(final_ok)[:, None] * jnp.ones((1, n + 1), jnp.int32), end_at)]
     out = jnp.stack([t for t, _ in slots], axis=2).reshape(b, -1)
     out_mask = jnp.stack([m for _, m in slots], axis=2).reshape(b, -1)
     out, out_mask = right_pack(out, out_mask, pad_id)

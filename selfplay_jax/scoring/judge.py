@@ -288,13 +288,20 @@ def ranking_agreement(scores: jax.Array, verified: jax.Array, group_size: int) -
   higher score, 0.5 for a tie, 0 otherwise (or a NaN score on either side). 0.5 = chance.
   NaN when no group has both a correct and a wrong sample.
   """
+  wins, pairs = pair_wins(scores, verified, group_size)
+  count = pairs.sum()
+  return jnp.where(count > 0, jnp.sum(wins) / jnp.maximum(count, 1), jnp.nan)
+
+
+def pair_wins(scores: jax.Array, verified: jax.Array, group_size: int):
+  """Per group: the summed wins of its (correct, wrong) pairs (1 higher score, 0.5 tie, 0 lower or
+  NaN) and the number of such pairs, float32 [G] each; `ranking_agreement` is their ratio."""
   s = scores.reshape(-1, group_size)
   ok = verified.reshape(-1, group_size) >= 1.0
   pair = ok[:, :, None] & ~ok[:, None, :]  # i correct, j wrong
   si, sj = s[:, :, None], s[:, None, :]
   win = jnp.where(si > sj, 1.0, jnp.where(si == sj, 0.5, 0.0))
-  count = pair.sum()
-  return jnp.where(count > 0, jnp.sum(win * pair) / jnp.maximum(count, 1), jnp.nan)
+  return jnp.sum(win * pair, axis=(1, 2)), jnp.sum(pair, axis=(1, 2)).astype(jnp.float32)
 
 
 # ---- the generation-verification gap meter ------------------------------------------------------
@@ -314,16 +321,23 @@ def gv_gap(scores: jax.Array, verified: jax.Array, group_size: int) -> jax.Array
   without a score still counts in its group's mean accuracy); a group whose scores are all NaN is
   left out of both terms. NaN when no group qualifies. All-correct and all-wrong groups give 0.
   """
+  top_accuracy, mean_accuracy, counted = pick_accuracy(scores, verified, group_size)
+  gap = top_accuracy - mean_accuracy
+  n = jnp.sum(counted)
+  return jnp.where(n > 0, jnp.sum(jnp.where(counted, gap, 0.0)) / jnp.maximum(n, 1), jnp.nan)
+
+
+def pick_accuracy(scores: jax.Array, verified: jax.Array, group_size: int):
+  """Per group: the accuracy of the sample the scores rank highest (ties: the mean over the tied
+  ones; NaN scores never win), the group's mean accuracy, and whether any score is not NaN (a
+  group that counts), [G] each; `gv_gap` averages the first minus the second over counted groups."""
   s = scores.reshape(-1, group_size).astype(jnp.float32)
   correct = (verified.reshape(-1, group_size) >= 1.0).astype(jnp.float32)
   valid = ~jnp.isnan(s)
   top = jnp.max(jnp.where(valid, s, -jnp.inf), axis=1, keepdims=True)
   tied = valid & (s == top)  # NaN != top: NaN scores never win
   top_accuracy = jnp.sum(correct * tied, axis=1) / jnp.maximum(jnp.sum(tied, axis=1), 1)
-  gap = top_accuracy - jnp.mean(correct, axis=1)
-  counted = valid.any(axis=1)
-  n = jnp.sum(counted)
-  return jnp.where(n > 0, jnp.sum(jnp.where(counted, gap, 0.0)) / jnp.maximum(n, 1), jnp.nan)
+  return top_accuracy, jnp.mean(correct, axis=1), valid.any(axis=1)
 
 
 def within_group_corr(x: jax.Array, y: jax.Array, group_size: int) -> jax.Array:
