@@ -107,6 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.judge.trace = "solve"  # rationale: solve (write the gold solution) | verify (task's check trace)
   cfg.judge.train_in_warmup = True  # warm-up also trains the judge on verifier-labelled samples
   cfg.judge.loss_weight = 1.0  # warm-up loss = NLL(gold) + NLL(rationales) + this * NLL(verdicts)
+  cfg.judge.balance = False  # warm-up judge rows: weigh correct and wrong judged responses equally
 
   cfg.data = ml_collections.ConfigDict()
   cfg.data.task = arg.task  # arithmetic | sort | countdown, a .jsonl file, or file.py:factory

@@ -96,6 +96,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("judge.trace", str, lambda v: v in ("solve", "verify"), "must be 'solve' or 'verify'"),
     ("judge.train_in_warmup", bool, None, ""),
     ("judge.loss_weight", float, _non_negative, "must be >= 0"),
+    ("judge.balance", bool, None, ""),
     ("algorithm.advantage", str, lambda v: v in ("",) + losses.ADVANTAGES,
      f"must be '' (the algorithm's own) or one of {losses.ADVANTAGES}"),
     ("algorithm.clip_low", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),

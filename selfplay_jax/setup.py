@@ -173,7 +173,7 @@ def build_warmup_spec(cfg, tok, task=None) -> Spec:
   from `cfg`)."""
   if uses_judge(cfg) and cfg.judge.train_in_warmup:
     return JudgeSFT(build_judge(cfg, tok, task), judge_weight=cfg.judge.loss_weight,
-                    trace=build_trace(cfg, tok, task))
+                    trace=build_trace(cfg, tok, task), balance=cfg.judge.balance)
   return SFT()
 
 

@@ -218,3 +218,40 @@ def test_rationale_judge_sft_rows_solve_each_rows_own_prompt():
     np.testing.assert_array_equal(np.asarray(rows["tokens"][2 + k, :len(want)]), want)
     assert int(rows["mask"][2 + k].sum()) == len(want)
   np.testing.assert_array_equal(rows["tokens"][:2, :gold.shape[1]], gold)  # SFT on gold
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_judge_sft_loss_is_three_token_means_with_optional_class_balance(balance):
+  """The warm-up loss against NumPy: NLL of the SFT rows' tokens + NLL of the judge rows'
+  rationale tokens + judge_weight * NLL of their verdict tokens, each a token mean; with
+  `balance` each judge row's tokens weigh 1 / (judge rows of its class: correct or wrong)."""
+  tok = _Tok()
+  judge = Judge.from_template("{response}s{prompt}", tok, score_marker=":", num_samples=1,
+                              rationale=True)
+  batch = _spin_batch(np.random.default_rng(0), b=2)
+  samples = jnp.array([[20, 2, 0], [21, 22, 2], [23, 2, 0], [24, 2, 0]])
+  ro = _rollout(jnp.repeat(batch["prompt_tokens"], 2, 0), jnp.repeat(batch["prompt_mask"], 2, 0),
+                samples, samples != 0)
+  spec = JudgeSFT(judge, judge_weight=0.7, balance=balance)
+  rows = spec.build(batch, ro, jnp.array([1.0, 1.0, 0.0, 0.0]), None)
+  correct = np.asarray(rows["judge_correct"])
+  np.testing.assert_array_equal(correct, [0, 0, 1, 1, 1, 1, 0, 0])  # gold, gold, samples 0, 1
+  logp = -jnp.asarray(np.random.default_rng(1).uniform(0.1, 3.0, rows["tokens"].shape),
+                      jnp.float32)
+  loss, aux = spec.loss(logp, rows)
+  nll, mask = -np.asarray(logp, np.float64), np.asarray(rows["mask"], bool)
+  verdict, is_judge = np.asarray(rows["verdict"], bool), np.asarray(rows["is_judge"], bool)
+  w = np.ones(len(correct))
+  if balance:  # 4 correct judge rows, 2 wrong ones
+    w = np.where(correct, 1 / correct[is_judge].sum(), 1 / (~correct[is_judge]).sum())
+  def mean(select, weights):
+    m = mask & select
+    return (nll * weights[:, None] * m).sum() / (weights[:, None] * m).sum()
+  sft = mean(~is_judge[:, None], np.ones(len(w)))
+  rationale = mean(is_judge[:, None] & ~verdict, w)
+  judged = mean(verdict, w)
+  np.testing.assert_allclose(float(loss), sft + rationale + 0.7 * judged, rtol=1e-5)
+  np.testing.assert_allclose(float(aux["rationale_loss"]), rationale, rtol=1e-5)
+  np.testing.assert_allclose(float(aux["judge_correct_fraction"]), 4 / 6)
+  if balance:  # the weights differ from the unweighted means: the test can tell them apart
+    assert abs(rationale - mean(is_judge[:, None] & ~verdict, np.ones(len(w)))) > 1e-4

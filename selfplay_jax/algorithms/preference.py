@@ -150,8 +150,9 @@ class JudgeSFT:
   policy learns to judge its own kind of outputs; a rationale judge's rows write the gold response
   to the prompt before the marker and score, or with `trace` (`judge.trace=verify`) the task's
   verification trace of the judged response against its answer. Loss = NLL(gold responses) +
-  NLL(rationales) + judge_weight * NLL(verdicts), each a token mean (`loss`). Needs a verifier
-  (the task's, or JSONL answers).
+  NLL(rationales) + judge_weight * NLL(verdicts), each a token mean (`loss`); with `balance` the
+  judge rows' tokens are weighted 1 / (judge rows of the same class: correct or wrong response).
+  Needs a verifier (the task's, or JSONL answers).
   """
 
   judge: object  # scoring.Judge
@@ -161,6 +162,7 @@ class JudgeSFT:
   reference: str = "none"
   restart_from_base: bool = False
   trace: object = None  # Task.make_trace_fn(tokenizer) (one stable function), or None = solve
+  balance: bool = False  # weigh correct and wrong judged responses equally (judge.balance)
 
   def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
     j = self.judge
@@ -194,6 +196,9 @@ class JudgeSFT:
     rows = concat_rows(sft, concat_rows(*judged))
     n_sft = sft["tokens"].shape[0]
     rows["is_judge"] = jnp.arange(rows["tokens"].shape[0]) >= n_sft
+    # what each judge row teaches: the judged response is correct (gold, verified samples) or not
+    rows["judge_correct"] = jnp.concatenate([jnp.zeros((n_sft,), bool), gold_score >= hi,
+                                             sample_score >= hi])
     return rows
 
   def loss(self, logp_BxT, rows: Rows):
@@ -204,9 +209,19 @@ class JudgeSFT:
     # unlearn solving.
     mask = rows["mask"].astype(bool)
     verdict = rows["verdict"].astype(bool)
-    is_judge = rows["is_judge"].astype(bool)[:, None]
-    sft = losses.nll_loss(logp_BxT, mask & ~is_judge)
-    rationale = losses.nll_loss(logp_BxT, mask & is_judge & ~verdict)
-    judge = losses.nll_loss(logp_BxT, mask & verdict)
+    is_judge = rows["is_judge"].astype(bool)
+    correct = rows["judge_correct"].astype(bool) & is_judge
+    sft = losses.nll_loss(logp_BxT, mask & ~is_judge[:, None])
+    # Judge rows weigh 1 each, or with `balance` 1 / (rows of their class): correct and wrong
+    # judged responses then teach the judge equally however skewed the round's samples are.
+    n_correct, n_wrong = jnp.sum(correct), jnp.sum(is_judge & ~correct)
+    weight = (jnp.where(correct, 1.0 / jnp.maximum(n_correct, 1), 1.0 / jnp.maximum(n_wrong, 1))
+              if self.balance else jnp.ones(correct.shape, jnp.float32))[:, None]
+    nll = -logp_BxT.astype(jnp.float32)
+    weighted = lambda m: losses.masked_sum(nll * weight, m) / jnp.maximum(
+        losses.masked_sum(jnp.broadcast_to(weight, m.shape), m), 1e-9)
+    rationale = weighted(mask & is_judge[:, None] & ~verdict)
+    judge = weighted(mask & verdict)
     return (sft + rationale + self.judge_weight * judge,
-            {"sft_loss": sft, "rationale_loss": rationale, "judge_loss": judge})
+            {"sft_loss": sft, "rationale_loss": rationale, "judge_loss": judge,
+             "judge_correct_fraction": n_correct / jnp.maximum(n_correct + n_wrong, 1)})
