@@ -257,7 +257,7 @@ def test_judge_trains_only_in_the_last_warmup_judge_rounds(tmp_path):
   from tests.test_train import OVERRIDES  # pylint: disable=import-outside-toplevel
   cfg = config_lib.load_config("configs/self_rewarding.py", [
       *OVERRIDES, "rounds=1", "warmup.judge_rounds=1", "metrics.plot_every_rounds=0",
-      "checkpoint.every_rounds=0"])
+      "checkpoint.every_rounds=0", "eval.judge_samples=-1"])
   config_validation.validate(cfg)
   train.train_and_evaluate(cfg, tmp_path)
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

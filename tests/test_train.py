@@ -20,7 +20,8 @@ from tests.task_helpers import answer_is_right, string_reward
 OVERRIDES = ["warmup.rounds=3", "rounds=3", "eval.every_rounds=2", "eval.num_examples=8",
              "eval.batch_size=8", "data.batch_size=4", "sampling.n=2", "sampling.max_new_tokens=8",
              "data.difficulty=1", "model.hidden_size=32", "model.intermediate_size=64",
-             "model.num_layers=1", "progress_bar=false", "mesh.data=1"]
+             "model.num_layers=1", "progress_bar=false", "mesh.data=1",
+             "eval.judge_samples=0"]  # the held-out judge meter: test_evaluate.py, test_self_rewarding.py
 
 
 def _cfg(*extra):
@@ -67,10 +68,11 @@ def test_train_writes_metrics_and_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["grpo", "rest_em", "dpo", "self_rewarding"])
+@pytest.mark.parametrize("algorithm", ["rest_em", "dpo", "self_rewarding"])
 def test_resume_is_bit_identical(tmp_path, algorithm):
   """Stopping after 4 of 6 rounds (inside the self-play phase) and resuming gives the same params,
-  optimizer state and RNG, bit for bit, as running 6 rounds straight, and the same metrics."""
+  optimizer state and RNG, bit for bit, as running 6 rounds straight, and the same metrics.
+  (GRPO, the default: test_resume_kill.py resumes it bit-identically after kills at five points.)"""
   full = tmp_path / "full"
   train.train_and_evaluate(_cfg(f"algorithm.name={algorithm}"), full)
   part = tmp_path / "part"
