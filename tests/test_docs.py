@@ -293,7 +293,7 @@ TINY = {"warmup.rounds": 0, "rounds": 1, "eval.every_rounds": 1, "eval.num_examp
         "eval.batch_size": 8, "data.batch_size": 4, "sampling.n": 2, "sampling.max_new_tokens": 8,
         "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1,
         "algorithm.num_minibatches": 1, "mesh.data": 1, "progress_bar": "false",
-        "metrics.plot_every_rounds": 0}
+        "metrics.plot_every_rounds": 0, "warmup.judge_rounds": -1}
 
 
 def _workdir_of(argv: list[str]) -> str | None:
