@@ -228,9 +228,8 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     raise ConfigError(f"judge.temperature: 0 (greedy) makes the judge.num_samples="
                       f"{cfg.judge.num_samples} judgements identical; use num_samples=1 or a "
                       "temperature > 0")
-  judged = a.reward == "judge" or (not a.reward and not a.scorer and entry is not None
-                                   and entry.default_reward == "judge")
-  if cfg.eval.judge_samples > 0 and not judged:
+  from selfplay_jax import setup  # pylint: disable=import-outside-toplevel
+  if cfg.eval.judge_samples > 0 and not setup.uses_judge(cfg):
     raise ConfigError(f"eval.judge_samples: {cfg.eval.judge_samples} measures the policy as its "
                       "own judge, and this run has none (algorithm.reward=judge); use 0 or -1")
   if cfg.warmup.judge_rounds > cfg.warmup.rounds:

@@ -32,7 +32,7 @@ def _solved(mc, params, batch, verify, rng, sc: sampling.SamplingConfig):
   r = verify(out.tokens, out.mask, rep(batch["answer_tokens"]), rep(batch["answer_mask"]))
   any_ok = (r.reshape(-1, sc.n) >= 1.0).any(axis=1)
   valid = batch["valid"].astype(jnp.float32)
-  return jnp.sum(any_ok * valid), jnp.sum(valid)
+  return {"solved": jnp.sum(any_ok * valid), "total": jnp.sum(valid)}
 
 
 def pass_rates(mc, params, batches, verify, sc: sampling.SamplingConfig, seed: int = 0,
@@ -42,16 +42,31 @@ def pass_rates(mc, params, batches, verify, sc: sampling.SamplingConfig, seed: i
 
   With a `mesh`, `batches` hold this process's rows (`pipeline.eval_batches` shards them) and
   are sampled sharded over the mesh's batch axes; the counts are summed over all processes."""
-  solved = total = 0.0
+  sums = _batch_sums(lambda b, rng: _solved(mc, params, b, verify, rng, sc), batches, seed,
+                     mesh, rules)
+  return sums["solved"] / max(sums["total"], 1.0)
+
+
+def _batch_sums(step, batches, seed: int, mesh, rules) -> dict[str, float]:
+  """`step(batch, rng) -> {name: global scalar}` over the held-out batches (batch i gets
+  `fold_in(key(seed), i)`), summed on the host; with a `mesh`, each batch holds this process's
+  rows and is placed on the mesh first."""
+  total: dict[str, float] = {}
   context = (sharding.activation_rules(mesh, rules or sharding.DEFAULT_RULES) if mesh is not None
              else contextlib.nullcontext())
   with context:
     for i, b in enumerate(batches):
       b = sharding.global_batch(b, mesh) if mesh is not None else b
-      s, t = _solved(mc, params, b, verify, jax.random.fold_in(jax.random.key(seed), i), sc)
-      solved += float(s)
-      total += float(t)
-  return solved / max(total, 1.0)
+      for k, v in step(b, jax.random.fold_in(jax.random.key(seed), i)).items():
+        total[k] = total.get(k, 0.0) + float(v)
+  return total
+
+
+def sampled_config(cfg, tok, n: int) -> sampling.SamplingConfig:
+  """`n` samples per prompt at the run's `sampling.*` settings, temperature 1 where the run's is
+  0 (pass@k and the judge meter need different samples)."""
+  sc = setup.sampling_config(cfg, tok, n=n)
+  return dataclasses.replace(sc, temperature=sc.temperature or 1.0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 6))
@@ -94,15 +109,8 @@ def judge_meter(mc, params, batches, verify, judge, sc: sampling.SamplingConfig,
   eval/judge_unscored: share of samples the judge gave no valid score.
   Problems whose samples all went unscored are left out of the first three. Sums are global, so
   with a `mesh` each process passes its own rows (as `pass_rates`)."""
-  total: dict[str, float] = {}
-  context = (sharding.activation_rules(mesh, rules or sharding.DEFAULT_RULES) if mesh is not None
-             else contextlib.nullcontext())
-  with context:
-    for i, b in enumerate(batches):
-      b = sharding.global_batch(b, mesh) if mesh is not None else b
-      sums = _judged(mc, params, b, verify, judge, jax.random.fold_in(jax.random.key(seed), i), sc)
-      for k, v in sums.items():
-        total[k] = total.get(k, 0.0) + float(v)
+  total = _batch_sums(lambda b, rng: _judged(mc, params, b, verify, judge, rng, sc), batches,
+                      seed, mesh, rules)
   ratio = lambda a, b: total[a] / total[b] if total.get(b) else float("nan")
   pick, mean = ratio("pick", "groups"), ratio("mean", "groups")
   return {"eval/judge_pick_accuracy": pick, "eval/sample_accuracy": mean,
@@ -117,10 +125,7 @@ def judge_meter_config(cfg, tok) -> sampling.SamplingConfig | None:
   n = cfg.eval.judge_samples
   if n < 0:
     n = cfg.sampling.n if setup.uses_judge(cfg) else 0
-  if n == 0:
-    return None
-  sc = setup.sampling_config(cfg, tok, n=n)
-  return dataclasses.replace(sc, temperature=sc.temperature or 1.0)  # a choice needs variety
+  return sampled_config(cfg, tok, n) if n else None
 
 
 def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int,
@@ -160,9 +165,8 @@ def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8
   result = {"round": float(used),
             "eval/accuracy": greedy_accuracy(mc, state.params, batches, verify, tok.eos_ids, n_new)}
   if k > 0:
-    sc = setup.sampling_config(cfg, tok, n=k)
-    sc = dataclasses.replace(sc, temperature=sc.temperature or 1.0)  # sampled even if T = 0
-    result[f"eval/pass@{k}"] = pass_rates(mc, state.params, batches, verify, sc, seed=cfg.seed)
+    result[f"eval/pass@{k}"] = pass_rates(mc, state.params, batches, verify,
+                                          sampled_config(cfg, tok, k), seed=cfg.seed)
   meter = judge_meter_config(cfg, tok)
   if meter is not None:
     result.update(judge_meter(mc, state.params, batches, verify,

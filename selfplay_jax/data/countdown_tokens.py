@@ -304,7 +304,7 @@ def make_countdown_trace(tokenizer: tokenizers.Tokenizer, num_numbers: int):
     slots += [(verdict(ext(arith)), show), (full(space_id), step_here & before),
               (full(eq_id), answered)]
     slots += digits(jnp.broadcast_to(target[:, None], (b, n + 1)), answered)
-    slots += [(verdict(final_ok)[:, None] * jnp.ones((1, n + 1), jnp.int32), end_at)]
+    slots += [(jnp.broadcast_to(verdict(final_ok)[:, None], (b, n + 1)), end_at)]
     out = jnp.stack([t for t, _ in slots], axis=2).reshape(b, -1)
     out_mask = jnp.stack([m for _, m in slots], axis=2).reshape(b, -1)
     out, out_mask = right_pack(out, out_mask, pad_id)
