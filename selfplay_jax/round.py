@@ -246,8 +246,10 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
   `num_samples` rollout rows under `samples/*` (tokens, lengths, rewards, prompt) for sample dumps.
 
   Spec options read here (with defaults): `sample_from` ("policy" | "reference": who samples and
-  is scored), `reference_every` (a "previous" reference moves every N rounds), and for specs with
-  a replay slot in the state, `pair_rows` / `annotate` (this round's pairs + the kept ones).
+  is scored), `reference_every` (a "previous" reference moves every N rounds), `forward` (the
+  training forward whose output `spec.loss` reads; default the completion log-probs), and for
+  specs with a replay slot in the state, `pair_rows` / `annotate` (this round's pairs + the kept
+  ones).
 
   Sharded: `mesh` and `rules` (see `sharding.py`) make the model's logical activation constraints
   real while the round is traced; `state_shardings` / `batch_shardings` (`sharding.state_shardings`,
@@ -257,7 +259,11 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
   `nan_rounds=(first, last)` (fault injection, `debug.nan_*`): every update of rounds `first..last`
   (1-based, `last=0`: no end) gets a NaN loss, to exercise the non-finite guard.
   """
-  logp_fn = lambda params, rows: completion_logprobs(model_config, params, rows)
+  forward = option(spec, "forward")  # the spec's own training forward, or the log-probs
+  if forward is None:
+    logp_fn = lambda params, rows: completion_logprobs(model_config, params, rows)
+  else:
+    logp_fn = lambda params, rows: forward(model_config, params, rows)
   sample_from, reference_every = option(spec, "sample_from"), option(spec, "reference_every")
 
   def round_fn(state: TrainState, batch: Rows):

@@ -11,6 +11,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# One persistent XLA compilation cache per test run, shared by both xdist workers and every CLI
+# subprocess a test starts (they inherit the environment): many tests compile the same tiny
+# programs (a resume test runs the same config three times), and a cache hit is the compiled
+# executable itself, so results are bit-for-bit those of a fresh compile. The controller process
+# (the first to import this file) makes the folder; workers and subprocesses find it set.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+  _CACHE = tempfile.mkdtemp(prefix="selfplay_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
 import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_num_cpu_devices", 8)

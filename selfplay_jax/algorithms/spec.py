@@ -44,6 +44,10 @@ class Spec(Protocol):
   #   replay: bool          the state keeps last iteration's pairs; then the spec also has
   #                         pair_rows(batch, rollout, rewards) -> Rows (this round's pairs, no
   #                         log-probs) and annotate(rows, logp) -> Rows (adds the log-probs)
+  #   forward(model_config, params, rows) -> what `loss` gets as its first argument: the
+  #                         training forward of a minibatch (default: completion log-probs
+  #                         [R, N], `models.logprobs.completion_logprobs`); a spec that also
+  #                         needs entropies or values returns them here (a tuple or dict)
 
   def build(self, batch: Rows, rollout: Any, rewards: jax.Array | None, logp: LogProbs) -> Rows:
     ...
@@ -52,7 +56,7 @@ class Spec(Protocol):
     ...
 
 
-OPTIONAL = {"sample_from": "policy", "reference_every": 1, "replay": False}
+OPTIONAL = {"sample_from": "policy", "reference_every": 1, "replay": False, "forward": None}
 
 
 def option(spec: Spec, name: str) -> Any:
