@@ -230,7 +230,7 @@ class Split:
         "train/reward_mean": float(np.nanmean(rewards)),
         "train/reward_std": float(np.nanstd(rewards)),
         "train/completion_len": float(np.mean(rollout.lengths)),
-        "train/entropy": float(-np.sum(rollout.model_logprobs * mask) / max(mask.sum(), 1)),
+        "train/entropy": float(np.sum(rollout.entropy * mask) / max(mask.sum(), 1)),
         "train/loss": float(np.mean([s["loss"] for s in steps])),
         "train/grad_norm": float(np.mean([s["grad_norm"] for s in steps])),
         "samples/tokens": rollout.tokens,

@@ -77,13 +77,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.num_minibatches = 2  # optimizer steps per epoch (must divide batch_size * n)
   cfg.algorithm.kl_coef = 0.02  # weight of the KL penalty to the reference (the warmed-up policy)
   cfg.algorithm.beta = 0.1  # preference temperature (DPO-family / SPIN losses)
-  cfg.algorithm.loss_type = ""  # PG: grpo|bnpo|dr_grpo|dapo; preference: a DPO loss_type|simpo|orpo
+  cfg.algorithm.loss_type = ""  # PG: grpo|bnpo|dr_grpo|dapo|cispo; preference: a DPO loss_type|simpo|orpo|sft
   cfg.algorithm.advantage = ""  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline; "" = the algorithm's own
   cfg.algorithm.clip_low = 0.2  # PPO-style ratio clip below 1
   cfg.algorithm.clip_high = 0.2  # ratio clip above 1 (DAPO clip-higher: 0.28)
   cfg.algorithm.restart_from_base = False  # rest_em: each round fine-tunes from the initial params
   cfg.algorithm.max_per_prompt = 0  # rest_em: keep at most N correct samples per prompt; 0 = all
   cfg.algorithm.overlong_buffer = 0  # PG: DAPO soft overlong penalty over the last N tokens; 0 = off
+  cfg.algorithm.scale_rewards = ""  # PG advantage std: group | batch | none; "" = the advantage's
+  cfg.algorithm.importance_sampling_level = "token"  # PG: token | sequence (GSPO) importance ratio
+  cfg.algorithm.delta = 0.0  # PG: two-sided clip, unclipped ratio <= delta (> 1 + clip_high); 0 = off
+  cfg.algorithm.entropy_coef = 0.0  # PG: loss -= coef * mean token entropy (training logits / T)
+  cfg.algorithm.top_entropy_quantile = 1.0  # PG: train the top-quantile tokens by entropy; 1 = all
+  cfg.algorithm.mask_truncated_completions = False  # PG: no loss on completions cut by the budget
+  cfg.algorithm.kl_estimator = ""  # PG: k1|k2|k3, KL penalty and KL-shaped rewards; "" = k3 / k1
   cfg.algorithm.reward = ""  # verifier | judge | likelihood; "" = the algorithm's own
   cfg.algorithm.likelihood_normalize = "mean"  # self-likelihood reward: mean or sum token log-prob
   cfg.algorithm.iteration_rounds = 1  # spin / self_rewarding: rounds per iteration (reference moves)
@@ -93,6 +100,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.orpo_lambda = 0.1  # ORPO odds-ratio weight
   cfg.algorithm.nll_coef = 0.0  # preference: + nll_coef * NLL(chosen) per pair (RPO)
   cfg.algorithm.min_score_gap = 0.0  # self_rewarding: pairs need best - worst score > this
+  cfg.algorithm.loss_types = ""  # preference: summed loss types, e.g. "sigmoid,bco_pair,sft" (MPO); "" = loss_type
+  cfg.algorithm.loss_weights = ""  # ... their weights, e.g. "0.8,0.2,1.0"; "" = 1 each
+  cfg.algorithm.beta_schedule = ""  # spin / self_rewarding: beta per iteration, e.g. "0.1,0.1,0.1,5.0"; last repeats
+  cfg.algorithm.ref_sync_every = 0  # dpo / kto (TR-DPO): mix the reference towards the policy every N rounds; 0 = off
+  cfg.algorithm.ref_sync_alpha = 0.6  # ... ref <- alpha * policy + (1 - alpha) * ref (TRL default 0.6)
+  cfg.algorithm.desirable_weight = 1.0  # kto: weight of desirable examples' losses
+  cfg.algorithm.undesirable_weight = 1.0  # kto: weight of undesirable examples' losses
+  cfg.algorithm.kto_threshold = 1.0  # kto: a sample is desirable iff its reward >= this (1 = verified correct)
+
+  # PPO with a value head (algorithm.name=ppo, configs/ppo.py; docs/algorithms.md, "PPO with a
+  # value head").
+  cfg.algorithm.gamma = 1.0  # ppo: GAE discount over completion tokens
+  cfg.algorithm.gae_lambda = 0.95  # ppo: GAE lambda (1 = Monte-Carlo returns, 0 = one-step TD)
+  cfg.algorithm.value_clip = 0.2  # ppo: value clip range around the old values; 0 = off
+  cfg.algorithm.vf_coef = 0.1  # ppo: weight of the value loss (TRL default)
+  cfg.algorithm.value_warmup_rounds = 0  # ppo: first N rounds train only the value head / critic
+  cfg.algorithm.separate_critic = False  # ppo: values from a critic trunk copied from the policy
 
   # The policy as its own judge (algorithm.reward=judge; self_rewarding's default).
   cfg.judge = ml_collections.ConfigDict()
@@ -107,6 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.judge.trace = "solve"  # rationale: solve (write the gold solution) | verify (task's check trace)
   cfg.judge.train_in_warmup = True  # warm-up also trains the judge on verifier-labelled samples
   cfg.judge.loss_weight = 1.0  # warm-up loss = NLL(gold) + NLL(rationales) + this * NLL(verdicts)
+  cfg.judge.model = "policy"  # who judges: the sampling policy | the reference (frozen: the warmed-up policy)
   cfg.judge.balance = False  # warm-up judge rows: weigh correct and wrong judged responses equally
 
   cfg.data = ml_collections.ConfigDict()

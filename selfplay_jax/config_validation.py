@@ -20,6 +20,7 @@ import ml_collections
 
 from selfplay_jax import config_lib
 from selfplay_jax.algorithms import losses, registry
+from selfplay_jax.algorithms.grpo import PolicyGradient
 from selfplay_jax.data import tasks
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.config import PRESETS, ModelConfig
@@ -85,6 +86,14 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("algorithm.orpo_lambda", float, _non_negative, "must be >= 0"),
     ("algorithm.nll_coef", float, _non_negative, "must be >= 0"),
     ("algorithm.min_score_gap", float, _non_negative, "must be >= 0"),
+    ("algorithm.loss_types", str, None, ""),  # names and weights: _validate_preference
+    ("algorithm.loss_weights", str, None, ""),
+    ("algorithm.beta_schedule", str, None, ""),
+    ("algorithm.ref_sync_every", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("algorithm.ref_sync_alpha", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("algorithm.desirable_weight", float, _non_negative, "must be >= 0"),
+    ("algorithm.undesirable_weight", float, _non_negative, "must be >= 0"),
+    ("algorithm.kto_threshold", float, None, ""),
     ("judge.template", str, None, ""),
     ("judge.score_min", int, None, ""),  # the scale is checked by judge.check_score_range
     ("judge.score_max", int, None, ""),
@@ -97,12 +106,30 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("judge.train_in_warmup", bool, None, ""),
     ("judge.loss_weight", float, _non_negative, "must be >= 0"),
     ("judge.balance", bool, None, ""),
+    ("judge.model", str, lambda v: v in ("policy", "reference"), "must be 'policy' or 'reference'"),
     ("algorithm.advantage", str, lambda v: v in ("",) + losses.ADVANTAGES,
      f"must be '' (the algorithm's own) or one of {losses.ADVANTAGES}"),
     ("algorithm.clip_low", float, lambda v: 0 <= v < 1, "must be in [0, 1)"),
     ("algorithm.max_per_prompt", int, _non_negative, "must be >= 0 (0 = keep all)"),
     ("algorithm.overlong_buffer", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("algorithm.scale_rewards", str, lambda v: v in ("",) + losses.SCALE_REWARDS,
+     f"must be '' (the advantage's own) or one of {losses.SCALE_REWARDS}"),
+    ("algorithm.importance_sampling_level", str, lambda v: v in losses.IMPORTANCE_SAMPLING_LEVELS,
+     f"must be one of {losses.IMPORTANCE_SAMPLING_LEVELS}"),
+    ("algorithm.delta", float, _non_negative, "must be >= 0 (0 = off)"),
+    ("algorithm.entropy_coef", float, _non_negative, "must be >= 0"),
+    ("algorithm.top_entropy_quantile", float, lambda v: 0 <= v <= 1, "must be in [0, 1] (1 = all)"),
+    ("algorithm.mask_truncated_completions", bool, None, ""),
+    ("algorithm.kl_estimator", str, lambda v: v in ("",) + losses.KL_ESTIMATORS,
+     f"must be '' (k3 in the loss, k1 in shaped rewards) or one of {losses.KL_ESTIMATORS}"),
     ("algorithm.clip_high", float, _non_negative, "must be >= 0"),
+    # PPO (algorithms/ppo.py)
+    ("algorithm.gamma", float, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("algorithm.gae_lambda", float, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("algorithm.value_clip", float, _non_negative, "must be >= 0 (0 = off)"),
+    ("algorithm.vf_coef", float, _non_negative, "must be >= 0"),
+    ("algorithm.value_warmup_rounds", int, _non_negative, "must be >= 0"),
+    ("algorithm.separate_critic", bool, None, ""),
     ("warmup.rounds", int, _non_negative, "must be >= 0"),
     ("warmup.num_minibatches", int, _positive, "must be >= 1"),
     ("warmup.learning_rate", float, lambda v: v > 0, "must be > 0"),
@@ -193,6 +220,59 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _validate_combinations(cfg, model)
 
 
+def _validate_preference(cfg: ml_collections.ConfigDict, entry: registry.Algorithm) -> None:
+  """The preference-family list keys (MPO loss types and weights, SPIN's β schedule) and TR-DPO's
+  reference sync, against what the algorithm takes."""
+  a = cfg.algorithm
+  types = registry.split_list(a.loss_types)
+  for t in types:
+    if t not in entry.loss_types or t not in losses.PREFERENCE_LOSS_TYPES:
+      preference = any(x in losses.PREFERENCE_LOSS_TYPES for x in entry.loss_types)
+      takes = (f"names from {entry.loss_types}" if preference
+               else "no loss_types (leave it '')")
+      raise ConfigError(f"algorithm.loss_types: {a.name} takes {takes}, got {t!r}")
+  weights = registry.parse_floats("algorithm.loss_weights", a.loss_weights)
+  if weights and len(weights) != len(types):
+    raise ConfigError(f"algorithm.loss_weights: {len(weights)} weights for the {len(types)} "
+                      f"algorithm.loss_types {a.loss_types!r}")
+  if any(w < 0 for w in weights):
+    raise ConfigError(f"algorithm.loss_weights: must be >= 0, got {a.loss_weights!r}")
+  schedule = registry.parse_floats("algorithm.beta_schedule", a.beta_schedule)
+  if schedule and not entry.iterates:
+    raise ConfigError(f"algorithm.beta_schedule: {a.name} has no iterations (a schedule is for "
+                      "spin / self_rewarding); leave it ''")
+  if any(b <= 0 for b in schedule):
+    raise ConfigError(f"algorithm.beta_schedule: every beta must be > 0, got {a.beta_schedule!r}")
+  if a.ref_sync_every:
+    free = all(t in losses.REFERENCE_FREE_LOSS_TYPES for t in types or (a.loss_type,))
+    if not entry.ref_sync or (entry.pair_data and free):
+      raise ConfigError(f"algorithm.ref_sync_every: {a.name} has no frozen reference to sync "
+                        "(TR-DPO applies to dpo with a reference loss, and kto); use 0")
+
+
+def _validate_policy_gradient(cfg: ml_collections.ConfigDict, spec: PolicyGradient) -> None:
+  """The policy-gradient knobs against the advantage and loss the algorithm ends up with."""
+  a = cfg.algorithm
+  if spec.advantage in ("rloo", "reinforce_pp", "reinforce_pp_baseline") and a.scale_rewards:
+    raise ConfigError(f"algorithm.scale_rewards: the {spec.advantage} advantage has its own "
+                      "normalisation (scale_rewards is for grpo / dr_grpo); leave it ''")
+  if spec.advantage == "dr_grpo" and a.scale_rewards in ("group", "batch"):
+    raise ConfigError(f"algorithm.scale_rewards: {a.scale_rewards!r} with the dr_grpo advantage "
+                      "(unscaled by definition); use algorithm.advantage=grpo to scale")
+  if spec.advantage == "rloo":  # rloo_loss: one sequence ratio, PPO-clip, batch mean
+    for key, on in (("loss_type", a.loss_type == "cispo"),
+                    ("importance_sampling_level", a.importance_sampling_level != "token"),
+                    ("delta", a.delta > 0), ("top_entropy_quantile", a.top_entropy_quantile < 1)):
+      if on:
+        raise ConfigError(f"algorithm.{key}: the rloo advantage trains with its own "
+                          f"sequence-level loss (rloo_loss), which has no {key}; leave it default")
+  if a.delta and spec.loss_type == "cispo":
+    raise ConfigError("algorithm.delta: cispo caps its IS weight at 1 + clip_high already; use 0")
+  if a.delta and a.delta <= 1 + a.clip_high:
+    raise ConfigError(f"algorithm.delta: {a.delta} must exceed 1 + algorithm.clip_high = "
+                      f"{1 + a.clip_high} (it caps the unclipped ratio of tokens with A < 0)")
+
+
 def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
   """Settings that are fine alone but impossible together."""
   a = cfg.algorithm
@@ -216,6 +296,10 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     if cfg.sampling.n < entry.min_samples:
       raise ConfigError(f"sampling.n: {a.name} needs >= {entry.min_samples} samples per prompt "
                         "(group-relative advantages / best-vs-worst pairs)")
+    _validate_preference(cfg, entry)
+    spec = entry.make_spec(cfg) if entry.loss_types == losses.PG_LOSS_TYPES else None
+    if isinstance(spec, PolicyGradient):
+      _validate_policy_gradient(cfg, spec)
   if a.overlong_buffer >= cfg.sampling.max_new_tokens:
     raise ConfigError(f"algorithm.overlong_buffer: {a.overlong_buffer} must be below "
                       f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} (the penalty ramps "
@@ -232,6 +316,13 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   if cfg.eval.judge_samples > 0 and not setup.uses_judge(cfg):
     raise ConfigError(f"eval.judge_samples: {cfg.eval.judge_samples} measures the policy as its "
                       "own judge, and this run has none (algorithm.reward=judge); use 0 or -1")
+  if cfg.judge.model == "reference":
+    if not setup.uses_judge(cfg):
+      raise ConfigError("judge.model: 'reference' chooses who judges, and this run has no judge "
+                        "(algorithm.reward=judge); leave it 'policy'")
+    if registry.build_spec(cfg).reference == "none":
+      raise ConfigError(f"judge.model: 'reference' needs reference params, and {a.name} keeps "
+                        "none; leave it 'policy'")
   if cfg.warmup.judge_rounds > cfg.warmup.rounds:
     raise ConfigError(f"warmup.judge_rounds: {cfg.warmup.judge_rounds} exceeds warmup.rounds="
                       f"{cfg.warmup.rounds} (the judge trains in the last judge_rounds of them)")

@@ -69,15 +69,16 @@ def sampled_config(cfg, tok, n: int) -> sampling.SamplingConfig:
   return dataclasses.replace(sc, temperature=sc.temperature or 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 6))
-def _judged(mc, params, batch, verify, judge, rng, sc: sampling.SamplingConfig):
-  """Sums over one batch's valid examples for `judge_meter`: sample `sc.n` responses per prompt,
-  score each with `judge` (the same weights), read the verifier (for the metrics only)."""
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 7))
+def _judged(mc, params, judge_params, batch, verify, judge, rng, sc: sampling.SamplingConfig):
+  """Sums over one batch's valid examples for `judge_meter`: sample `sc.n` responses per prompt
+  with `params`, score each with `judge` on `judge_params`, read the verifier (for the metrics
+  only)."""
   sample_rng, judge_rng = jax.random.split(rng)
   out = sampling.sample(mc, params, batch["prompt_tokens"], batch["prompt_mask"], sample_rng, sc)
   rep = lambda x: jnp.repeat(x, sc.n, axis=0)
   verified = verify(out.tokens, out.mask, rep(batch["answer_tokens"]), rep(batch["answer_mask"]))
-  scores = judge.score(mc, params, rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
+  scores = judge.score(mc, judge_params, rep(batch["prompt_tokens"]), rep(batch["prompt_mask"]),
                        out.tokens, out.mask, judge_rng)
   valid = batch["valid"].astype(bool)
   top, mean, counted = judge_lib.pick_accuracy(scores, verified, sc.n)
@@ -94,9 +95,11 @@ def _judged(mc, params, batch, verify, judge, rng, sc: sampling.SamplingConfig):
 
 
 def judge_meter(mc, params, batches, verify, judge, sc: sampling.SamplingConfig, seed: int = 0,
-                mesh: jax.sharding.Mesh | None = None, rules=None) -> dict[str, float]:
+                mesh: jax.sharding.Mesh | None = None, rules=None,
+                judge_params=None) -> dict[str, float]:
   """The generation-verification gap on held-out problems: `sc.n` samples per problem, each
-  scored by the policy as its own judge, checked by the verifier (read for these metrics only).
+  scored by the policy as its own judge (`judge_params`: the judge's weights when they are not
+  the policy's, `judge.model=reference`), checked by the verifier (read for these metrics only).
 
   eval/judge_pick_accuracy: accuracy of the sample the judge ranks highest per problem (ties: the
     mean of the tied ones), i.e. best-of-n with the self-judge;
@@ -109,8 +112,9 @@ def judge_meter(mc, params, batches, verify, judge, sc: sampling.SamplingConfig,
   eval/judge_unscored: share of samples the judge gave no valid score.
   Problems whose samples all went unscored are left out of the first three. Sums are global, so
   with a `mesh` each process passes its own rows (as `pass_rates`)."""
-  total = _batch_sums(lambda b, rng: _judged(mc, params, b, verify, judge, rng, sc), batches,
-                      seed, mesh, rules)
+  judge_params = params if judge_params is None else judge_params
+  total = _batch_sums(lambda b, rng: _judged(mc, params, judge_params, b, verify, judge, rng, sc),
+                      batches, seed, mesh, rules)
   ratio = lambda a, b: total[a] / total[b] if total.get(b) else float("nan")
   pick, mean = ratio("pick", "groups"), ratio("mean", "groups")
   return {"eval/judge_pick_accuracy": pick, "eval/sample_accuracy": mean,
@@ -126,6 +130,14 @@ def judge_meter_config(cfg, tok) -> sampling.SamplingConfig | None:
   if n < 0:
     n = cfg.sampling.n if setup.uses_judge(cfg) else 0
   return sampled_config(cfg, tok, n) if n else None
+
+
+def judge_params_of(cfg, state, round_number: int):
+  """The judge's weights at `round_number`: the reference's with `judge.model=reference` after
+  the warm-up (it trains the judge in the policy's weights), else None (the policy's own)."""
+  if cfg.judge.model == "reference" and round_number > cfg.warmup.rounds:
+    return state.ref_params
+  return None
 
 
 def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int,
@@ -170,5 +182,6 @@ def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8
   meter = judge_meter_config(cfg, tok)
   if meter is not None:
     result.update(judge_meter(mc, state.params, batches, verify,
-                              setup.build_judge(cfg, tok, task), meter, seed=cfg.seed))
+                              setup.build_judge(cfg, tok, task), meter, seed=cfg.seed,
+                              judge_params=judge_params_of(cfg, state, used)))
   return result

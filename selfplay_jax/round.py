@@ -38,7 +38,8 @@ from selfplay_jax.scoring.verifiers import Verifier
 # scorer(sample_params, ref_params, batch, rollout, rng) -> (scores [R], metrics); see `scoring`.
 Scorer = Callable[..., tuple[jax.Array, dict]]
 __all__ = ["TrainState", "init_state", "empty_replay", "sample_and_score", "build_rows",
-           "minibatches", "update_step", "train_steps", "build_round_fn", "jit_round"]
+           "minibatches", "update_step", "train_steps", "build_round_fn", "scheduled_beta",
+           "synced_reference", "jit_round"]
 
 
 @flax.struct.dataclass
@@ -139,8 +140,8 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
     metrics["train/reward_mean"] = jnp.nanmean(rewards)
     metrics["train/reward_std"] = jnp.nanstd(rewards)
   metrics["train/completion_len"] = jnp.mean(rollout.lengths.astype(jnp.float32))
-  # Entropy estimate: mean negative log-prob of the sampled tokens under the model.
-  metrics["train/entropy"] = -losses.masked_mean(rollout.model_logprobs, rollout.mask)
+  # Mean over completion tokens of the sampler's entropy of softmax(logits / T) (sampling.sample).
+  metrics["train/entropy"] = losses.masked_mean(rollout.entropy, rollout.mask)
   if num_samples:
     k = min(num_samples, rollout.num_rows)
     metrics["samples/prompt_tokens"] = rollout.prompt_tokens[:k]
@@ -152,20 +153,37 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
   return rollout, rewards, metrics
 
 
+def map_chunks(fn, rows: Rows, num_chunks: int):
+  """`fn(rows)` run over `num_chunks` chunks of rows in sequence (`lax.map`), outputs (any pytree
+  with a leading row axis) put back in row order; chunk j takes rows j, j + num_chunks, ... as
+  `completion_logprobs(num_chunks=...)` does. One chunk when `num_chunks` does not divide."""
+  r = jax.tree.leaves(rows)[0].shape[0]
+  if num_chunks <= 1 or r % num_chunks:
+    return fn(rows)
+  split = lambda x: x.reshape((r // num_chunks, num_chunks) + x.shape[1:]).swapaxes(0, 1)
+  out = jax.lax.map(fn, jax.tree.map(split, rows))
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape((r,) + y.shape[2:]), out)
+
+
 def build_rows(model_config: ModelConfig, spec: Spec, batch: Rows, rollout, rewards, *,
                sampler_params, ref_params, replay: Rows | None, replay_moves, num_chunks: int = 1):
   """The spec's training rows for this round, and the replay slot to keep.
 
   `logp.old` / `logp.ref` are frozen (stop-gradient) passes under the sampler's and the
   reference's params, over all of the round's rows in `num_chunks` chunks (so their logits take
-  no more memory than one training step's). A spec with a replay slot trains on this round's
+  no more memory than one training step's); `logp.old_forward` the same for a spec's own
+  `forward` (PPO: old log-probs and values). A spec with a replay slot trains on this round's
   pairs plus the kept ones; the slot takes this round's pairs when `replay_moves`.
   Returns (rows, replay, metrics).
   """
-  frozen = lambda params, rows: jax.lax.stop_gradient(
-      completion_logprobs(model_config, params, rows, num_chunks=num_chunks))
+  temperature = option(spec, "temperature")  # the PG family's sampling temperature, else 1
+  frozen = lambda params, rows: jax.lax.stop_gradient(completion_logprobs(
+      model_config, params, rows, num_chunks=num_chunks, temperature=temperature))
+  forward = option(spec, "forward")  # `logp.old_forward`: the spec's own forward, frozen
+  old_forward = None if forward is None else lambda rows: jax.lax.stop_gradient(
+      map_chunks(lambda chunk: forward(model_config, sampler_params, chunk), rows, num_chunks))
   logp = LogProbs(old=lambda rows: frozen(sampler_params, rows),
-                  ref=lambda rows: frozen(ref_params, rows))
+                  ref=lambda rows: frozen(ref_params, rows), old_forward=old_forward)
   if replay is not None and option(spec, "replay"):
     fresh = spec.pair_rows(batch, rollout, rewards)
     rows = spec.annotate(concat_rows(fresh, replay), logp)
@@ -235,7 +253,7 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
                    scorer: Scorer | None = None, num_epochs: int = 1, num_minibatches: int = 1,
                    state_shardings=None, batch_shardings=None, num_samples: int = 0,
                    nan_rounds: tuple[int, int] | None = None, mesh=None, rules=None,
-                   jit: bool = True):
+                   jit: bool = True, phase_start: int = 0):
   """Returns `round_fn(state, batch) -> (state, metrics)`, jitted once with the state donated.
 
   `batch` holds the data pipeline's arrays: prompt_tokens/mask, response_tokens/mask (gold),
@@ -246,10 +264,17 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
   `num_samples` rollout rows under `samples/*` (tokens, lengths, rewards, prompt) for sample dumps.
 
   Spec options read here (with defaults): `sample_from` ("policy" | "reference": who samples and
-  is scored), `reference_every` (a "previous" reference moves every N rounds), `forward` (the
-  training forward whose output `spec.loss` reads; default the completion log-probs), and for
-  specs with a replay slot in the state, `pair_rows` / `annotate` (this round's pairs + the kept
-  ones).
+  is scored), `reference_every` (a "previous" reference moves every N rounds), `beta_schedule`
+  (the β of each iteration, written into the rows as `beta`), `ref_sync_every` /
+  `ref_sync_alpha` (TR-DPO: a "frozen" reference mixes towards the policy every N rounds),
+  `forward` (the training forward whose output `spec.loss` reads; default the completion
+  log-probs), and for specs with a replay slot in the state, `pair_rows` / `annotate` (this
+  round's pairs + the kept ones).
+
+  `phase_start`: the rounds completed before this phase (the warm-up's, `warmup.rounds`).
+  Iterations and reference syncs count this phase's rounds, `state.round + 1 - phase_start`, so
+  the first iteration after a warm-up of any length is a whole one (and a resumed run, whose
+  `state.round` is checkpointed, moves on the same rounds).
 
   Sharded: `mesh` and `rules` (see `sharding.py`) make the model's logical activation constraints
   real while the round is traced; `state_shardings` / `batch_shardings` (`sharding.state_shardings`,
@@ -261,10 +286,12 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
   """
   forward = option(spec, "forward")  # the spec's own training forward, or the log-probs
   if forward is None:
-    logp_fn = lambda params, rows: completion_logprobs(model_config, params, rows)
+    logp_fn = lambda params, rows: completion_logprobs(model_config, params, rows,
+                                                       temperature=option(spec, "temperature"))
   else:
     logp_fn = lambda params, rows: forward(model_config, params, rows)
   sample_from, reference_every = option(spec, "sample_from"), option(spec, "reference_every")
+  beta_schedule = tuple(option(spec, "beta_schedule"))
 
   def round_fn(state: TrainState, batch: Rows):
     rng, k_sample, k_shuffle = jax.random.split(state.rng, 3)
@@ -275,12 +302,17 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
       rollout, rewards, metrics = sample_and_score(
           model_config, sampler, state.ref_params, batch, k_sample, sampling_config, verifier,
           scorer, num_samples)
-    moves = (state.round + 1) % reference_every == 0  # does a "previous" reference move now?
+    phase_round = state.round + 1 - phase_start  # 1-based round of this phase
+    moves = phase_round % reference_every == 0  # does a "previous" reference move now?
     rows, replay, row_metrics = build_rows(
         model_config, spec, batch, rollout, rewards, sampler_params=sampler,
         ref_params=state.ref_params, replay=state.replay, replay_moves=moves,
         num_chunks=num_minibatches)
     metrics.update(row_metrics)
+    if beta_schedule:  # this iteration's β, one per row (the loss reads rows["beta"])
+      beta = scheduled_beta(beta_schedule, (phase_round - 1) // reference_every)
+      rows = {**rows, "beta": jnp.full((jax.tree.leaves(rows)[0].shape[0],), beta)}
+      metrics["train/beta"] = beta
     start_params = state.params if state.base_params is None else state.base_params
     params, opt_state, bad_updates, step_metrics = train_steps(
         spec, optimizer, logp_fn, start_params, state.opt_state, state.bad_updates, rows,
@@ -290,6 +322,9 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     ref_params = state.ref_params
     if spec.reference == "previous":
       ref_params = params if reference_every == 1 else _select(moves, params, state.ref_params)
+    elif spec.reference == "frozen" and option(spec, "ref_sync_every"):
+      ref_params = synced_reference(params, state.ref_params, option(spec, "ref_sync_alpha"),
+                                    phase_round % option(spec, "ref_sync_every") == 0)
     new_state = state.replace(params=params, ref_params=ref_params, opt_state=opt_state,
                               step=state.step + num_epochs * num_minibatches,
                               round=state.round + 1, rng=rng, bad_updates=bad_updates,
@@ -302,6 +337,19 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     return round_fn
   return jit_round(round_fn, mesh=mesh, rules=rules, state_shardings=state_shardings,
                    batch_shardings=batch_shardings)
+
+
+def scheduled_beta(schedule: tuple[float, ...], iteration) -> jax.Array:
+  """β of (0-based) `iteration`: `schedule[min(iteration, len - 1)]` (the last value repeats)."""
+  return jnp.asarray(schedule, jnp.float32)[jnp.clip(iteration, 0, len(schedule) - 1)]
+
+
+def synced_reference(params, ref_params, alpha: float, sync):
+  """TR-DPO's soft update where `sync` holds: `ref ← alpha·params + (1 − alpha)·ref` (in float32,
+  cast back to the reference's dtype); else the reference unchanged."""
+  mix = lambda p, r: (alpha * p.astype(jnp.float32) + (1.0 - alpha) * r.astype(jnp.float32)
+                      ).astype(r.dtype)
+  return _select(sync, jax.tree.map(mix, params, ref_params), ref_params)
 
 
 def jit_round(round_fn, *, mesh=None, rules=None, state_shardings=None, batch_shardings=None):

@@ -70,6 +70,11 @@ class Rollout:
   model_logprobs: jax.Array  # float32 [B*n, N] log-prob under the raw model (temperature 1)
   mask: jax.Array  # bool [B*n, N] completion tokens, the stop token included
   lengths: jax.Array  # int32 [B*n] number of completion tokens
+  # float32 [B*n, N] entropy of softmax(logits / T) at each sampled position (T = 1 if greedy;
+  # before top-k / top-p, as TRL's), 0 after the stop token; None for hand-built rollouts
+  entropy: jax.Array | None = None
+  # bool [B*n] the row hit max_new_tokens without a stop token; None for hand-built rollouts
+  truncated: jax.Array | None = None
 
   @property
   def num_rows(self) -> int:
@@ -96,6 +101,15 @@ def _take(logp_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0]
 
 
+def _entropy(logits_BxV: jax.Array, model_logp_BxV: jax.Array, temperature: float) -> jax.Array:
+  """Entropy of softmax(logits / T) per row, float32 (T = 0, greedy: the model's T = 1, whose
+  log-softmax `model_logp_BxV` the step has already computed)."""
+  logp = model_logp_BxV if temperature in (0, 1) else jax.nn.log_softmax(
+      logits_BxV.astype(jnp.float32) / temperature, axis=-1)
+  p = jnp.exp(logp)
+  return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)
+
+
 @flax.struct.dataclass
 class _LoopState:
   step: jax.Array
@@ -105,6 +119,7 @@ class _LoopState:
   tokens: jax.Array
   logprobs: jax.Array
   model_logprobs: jax.Array
+  entropy: jax.Array
   cache: decoder.KVCache
   rng: jax.Array
 
@@ -167,12 +182,14 @@ def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, samplin
     tokens = write(s.tokens, token)
     logprobs = write(s.logprobs, jnp.where(active, sample_logp, 0.0))
     model_logprobs = write(s.model_logprobs, jnp.where(active, _take(model_logp, token), 0.0))
+    entropy = write(s.entropy,
+                    jnp.where(active, _entropy(s.logits, model_logp, sc.temperature), 0.0))
     done = s.done | jnp.isin(token, eos)
     logits, cache = decoder.decode(config, params, token[:, None], s.positions[:, None], s.cache,
                                    active[:, None])
     return _LoopState(step=s.step + 1, logits=logits[:, 0], positions=s.positions + 1, done=done,
-                      tokens=tokens, logprobs=logprobs, model_logprobs=model_logprobs, cache=cache,
-                      rng=rng)
+                      tokens=tokens, logprobs=logprobs, model_logprobs=model_logprobs,
+                      entropy=entropy, cache=cache, rng=rng)
 
   init = _LoopState(
       step=jnp.zeros((), jnp.int32),
@@ -182,6 +199,7 @@ def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, samplin
       tokens=jnp.full((rows, steps), pad_id, jnp.int32),
       logprobs=jnp.zeros((rows, steps), jnp.float32),
       model_logprobs=jnp.zeros((rows, steps), jnp.float32),
+      entropy=jnp.zeros((rows, steps), jnp.float32),
       cache=cache,
       rng=rng,
   )
@@ -194,4 +212,4 @@ def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, samplin
   return Rollout(prompt_tokens=_repeat_rows(prompt_tokens, sc.n),
                  prompt_mask=_repeat_rows(prompt_mask, sc.n), tokens=final.tokens,
                  logprobs=final.logprobs, model_logprobs=final.model_logprobs, mask=mask,
-                 lengths=lengths)
+                 lengths=lengths, entropy=final.entropy, truncated=~is_eos.any(axis=1))

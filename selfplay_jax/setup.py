@@ -33,7 +33,7 @@ from selfplay_jax.algorithms.spec import Spec, option
 from selfplay_jax.data import pipeline, tasks
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models import hf
-from selfplay_jax.optim import build_optimizer
+from selfplay_jax import optim
 from selfplay_jax.scoring import judge as judge_lib
 
 __all__ = ["Run", "build", "reward_kind", "uses_judge", "is_jsonl_data", "uses_pair_data",
@@ -42,6 +42,17 @@ __all__ = ["Run", "build", "reward_kind", "uses_judge", "is_jsonl_data", "uses_p
            "data_lengths", "example_batch", "initial_state", "abstract_state", "with_shardings"]
 
 build_spec = registry.build_spec
+
+
+def build_optimizer(cfg) -> optax.GradientTransformation:
+  """The run's optimizer (`optim.build_optimizer`), inside the algorithm entry's own gate when it
+  has one (`wrap_optimizer`: PPO's value warm-up). Every caller that builds a state or a restore
+  target builds it here, so the optimizer state always has the layout training saved."""
+  optimizer = optim.build_optimizer(cfg)
+  entry = registry.entry_of(cfg)
+  if entry is not None and entry.wrap_optimizer is not None:
+    optimizer = entry.wrap_optimizer(cfg, optimizer)
+  return optimizer
 
 
 # ---- what the config asks for ---------------------------------------------------------------------
@@ -161,7 +172,7 @@ def build_scorer(cfg, mc, tok, task=None):
                         f"{type(scorer).__name__}, not a scorer function")
     return scorer
   if kind == "judge":
-    return scoring.judge_scorer(build_judge(cfg, tok, task), mc)
+    return scoring.judge_scorer(build_judge(cfg, tok, task), mc, cfg.judge.model)
   if kind == "likelihood":
     return scoring.likelihood_scorer(mc, cfg.algorithm.likelihood_normalize)
   return None
@@ -297,7 +308,8 @@ def initial_state(cfg, mc: models.ModelConfig, spec: Spec, optimizer: optax.Grad
   replay = None
   if option(spec, "replay"):
     replay = rnd.empty_replay(spec, example_batch(cfg), sampling_config(cfg))
-  make = lambda params: rnd.init_state(params, optimizer, spec, state_rng, replay)
+  extend = option(spec, "init_params") or (lambda params: params)  # e.g. PPO's value head
+  make = lambda params: rnd.init_state(extend(params), optimizer, spec, state_rng, replay)
   if cfg.model.hf_path and pretrained:
     loaded, params = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
                                         param_dtype=mc.param_dtype, scan_layers=mc.scan_layers)
@@ -306,8 +318,10 @@ def initial_state(cfg, mc: models.ModelConfig, spec: Spec, optimizer: optax.Grad
                         "model config")
     if shardings is None:
       return make(jax.tree.map(jnp.asarray, params))
+    params = extend(params)
     params = sharding.put(params, shardings.params)
-    return jax.jit(make, out_shardings=shardings)(params)
+    return jax.jit(lambda params: rnd.init_state(params, optimizer, spec, state_rng, replay),
+                   out_shardings=shardings)(params)
   if shardings is None:
     return make(models.init_params(mc, init_rng))
   return jax.jit(lambda: make(models.init_params(mc, init_rng)), out_shardings=shardings)()
@@ -380,7 +394,8 @@ class Run:
                               self.verifier, scorer=self.scorer,
                               num_epochs=cfg.algorithm.num_epochs,
                               num_minibatches=cfg.algorithm.num_minibatches,
-                              num_samples=num_samples, nan_rounds=nan_rounds, **on_mesh)
+                              num_samples=num_samples, nan_rounds=nan_rounds,
+                              phase_start=cfg.warmup.rounds, **on_mesh)
 
   def train_source(self):
     """The training rows' random-access source (built-in tasks synthesise DPO pairs on demand;

@@ -165,11 +165,25 @@ def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec
 
 def param_specs(config: ModelConfig, params: Any, mesh: Mesh,
                 rules: Sequence[tuple[str, Any]]) -> Any:
-  """Mesh `PartitionSpec`s of the model parameters (same tree as `params`)."""
-  logical = models.logical_axes(config)
+  """Mesh `PartitionSpec`s of the model parameters (same tree as `params`). Entries a spec adds
+  beside the model's (`init_params`: PPO's value head, its critic trunk) take the model's specs
+  when they are a copy of the model's tree, else are replicated."""
+  logical = _with_extra_entries(models.logical_axes(config), params)
   specs = nn.logical_to_mesh(logical, rules)
   return jax.tree.map(lambda s, p: _fit(s, p.shape, mesh), specs, params,
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _with_extra_entries(logical: dict, params: Any) -> dict:
+  """`logical` extended to the top-level entries of `params` that the model does not have."""
+  if not isinstance(params, dict) or set(params) <= set(logical):
+    return logical
+  model = jax.tree.structure({k: v for k, v in params.items() if k in logical})
+  out = dict(logical)
+  for key in set(params) - set(logical):
+    like_model = jax.tree.structure(params[key]) == model
+    out[key] = logical if like_model else jax.tree.map(lambda _: PartitionSpec(), params[key])
+  return out
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],

@@ -30,6 +30,7 @@ from absl import logging
 from selfplay_jax import checkpoint, config_lib, evaluate, run_config, setup, sharding
 from selfplay_jax import metrics as metrics_lib
 from selfplay_jax import round as rnd
+from selfplay_jax.algorithms.spec import option
 from selfplay_jax.data import pipeline
 from selfplay_jax.errors import CheckpointMismatchError, WorkdirError
 from selfplay_jax.runtime import Preempted, StopOnSignal
@@ -181,9 +182,13 @@ def _claim_workdir(cfg, workdir: Path, main_process: bool) -> None:
         f"({', '.join(p.name for p in left)}); moved them to {dest} and starting a new run")
 
 
-def _anchor_references(state: rnd.TrainState) -> rnd.TrainState:
+def _anchor_references(state: rnd.TrainState, spec=None) -> rnd.TrainState:
   """At the end of warm-up, the reference (and ReST-EM's restart point) become the warmed-up
-  policy: self-improvement is measured against the model it starts from."""
+  policy: self-improvement is measured against the model it starts from. A spec's
+  `after_warmup` (PPO's separate critic copies the warmed-up trunk) runs first."""
+  after_warmup = option(spec, "after_warmup") if spec is not None else None
+  if after_warmup is not None:
+    state = state.replace(params=after_warmup(state.params))
   policy_if_kept = lambda slot: None if slot is None else jax.tree.map(jnp.copy, state.params)
   return state.replace(ref_params=policy_if_kept(state.ref_params),
                        base_params=policy_if_kept(state.base_params))
@@ -219,14 +224,15 @@ class _Loop:
                                     r.tokenizer.eos_ids, r.cfg.sampling.max_new_tokens,
                                     mesh=self.mesh, rules=self.rules)
 
-  def evaluation(self, params) -> dict[str, float]:
+  def evaluation(self, state: rnd.TrainState, round_number: int) -> dict[str, float]:
     """The held-out metrics of an evaluation round: greedy accuracy and the judge meter."""
-    out = {"eval/accuracy": self.eval_accuracy(params)}
+    out = {"eval/accuracy": self.eval_accuracy(state.params)}
     if self.judge is not None and self.run.verifier is not None:
       r = self.run
-      out.update(evaluate.judge_meter(r.model_config, params, self.eval_data, r.verifier,
-                                      *self.judge, seed=r.cfg.seed, mesh=self.mesh,
-                                      rules=self.rules))
+      out.update(evaluate.judge_meter(
+          r.model_config, state.params, self.eval_data, r.verifier, *self.judge, seed=r.cfg.seed,
+          mesh=self.mesh, rules=self.rules,
+          judge_params=evaluate.judge_params_of(r.cfg, state, round_number)))
     return out
 
 
@@ -321,7 +327,7 @@ def _finish(loop: _Loop, state, metrics: dict, writer, stop: StopOnSignal, *, sy
   cfg, r = loop.run.cfg, metrics["round"]
   total = loop.run.total_rounds
   if synced and (r % cfg.eval.every_rounds == 0 or r == total):
-    metrics.update(loop.evaluation(state.params))
+    metrics.update(loop.evaluation(state, r))
   _check_updates(cfg, metrics, loop.workdir / "metrics.jsonl", writer, loop.ckpt)
   every = cfg.checkpoint.every_rounds
   saved = False
@@ -375,7 +381,7 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
       extra = {}
       if r == warmup and warmup:  # the warm-up's last round was read (a sync point)
         extra["eval/accuracy_after_warmup"] = loop.eval_accuracy(state.params)
-        state = _anchor_references(state)
+        state = _anchor_references(state, loop.run.spec)
       batch = sharding.global_batch(next(loop.data_iter), loop.mesh)  # this process's rows
       dispatched = time.perf_counter()
       fn = (loop.sft_fn if r < loop.run.sft_warmup_rounds else loop.warm_fn if r < warmup

@@ -79,8 +79,9 @@ TRAIN_RUNS = {
 # hardware.num_devices, which is then not read). The other recipes only change values of keys
 # default.py has, and the algorithm-specific ones are read by the spec `plan` builds; training each
 # would add ~15 s of compilation and no key.
-PLAN_RUNS = ("configs/real_model.py", "configs/dapo.py", "configs/dr_grpo.py",
-             "configs/reinforce_pp.py", "configs/rest_em.py", "configs/rloo.py", "configs/sft.py")
+PLAN_RUNS = ("configs/real_model.py", "configs/dapo.py", "configs/dr_grpo.py", "configs/ppo.py",
+             "configs/reinforce_pp.py", "configs/rest_em.py", "configs/rloo.py", "configs/sft.py",
+             "configs/kto.py")
 # Its own settings are the 8B run's training settings (learning rate, checkpoint cadence, ...):
 # `plan` does not read them, the trained runs read the same keys.
 NOT_ITS_OWN_RUN = ("configs/real_model.py",)

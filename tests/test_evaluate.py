@@ -63,15 +63,17 @@ def test_greedy_accuracy_is_pass_at_1_at_temperature_0(tiny):
 # ---- the held-out judge meter ----------------------------------------------------------------------
 
 
-def _numpy_judge_meter(mc, params, batches, judge, sc, seed):
-  """The meter from its definition, one held-out problem at a time (padding rows left out)."""
+def _numpy_judge_meter(mc, params, batches, judge, sc, seed, judge_params=None):
+  """The meter from its definition, one held-out problem at a time (padding rows left out);
+  `judge_params`: the judge's weights when not the sampler's."""
+  judge_params = params if judge_params is None else judge_params
   picks, means, wins, pairs, right, scored, samples = [], [], 0.0, 0, 0, 0, 0
   mid = (judge.score_min + judge.score_max) / 2
   for i, b in enumerate(batches):
     sample_rng, judge_rng = jax.random.split(jax.random.fold_in(jax.random.key(seed), i))
     ro = sampling.sample(mc, params, b["prompt_tokens"], b["prompt_mask"], sample_rng, sc)
     rep = lambda x: jnp.repeat(x, sc.n, axis=0)
-    s = np.asarray(judge.score(mc, params, rep(b["prompt_tokens"]), rep(b["prompt_mask"]),
+    s = np.asarray(judge.score(mc, judge_params, rep(b["prompt_tokens"]), rep(b["prompt_mask"]),
                                ro.tokens, ro.mask, judge_rng), np.float64).reshape(-1, sc.n)
     ok = ((np.asarray(ro.tokens)[:, 0] % 3 == 0) & np.asarray(ro.mask)[:, 0]).reshape(-1, sc.n)
     for scores, correct, valid in zip(s, ok, b["valid"]):
@@ -118,3 +120,11 @@ def test_judge_meter_matches_numpy(tmp_path, num_samples):
   assert 0 < want["eval/sample_accuracy"] < 1 and np.isfinite(want["eval/judge_agreement"])
   for key, value in want.items():
     assert got[key] == pytest.approx(value, abs=1e-5), key
+  if num_samples == 0:  # judge.model=reference: other weights judge the same samples
+    judge_params = models.init_params(mc, jax.random.key(2))
+    got = evaluate.judge_meter(mc, params, batches, _first_token_divisible_by_3, judge, sc,
+                               seed=2, judge_params=judge_params)
+    want = _numpy_judge_meter(mc, params, batches, judge, sc, seed=2, judge_params=judge_params)
+    assert got["eval/sample_accuracy"] == pytest.approx(want["eval/sample_accuracy"], abs=1e-6)
+    for key, value in want.items():
+      assert got[key] == pytest.approx(value, abs=1e-5), key

@@ -224,6 +224,12 @@ def test_sampled_score_is_the_mean_of_the_judgements_read_back():
   np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-6)
   assert float(metrics["judge/score_mean"]) == pytest.approx(np.nanmean(want), rel=1e-6)
   assert float(metrics["judge/valid_fraction"]) == np.mean(~np.isnan(want))
+  # judge.model=reference: the same judgements from the reference params, whatever sampled.
+  other = models.init_params(cfg, jax.random.key(4))
+  frozen, _ = scoring.judge_scorer(judge, cfg, "reference")(other, params, None, rollout, key)
+  np.testing.assert_allclose(np.asarray(frozen), want, rtol=1e-6)
+  policy, _ = scoring.judge_scorer(judge, cfg)(other, params, None, rollout, key)
+  assert not np.allclose(np.nan_to_num(np.asarray(policy), nan=-1), np.nan_to_num(want, nan=-1))
 
 
 # ---- the judge a config builds ----------------------------------------------------------------
@@ -247,3 +253,19 @@ def test_rationale_judge_config(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"judge.num_samples"):
     setup.build_judge(config_lib.load_config("configs/self_rewarding.py",
                                           RATIONALE + ["judge.num_samples=0"]), tok)
+
+
+def test_judge_model_reference_needs_a_judge_and_a_kept_reference():
+  """`judge.model=reference` keeps GRPO's frozen reference even without a KL term (it judges),
+  and is refused, naming the key, where there is no judge or no reference to judge with."""
+  load = lambda path, *o: config_lib.load_config(path, ["judge.model=reference", *o])
+  cfg = load("configs/grpo.py", "algorithm.reward=judge", "algorithm.kl_coef=0.0")
+  config_validation.validate(cfg)
+  assert setup.build_spec(cfg).reference == "frozen"
+  config_validation.validate(load("configs/self_rewarding.py"))
+  with pytest.raises(config_lib.ConfigError, match=r"judge.model: .*no judge"):
+    config_validation.validate(load("configs/grpo.py"))
+  with pytest.raises(config_lib.ConfigError, match=r"judge.model: .*rest_em keeps none"):
+    config_validation.validate(load("configs/rest_em.py", "algorithm.reward=judge"))
+  with pytest.raises(config_lib.ConfigError, match=r"judge.model: must be"):
+    config_validation.validate(config_lib.load_config("configs/grpo.py", ["judge.model=critic"]))

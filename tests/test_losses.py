@@ -151,11 +151,14 @@ def np_pg_loss(logp, old, adv, mask, clip_low, clip_high, loss_type, max_len=Non
       rho = math.exp(min(max(logp[i, j] - old[i, j], -20), 20))
       a = adv[i, j]
       ratio[i, j] = rho
-      ell[i, j] = -min(rho * a, min(max(rho, 1 - clip_low), 1 + clip_high) * a)
+      if loss_type == "cispo":  # capped IS weight (a constant) times A times lp
+        ell[i, j] = -min(rho, 1 + clip_high) * a * logp[i, j]
+      else:
+        ell[i, j] = -min(rho * a, min(max(rho, 1 - clip_low), 1 + clip_high) * a)
       if ref is not None:
         kl[i, j] = np_kl(logp[i, j], ref[i, j], kl_kind)
         ell[i, j] += kl_coef * kl[i, j]
-      low[i, j] = rho < 1 - clip_low and a < 0
+      low[i, j] = rho < 1 - clip_low and a < 0 and loss_type != "cispo"
       high[i, j] = rho > 1 + clip_high and a > 0
       region[i, j] = low[i, j] or high[i, j]
   total = sum(ell[i, j] for i in range(b) for j in range(t) if mask[i, j])
@@ -203,6 +206,14 @@ def np_dpo(pc, pr, rc, rr, loss_type, beta=0.1, ls=0.0, len_c=None, len_r=None, 
     loss = (c - 1 / (2 * beta))**2 + (r + 1 / (2 * beta))**2
   elif loss_type == "apo_zero":
     loss = (1 - np_sigmoid(beta * c)) + np_sigmoid(beta * r)
+  elif loss_type == "apo_down":
+    loss = np_sigmoid(beta * c) + (1 - np_sigmoid(z))
+  elif loss_type in ("aot", "aot_pair"):  # every pair valid: the i-th sorted loss at pair i
+    d = (np.sort(pc - pr) - np.sort(rc - rr) if loss_type == "aot" else np.sort(c) - np.sort(r))
+    loss = -(1 - ls) * ls_(beta * d) - ls * ls_(-beta * d)
+  elif loss_type == "sigmoid_norm":
+    lc, lr = np.maximum(len_c, 1), np.maximum(len_r, 1)
+    loss = -ls_(beta * (c / lc - r / lr))
   elif loss_type == "discopop":
     m = np_sigmoid(z / tau)
     loss = (1 - m) * (-ls_(z)) + m * np.exp(-z)
@@ -467,7 +478,8 @@ def test_policy_gradient_loss(loss_type, with_kl):
   close(loss, want)
   for k, v in want_aux.items():
     close(aux[k], v)
-  assert 0 < float(aux["clip_fraction"]) < 1  # the inputs exercise both clipping branches
+  if loss_type != "cispo":  # cispo caps ρ > 1 + ε_high with A > 0 only (tests/test_pg_parity.py)
+    assert 0 < float(aux["clip_fraction"]) < 1  # the inputs exercise both clipping branches
 
 
 def test_policy_gradient_loss_token_advantages_and_active_tokens():

@@ -26,11 +26,16 @@ import jax.numpy as jnp
 
 
 # Names the loss and advantage functions below accept (config keys algorithm.loss_type / .advantage).
-PG_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+PG_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")  # algorithm.importance_sampling_level
+SCALE_REWARDS = ("group", "batch", "none")  # algorithm.scale_rewards (GRPO advantage normaliser)
+KL_ESTIMATORS = ("k1", "k2", "k3")  # algorithm.kl_estimator
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair",
-                  "sppo_hard", "apo_zero", "discopop")
-PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + ("simpo", "orpo")  # simpo / orpo: reference-free
+                  "sppo_hard", "apo_zero", "apo_down", "aot", "aot_pair", "sigmoid_norm",
+                  "discopop")
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo", "sft")
+PREFERENCE_LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES
 
 Array = jax.Array
 
@@ -97,6 +102,20 @@ def token_entropy(logits_BxTxV: Array) -> Array:
 def entropy_from_logits(logits_BxTxV: Array, mask_BxT: Array) -> Array:
   """Mean per-token entropy over valid tokens: `Σ H·m / max(Σ m, 1)` (a scalar metric)."""
   return masked_mean(token_entropy(logits_BxTxV), mask_BxT)
+
+
+def high_entropy_mask(entropy_BxT: Array, mask_BxT: Array, quantile: float) -> Array:
+  """The valid tokens whose entropy is in the top `quantile` of this batch's valid tokens.
+
+  TRL's `top_entropy_quantile` (Wang et al. 2025, "Beyond the 80/20 rule"): threshold =
+  `quantile(H[m], 1 − quantile)` (linear interpolation, as `torch.quantile`), keep `H ≥ threshold`.
+  `quantile = 1` keeps every valid token, `0` only the highest-entropy one(s); no valid token
+  keeps nothing. The entropies are detached (the mask selects, it is not trained).
+  """
+  mask_BxT = _bool(mask_BxT)
+  h_BxT = _sg(jnp.asarray(entropy_BxT, jnp.float32))
+  threshold = jnp.nanquantile(jnp.where(mask_BxT, h_BxT, jnp.nan), 1.0 - quantile)
+  return mask_BxT & (h_BxT >= threshold)  # NaN threshold (no valid token): all False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,38 +186,67 @@ def _groups(rewards_B: Array, group_size: int) -> Array:
   return rewards_B.astype(jnp.float32).reshape(n // group_size, group_size)
 
 
-def grpo_advantages(rewards_B: Array, group_size: int, scale: bool = True,
-                    eps: float = 1e-4) -> Array:
-  """GRPO: `A_i = (r_i − mean_G r) / (std_G r + eps)`; `scale=False`: Dr. GRPO `r_i − mean_G r`.
+def _scorable(r: Array) -> tuple[Array, Array]:
+  """`(valid, r with invalid entries 0)`: a non-finite reward (a judge's NaN) is unscorable."""
+  valid = jnp.isfinite(r)
+  return valid, jnp.where(valid, r, 0.0)
 
-  std is the unbiased *sample* std (ddof = 1), matching TRL's `torch.std`; eps = 1e-4 as in TRL. A
-  group of identical rewards gives A = 0 (≈0 up to rounding); for G = 1 the std is taken as 0 (so
-  A = 0) instead of torch's NaN.
+
+def _sample_std(r: Array, valid: Array, axis: int | None = None) -> Array:
+  """Unbiased (ddof = 1) std of the valid entries (TRL's `nanstd`); 0 with fewer than two."""
+  count = jnp.sum(valid, axis=axis, keepdims=True, dtype=jnp.float32)
+  mean = jnp.sum(jnp.where(valid, r, 0.0), axis=axis, keepdims=True) / jnp.maximum(count, 1.0)
+  sq = jnp.sum(jnp.where(valid, jnp.square(r - mean), 0.0), axis=axis, keepdims=True)
+  return jnp.sqrt(sq / jnp.maximum(count - 1.0, 1.0))
+
+
+def grpo_advantages(rewards_B: Array, group_size: int, scale: bool | str = True,
+                    eps: float = 1e-4) -> Array:
+  """GRPO: `A_i = (r_i − mean_G r) / (std + eps)`; without scaling Dr. GRPO `r_i − mean_G r`.
+
+  `scale` (TRL's `scale_rewards`): "group" (or True) divides by the group's std, "batch" by the
+  std of all rewards of the batch (PPO-Lite), "none" (or False) not at all. std is the unbiased
+  *sample* std (ddof = 1), matching TRL's `torch.std` / `nanstd`; eps = 1e-4 as in TRL. A group of
+  identical rewards gives A = 0 (≈0 up to rounding); for G = 1 the std is taken as 0 (so A = 0)
+  instead of torch's NaN. Unscorable (non-finite) rewards are left out of the mean and std and
+  get A = 0 (TRL); a group with one scorable reward gives it A = 0.
   """
+  scale = {True: "group", False: "none"}.get(scale, scale)
+  if scale not in SCALE_REWARDS:
+    raise ValueError(f"scale must be one of {SCALE_REWARDS} (or a bool), got {scale!r}")
   r_NxG = _groups(rewards_B, group_size)
-  centered_NxG = r_NxG - jnp.mean(r_NxG, axis=1, keepdims=True)
-  if scale:
-    var_N1 = jnp.sum(jnp.square(centered_NxG), axis=1, keepdims=True) / max(group_size - 1, 1)
-    centered_NxG = centered_NxG / (jnp.sqrt(var_N1) + eps)
+  valid_NxG, r0_NxG = _scorable(r_NxG)
+  count_N1 = jnp.maximum(jnp.sum(valid_NxG, axis=1, keepdims=True, dtype=jnp.float32), 1.0)
+  mean_N1 = jnp.sum(r0_NxG, axis=1, keepdims=True) / count_N1
+  centered_NxG = jnp.where(valid_NxG, r0_NxG - mean_N1, 0.0)
+  if scale == "group":
+    centered_NxG = centered_NxG / (_sample_std(r0_NxG, valid_NxG, axis=1) + eps)
+  elif scale == "batch":
+    centered_NxG = centered_NxG / (_sample_std(r0_NxG, valid_NxG) + eps)
   return centered_NxG.reshape(-1)
 
 
 def rloo_advantages(rewards_B: Array, group_size: int) -> Array:
   """RLOO: `A_i = r_i − mean_{j≠i} r_j = r_i − (Σ_j r_j − r_i) / (G − 1)`; needs G ≥ 2.
 
+  Unscorable (non-finite) rewards are left out of the leave-one-out mean (the divisor is the
+  number of scorable others) and get A = 0, as does a group's only scorable sample (TRL RLOO).
   For the TRL RLOO objective, first fold the KL penalty in with `kl_penalized_rewards`.
   """
   if group_size < 2:
     raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
   r_NxG = _groups(rewards_B, group_size)
-  baseline_NxG = (jnp.sum(r_NxG, axis=1, keepdims=True) - r_NxG) / (group_size - 1)
-  return (r_NxG - baseline_NxG).reshape(-1)
+  valid_NxG, r0_NxG = _scorable(r_NxG)
+  count_N1 = jnp.sum(valid_NxG, axis=1, keepdims=True, dtype=jnp.float32)
+  baseline_NxG = (jnp.sum(r0_NxG, axis=1, keepdims=True) - r0_NxG) / jnp.maximum(count_N1 - 1, 1)
+  return jnp.where(valid_NxG & (count_N1 >= 2), r0_NxG - baseline_NxG, 0.0).reshape(-1)
 
 
 def kl_penalized_rewards(rewards_B: Array, old_logp_BxT: Array, ref_logp_BxT: Array,
-                         mask_BxT: Array, kl_coef: float) -> Array:
-  """RLOO reward shaping: `r ← r − β Σ_t (lp_old − lp_ref)·m` (k1 per token, clamped ±20)."""
-  kl_B = masked_sum(kl_k1(_sg(old_logp_BxT), ref_logp_BxT), mask_BxT, axis=-1)
+                         mask_BxT: Array, kl_coef: float, kind: str = "k1") -> Array:
+  """RLOO reward shaping: `r ← r − β Σ_t KL_t·m`, KL_t the `kind` estimator of lp_old vs lp_ref
+  (TRL: k1 = lp_old − lp_ref, clamped ±20). A non-finite reward stays non-finite."""
+  kl_B = masked_sum(kl_estimate(_sg(old_logp_BxT), ref_logp_BxT, kind), mask_BxT, axis=-1)
   return rewards_B.astype(jnp.float32) - kl_coef * kl_B
 
 
@@ -220,15 +268,18 @@ def reinforce_pp_advantages(rewards_B: Array, old_logp_BxT: Array, ref_logp_BxT:
   return-to-go with γ = 1 (`G_t = Σ_{s≥t} r_s`); then whitened over all valid tokens of the batch:
   `(G − mean) · rsqrt(max(var, eps))`, population variance. `baseline=True` (REINFORCE++-baseline)
   first subtracts each group's mean outcome reward. Invalid positions get 0; a fully masked row
-  drops its outcome reward.
+  drops its outcome reward. A row with an unscorable (non-finite) reward is left out of the group
+  mean and the whitening and gets A = 0.
   """
-  mask_BxT = _bool(mask_BxT)
-  r_B = rewards_B.astype(jnp.float32)
+  valid_B, r_B = _scorable(rewards_B.astype(jnp.float32))
+  mask_BxT = _bool(mask_BxT) & valid_B[:, None]
   if baseline:
     if group_size is None:
       raise ValueError("baseline=True needs group_size")
-    r_NxG = _groups(r_B, group_size)
-    r_B = (r_NxG - jnp.mean(r_NxG, axis=1, keepdims=True)).reshape(-1)
+    r_NxG, valid_NxG = _groups(r_B, group_size), valid_B.reshape(-1, group_size)
+    mean_N1 = jnp.sum(r_NxG, axis=1, keepdims=True) / jnp.maximum(
+        jnp.sum(valid_NxG, axis=1, keepdims=True, dtype=jnp.float32), 1.0)
+    r_B = jnp.where(valid_NxG, r_NxG - mean_N1, 0.0).reshape(-1)
   kl_BxT = kl_estimate(_sg(old_logp_BxT), ref_logp_BxT, kl_kind)
   token_r_BxT = jnp.where(mask_BxT, -kl_coef * kl_BxT, 0.0)
   token_r_BxT = token_r_BxT + jnp.where(last_token_mask(mask_BxT), r_B[:, None], 0.0)
@@ -240,9 +291,12 @@ def reinforce_pp_advantages(rewards_B: Array, old_logp_BxT: Array, ref_logp_BxT:
 
 
 def dapo_group_filter(rewards_B: Array, group_size: int) -> Array:
-  """DAPO dynamic sampling: `keep_B` is False for every row of a group with all-equal rewards."""
+  """DAPO dynamic sampling: `keep_B` is False for every row of a group whose scorable (finite)
+  rewards are all equal (fewer than two scorable: dropped too)."""
   r_NxG = _groups(rewards_B, group_size)
-  keep_N = jnp.max(r_NxG, axis=1) > jnp.min(r_NxG, axis=1)
+  valid_NxG = jnp.isfinite(r_NxG)
+  keep_N = (jnp.max(jnp.where(valid_NxG, r_NxG, -jnp.inf), axis=1) >
+            jnp.min(jnp.where(valid_NxG, r_NxG, jnp.inf), axis=1))
   return jnp.repeat(keep_N, group_size)
 
 
@@ -265,35 +319,57 @@ def policy_gradient_loss(logp_BxT: Array, old_logp_BxT: Array | None, advantages
                          loss_type: str = "grpo", max_completion_len: int | None = None,
                          num_active_tokens: Array | None = None,
                          ref_logp_BxT: Array | None = None, kl_coef: float = 0.0,
-                         kl_kind: str = "k3") -> tuple[Array, dict[str, Array]]:
-  """Clipped token-level policy gradient (GRPO / BNPO / Dr. GRPO / DAPO), TRL semantics.
+                         kl_kind: str = "k3", importance_sampling_level: str = "token",
+                         delta: float = 0.0,
+                         policy_mask_BxT: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  """Clipped token-level policy gradient (GRPO / BNPO / Dr. GRPO / DAPO / CISPO), TRL semantics.
 
   Per token `ℓ = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) + β·KL`, `ρ = exp(lp_θ − lp_old)` (log-ratio
   clamped ±20). `advantages` is `A_B` (broadcast over tokens) or `A_BxT`. `old_logp_BxT=None` means
   on-policy (`lp_old = stop_gradient(lp_θ)`, so ρ = 1 with the policy gradient of ρ).
+  `importance_sampling_level="sequence"` (GSPO): one ratio per row, `ρ_b = exp(Σ_t (lp_θ −
+  lp_old)·m / max(Σ_t m, 1))`, clipped per sequence and used for each of its tokens.
+  `delta > 0` (INTELLECT-2 two-sided clipping): the unclipped term uses `min(ρ, δ)`, which bounds
+  the loss of tokens with A < 0. `loss_type="cispo"` (MiniMax-M1):
+  `ℓ = −sg(min(ρ, 1+ε_high))·A·lp_θ` (the IS weight is capped, never the gradient; TRL caps at
+  `epsilon_high`, here at `1 + clip_high`).
+  `policy_mask_BxT` (e.g. `high_entropy_mask`) multiplies the policy term only (not the KL term,
+  not the denominators), as TRL's `top_entropy_quantile`.
   Aggregation by `loss_type`:
     grpo:    mean_b [Σ_t ℓm / max(Σ_t m, 1)]  (empty rows add 0 and still count in B)
     bnpo:    Σ ℓm / max(Σ m, 1)
     dr_grpo: Σ ℓm / (B · max_completion_len)  (max_completion_len defaults to T)
-    dapo:    Σ ℓm / max(num_active_tokens, 1)  (default Σ m; pass the global count when
+    dapo, cispo: Σ ℓm / max(num_active_tokens, 1)  (default Σ m; pass the global count when
              accumulating gradients over micro-batches)
   The KL term (estimator `kl_kind`) is computed when `ref_logp_BxT` is given and weighted by
   `kl_coef`. Returns `(loss, aux)`; aux (detached, masked token means): clip_fraction (TRL
-  "region": ρ clipped low with A < 0 or high with A > 0), clip_low_fraction, clip_high_fraction,
-  kl, ratio_mean.
+  "region": ρ clipped low with A < 0 or high with A > 0; cispo: capped with A > 0),
+  clip_low_fraction, clip_high_fraction, kl, ratio_mean.
   """
   if loss_type not in PG_LOSS_TYPES:
     raise ValueError(f"loss_type must be one of {PG_LOSS_TYPES}, got {loss_type!r}")
+  if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+    raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                     f"got {importance_sampling_level!r}")
   mask_BxT = _bool(mask_BxT)
   logp_BxT = _zero_invalid(logp_BxT, mask_BxT)
   old_BxT = _sg(logp_BxT if old_logp_BxT is None else _zero_invalid(old_logp_BxT, mask_BxT))
   adv = _sg(jnp.asarray(advantages, jnp.float32))
   adv_BxT = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp_BxT.shape)
 
-  log_ratio_BxT = jnp.clip(logp_BxT - old_BxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-  ratio_BxT = jnp.exp(log_ratio_BxT)
+  log_ratio_BxT = logp_BxT - old_BxT
+  if importance_sampling_level == "sequence":
+    log_ratio_BxT = jnp.broadcast_to(masked_mean(log_ratio_BxT, mask_BxT, axis=-1)[:, None],
+                                     logp_BxT.shape)
+  ratio_BxT = jnp.exp(jnp.clip(log_ratio_BxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
   clipped_BxT = jnp.clip(ratio_BxT, 1.0 - clip_low, 1.0 + clip_high)
-  per_token_BxT = -jnp.minimum(ratio_BxT * adv_BxT, clipped_BxT * adv_BxT)
+  if loss_type == "cispo":
+    per_token_BxT = -_sg(jnp.minimum(ratio_BxT, 1.0 + clip_high)) * adv_BxT * logp_BxT
+  else:
+    unclipped_BxT = jnp.minimum(ratio_BxT, delta) if delta > 0 else ratio_BxT
+    per_token_BxT = -jnp.minimum(unclipped_BxT * adv_BxT, clipped_BxT * adv_BxT)
+  if policy_mask_BxT is not None:
+    per_token_BxT = jnp.where(_bool(policy_mask_BxT), per_token_BxT, 0.0)
   if ref_logp_BxT is not None:
     kl_BxT = kl_estimate(logp_BxT, _zero_invalid(ref_logp_BxT, mask_BxT), kl_kind)
     per_token_BxT = per_token_BxT + kl_coef * kl_BxT
@@ -308,12 +384,12 @@ def policy_gradient_loss(logp_BxT: Array, old_logp_BxT: Array | None, advantages
   elif loss_type == "dr_grpo":
     width = logp_BxT.shape[-1] if max_completion_len is None else max_completion_len
     loss = total / (logp_BxT.shape[0] * width)
-  else:  # dapo
+  else:  # dapo, cispo
     count = masked_count(mask_BxT) if num_active_tokens is None else jnp.maximum(
         jnp.asarray(num_active_tokens, jnp.float32), 1.0)
     loss = total / count
 
-  low_BxT = (ratio_BxT < 1.0 - clip_low) & (adv_BxT < 0)
+  low_BxT = (ratio_BxT < 1.0 - clip_low) & (adv_BxT < 0) & (loss_type != "cispo")
   high_BxT = (ratio_BxT > 1.0 + clip_high) & (adv_BxT > 0)
   aux = {
       "clip_fraction": masked_mean((low_BxT | high_BxT).astype(jnp.float32), mask_BxT),
@@ -376,7 +452,8 @@ def dpo_loss(policy_chosen_logp_B: Array, policy_rejected_logp_B: Array,
              ref_chosen_logp_B: Array, ref_rejected_logp_B: Array, *, loss_type: str = "sigmoid",
              beta: float = 0.1, label_smoothing: float = 0.0, chosen_len_B: Array | None = None,
              rejected_len_B: Array | None = None, discopop_tau: float = 0.05,
-             bco_delta: float | Array = 0.0) -> tuple[Array, dict[str, Array]]:
+             bco_delta: float | Array = 0.0,
+             valid_B: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """DPO family per pair, TRL `loss_type` semantics. Inputs are summed sequence log-probs.
 
   With c = lp_θ(y_w) − lp_ref(y_w), r = lp_θ(y_l) − lp_ref(y_l), Δ = c − r, z = βΔ:
@@ -391,7 +468,18 @@ def dpo_loss(policy_chosen_logp_B: Array, policy_rejected_logp_B: Array,
               used a running mean of the rewards, which the caller may pass)
     sppo_hard (c − 1/(2β))² + (r + 1/(2β))²
     apo_zero  (1 − σ(βc)) + σ(βr)
+    apo_down  σ(βc) + (1 − σ(βΔ))
+    aot       smoothed sigmoid (as `sigmoid`) of β·[sort_B(lp_θ(y_w) − lp_θ(y_l)) −
+              sort_B(lp_ref(y_w) − lp_ref(y_l))]: the i-th smallest policy log-ratio against the
+              i-th smallest reference one (AOT, paired)
+    aot_pair  smoothed sigmoid of β·[sort_B(c) − sort_B(r)] (AOT, unpaired; TRL >= 0.20 calls it
+              `aot_unpaired`)
+    sigmoid_norm  −logσ(β(c/|y_w| − r/|y_l|)): length-normalised log-ratios (lengths required,
+              clamped to ≥ 1; no label smoothing, as TRL)
     discopop  m = σ(z/τ): (1 − m)(−logσ(z)) + m·exp(−z), with m·exp(−z) = exp(logσ(z/τ) − z)
+  The aot types sort over the batch: `valid_B` (default all True) marks the pairs that take part;
+  the others sort last in both orders and get the loss 0, and the i-th sorted loss is reported at
+  the i-th valid pair, so a 0/1-weighted mean over pairs is TRL's mean over the valid batch.
   Reference log-probs are stop_gradient'ed. Returns `(loss_B, aux)`, aux (detached, per pair):
   chosen_rewards = βc, rejected_rewards = βr (length-normalised for ipo), margins, accuracy.
   """
@@ -400,11 +488,13 @@ def dpo_loss(policy_chosen_logp_B: Array, policy_rejected_logp_B: Array,
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   pc, pr = f32(policy_chosen_logp_B), f32(policy_rejected_logp_B)
   rc, rr = _sg(f32(ref_chosen_logp_B)), _sg(f32(ref_rejected_logp_B))
-  if loss_type == "ipo":
+  if loss_type in ("ipo", "sigmoid_norm"):
     if chosen_len_B is None or rejected_len_B is None:
-      raise ValueError("ipo needs chosen_len_B and rejected_len_B (length-normalised log-probs)")
+      raise ValueError(f"{loss_type} needs chosen_len_B and rejected_len_B (length-normalised "
+                       "log-probs)")
     len_c = jnp.maximum(f32(chosen_len_B), 1.0)
     len_r = jnp.maximum(f32(rejected_len_B), 1.0)
+  if loss_type == "ipo":
     pc, rc, pr, rr = pc / len_c, rc / len_c, pr / len_r, rr / len_r
   c, r = pc - rc, pr - rr
   delta = c - r
@@ -435,10 +525,44 @@ def dpo_loss(policy_chosen_logp_B: Array, policy_rejected_logp_B: Array,
     loss = jnp.square(c - 0.5 / beta) + jnp.square(r + 0.5 / beta)
   elif loss_type == "apo_zero":
     loss = (1.0 - jax.nn.sigmoid(beta * c)) + jax.nn.sigmoid(beta * r)
+  elif loss_type == "apo_down":
+    loss = jax.nn.sigmoid(beta * c) + (1.0 - jax.nn.sigmoid(z))
+  elif loss_type in ("aot", "aot_pair"):
+    first, second = ((pc - pr, rc - rr) if loss_type == "aot" else (c, r))
+    loss = _sorted_pair_loss(first, second, beta, label_smoothing, valid_B)
+  elif loss_type == "sigmoid_norm":
+    loss = -log_sig(beta * (c / len_c - r / len_r))
   else:  # discopop
     loss = (jax.nn.sigmoid(-z / discopop_tau) * -log_sig(z) +
             jnp.exp(log_sig(z / discopop_tau) - z))
   return loss, _pair_aux(beta * c, beta * r)
+
+
+def _sorted_pair_loss(first_B: Array, second_B: Array, beta, label_smoothing: float,
+                      valid_B: Array | None) -> Array:
+  """AOT: the smoothed sigmoid loss of β·(sort(first) − sort(second)) over the valid pairs.
+
+  Invalid pairs sort last in both orders (the same count in each), so the valid ones pair up
+  among themselves; the i-th sorted loss is put at the i-th valid pair (in batch order) and
+  invalid pairs get 0, so `Σ_p valid_p·loss_p` is the sum over the sorted valid positions.
+  """
+  valid = (jnp.ones(first_B.shape, bool) if valid_B is None else _bool(valid_B))
+  big = jnp.finfo(jnp.float32).max
+  sort = lambda x: jnp.sort(jnp.where(valid, x, big))
+  delta = sort(first_B) - sort(second_B)  # big − big = 0 at the invalid tail
+  loss_sorted = _smoothed_sigmoid_loss(beta * delta, label_smoothing)
+  rank = jnp.cumsum(valid) - 1  # the i-th valid pair takes the i-th sorted loss
+  return jnp.where(valid, loss_sorted[jnp.clip(rank, 0, first_B.shape[0] - 1)], 0.0)
+
+
+def sft_pair_loss(chosen_logp_B: Array, chosen_len_B: Array, weight_B: Array) -> Array:
+  """MPO's `sft` term (TRL `loss_type="sft"`): the token-mean NLL of the chosen completions of the
+  batch, `−Σ_p w_p·lp_θ(y_w) / max(Σ_p w_p·|y_w|, 1)` (summed lps; w = pair weight), broadcast
+  to `[B]` so that a weighted mean over pairs gives it back."""
+  w = jnp.asarray(weight_B, jnp.float32)
+  nll = -jnp.sum(w * jnp.asarray(chosen_logp_B, jnp.float32)) / jnp.maximum(
+      jnp.sum(w * jnp.asarray(chosen_len_B, jnp.float32)), 1.0)
+  return jnp.broadcast_to(nll, w.shape)
 
 
 def spin_loss(policy_real_logp_B: Array, policy_generated_logp_B: Array,

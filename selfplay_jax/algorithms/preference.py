@@ -1,5 +1,5 @@
 """The preference family on pairs: offline DPO (and its loss variants, SimPO, ORPO), SPIN and
-Self-Rewarding; plus the judge-training (EFT) warm-up of Self-Rewarding.
+Self-Rewarding; KTO on unpaired samples; plus the judge-training (EFT) warm-up of Self-Rewarding.
 
 Pair rows carry a completion axis of size 2 (chosen, rejected): `prompt_tokens/prompt_mask`
 [P, 2, Lp], `tokens/mask` [P, 2, N], `weight` [P] (0 = no pair: a tie, a prompt without enough
@@ -33,8 +33,15 @@ class Preference:
   """One spec for the pair methods; `configs/dpo.py`, `spin.py`, `self_rewarding.py` pick fields.
 
   loss_type: a DPO `loss_type` (sigmoid, hinge, ipo, robust, exo_pair, nca_pair, bco_pair,
-    sppo_hard, apo_zero, discopop), or simpo / orpo (token-averaged log-probs, no reference).
+    sppo_hard, apo_zero, apo_down, aot, aot_pair, sigmoid_norm, discopop), or simpo / orpo
+    (token-averaged log-probs, no reference) / sft (NLL of the chosen side, no reference).
+  loss_types, loss_weights: several loss types summed with weights (TRL's MPO): per pair
+    `Σ_k w_k·loss_k`; empty = `(loss_type,)`, weights default to 1 each.
   nll_coef: adds `nll_coef * NLL(chosen)` (token mean) per pair (RPO; SimPO's optional SFT term).
+  beta_schedule: β of iteration i (0-based, counted by the round) is `beta_schedule[min(i, n-1)]`;
+    the round writes it into the rows as `beta` (empty = `beta` throughout).
+  ref_sync_alpha, ref_sync_every: TR-DPO; every `ref_sync_every` rounds the round sets a frozen
+    reference to `alpha·θ + (1 − alpha)·ref` (0 = never).
   reference: frozen (DPO: the model training starts from) | previous (SPIN, Self-Rewarding: the
     previous iterate, moved every `reference_every` rounds) | none (SimPO, ORPO).
   sample_from: policy | reference (SPIN's opponent and Self-Rewarding's M_t are the iterate the
@@ -57,23 +64,40 @@ class Preference:
   sample_from: str = "policy"
   replay: bool = False
   restart_from_base: bool = False
+  loss_types: tuple[str, ...] = ()
+  loss_weights: tuple[float, ...] = ()
+  beta_schedule: tuple[float, ...] = ()
+  ref_sync_alpha: float = 0.0
+  ref_sync_every: int = 0
 
   def __post_init__(self):
     if self.pairs not in PAIR_SOURCES:
       raise ValueError(f"algorithm.pairs: {self.pairs!r} is not one of {PAIR_SOURCES}")
-    if self.loss_type not in PREFERENCE_LOSS_TYPES:
-      raise ValueError(f"algorithm.loss_type: {self.loss_type!r} is not one of "
-                       f"{PREFERENCE_LOSS_TYPES}")
+    for t in self.types:
+      if t not in PREFERENCE_LOSS_TYPES:
+        raise ValueError(f"algorithm.loss_type: {t!r} is not one of {PREFERENCE_LOSS_TYPES}")
+    if self.loss_weights and len(self.loss_weights) != len(self.types):
+      raise ValueError(f"algorithm.loss_weights: {len(self.loss_weights)} weights for "
+                       f"{len(self.types)} loss types")
     if self.needs_ref and self.reference == "none":
-      raise ValueError(f"algorithm.loss_type: {self.loss_type} needs a reference model")
+      raise ValueError(f"algorithm.loss_type: {'+'.join(self.types)} needs a reference model")
 
   @property
   def samples(self) -> bool:
     return self.pairs != "data"
 
   @property
+  def types(self) -> tuple[str, ...]:
+    """The loss types summed per pair: `loss_types`, or the single `loss_type`."""
+    return tuple(self.loss_types) or (self.loss_type,)
+
+  @property
+  def weights(self) -> tuple[float, ...]:
+    return tuple(self.loss_weights) or (1.0,) * len(self.types)
+
+  @property
   def needs_ref(self) -> bool:
-    return self.loss_type in DPO_LOSS_TYPES
+    return any(t in DPO_LOSS_TYPES for t in self.types)
 
   # ---- pairs ----------------------------------------------------------------------------------
 
@@ -112,24 +136,36 @@ class Preference:
 
   # ---- loss -----------------------------------------------------------------------------------
 
+  def _term(self, loss_type: str, lp, length, rows: Rows, beta):
+    """One loss type's per-pair loss and aux (`lp`, `length`: [P, 2] summed log-probs, lengths)."""
+    avg = lp / length
+    w = rows["weight"]
+    if loss_type == "simpo":
+      return losses.simpo_loss(avg[:, 0], avg[:, 1], beta=beta, gamma=self.simpo_gamma,
+                               label_smoothing=self.label_smoothing)
+    if loss_type == "orpo":
+      return losses.orpo_loss(avg[:, 0], avg[:, 1], -avg[:, 0], lam=self.orpo_lambda)
+    if loss_type == "sft":  # no preference rewards: TRL logs zeros
+      zeros = jnp.zeros_like(lp[:, 0])
+      return (losses.sft_pair_loss(lp[:, 0], length[:, 0], w),
+              losses.dpo_loss(zeros, zeros, zeros, zeros)[1])
+    ref = losses.sequence_logprob(rows["ref_logp"], rows["mask"])
+    return losses.dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], loss_type=loss_type,
+                           beta=beta, label_smoothing=self.label_smoothing,
+                           chosen_len_B=length[:, 0], rejected_len_B=length[:, 1],
+                           valid_B=w > 0)
+
   def loss(self, logp_PxKxT, rows: Rows):
     mask = rows["mask"]
     lp = losses.sequence_logprob(logp_PxKxT, mask)  # [P, 2]
     length = losses.masked_count(mask, axis=-1)  # >= 1
-    avg = lp / length
-    if self.loss_type == "simpo":
-      loss_p, aux = losses.simpo_loss(avg[:, 0], avg[:, 1], beta=self.beta, gamma=self.simpo_gamma,
-                                      label_smoothing=self.label_smoothing)
-    elif self.loss_type == "orpo":
-      loss_p, aux = losses.orpo_loss(avg[:, 0], avg[:, 1], -avg[:, 0], lam=self.orpo_lambda)
-    else:
-      ref = losses.sequence_logprob(rows["ref_logp"], mask)
-      loss_p, aux = losses.dpo_loss(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1],
-                                    loss_type=self.loss_type, beta=self.beta,
-                                    label_smoothing=self.label_smoothing,
-                                    chosen_len_B=length[:, 0], rejected_len_B=length[:, 1])
+    beta = rows["beta"] if "beta" in rows else self.beta  # the round's scheduled β, per pair
+    terms = [self._term(t, lp, length, rows, beta) for t in self.types]
+    loss_p = sum(weight * term[0] for weight, term in zip(self.weights, terms))
+    # The logged rewards are those of the first term with preference rewards (sft has none).
+    aux = next((a for t, (_, a) in zip(self.types, terms) if t != "sft"), terms[0][1])
     if self.nll_coef:
-      loss_p = loss_p - self.nll_coef * avg[:, 0]
+      loss_p = loss_p - self.nll_coef * (lp[:, 0] / length[:, 0])
     w = rows["weight"]
     total = jnp.maximum(jnp.sum(w), 1.0)
     mean = lambda x: jnp.sum(x * w) / total
@@ -139,6 +175,70 @@ class Preference:
     metrics["pair_accuracy"] = mean(aux["accuracy"])
     metrics["pair_fraction"] = jnp.mean((w > 0).astype(jnp.float32))
     return mean(loss_p), metrics
+
+
+def mismatched_rows(rows: Rows, group_size: int) -> Rows:
+  """Each completion under the prompt `group_size` rows earlier (the previous prompt's group,
+  cyclically): KTO's mismatched (prompt, completion) pairs for its KL reference point z0. TRL
+  rotates the completions of a batch by one example; here a prompt has `group_size` samples in a
+  row, so the rotation is one prompt. With a single prompt in the batch the prompt stays the
+  same (z0 is then the KL of the matched samples)."""
+  roll = lambda x: jnp.roll(x, group_size, axis=0)
+  return {**rows, "prompt_tokens": roll(rows["prompt_tokens"]),
+          "prompt_mask": roll(rows["prompt_mask"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class KTO:
+  """KTO (Ethayarajh et al. 2024; TRL KTOTrainer) on the round's own samples, unpaired.
+
+  Each of the `sampling.n` samples per prompt (from the policy) is one example, desirable iff its
+  reward >= `threshold` (default 1: verified correct), undesirable otherwise; a sample without a
+  score (NaN) gets weight 0. Per example, with ρ = lp_θ(y) − lp_ref(y) (summed log-probs):
+  desirable `w_d·(1 − σ(β(ρ − z0)))`, undesirable `w_u·(1 − σ(β(z0 − ρ)))`, and the loss is the
+  mean over the minibatch's scored examples (TRL: mean over the batch). z0 = max(0, mean over the
+  minibatch of lp(y′|x′) − lp_ref(y′|x′)) on mismatched pairs (`mismatched_rows`), detached; its
+  policy log-probs are taken under the parameters that sampled the round (`logp.old`), i.e. TRL's
+  z0 exactly when a round takes one optimizer step (`configs/kto.py`), else as of the round start.
+  """
+
+  name: str = "kto"
+  beta: float = 0.1
+  desirable_weight: float = 1.0
+  undesirable_weight: float = 1.0
+  threshold: float = 1.0
+  group_size: int = 1
+  samples: bool = True
+  reference: str = "frozen"
+  restart_from_base: bool = False
+  ref_sync_alpha: float = 0.0
+  ref_sync_every: int = 0
+
+  def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
+    rows = rollout_rows(rollout)
+    r = jnp.asarray(rewards, jnp.float32)
+    kl = mismatched_rows(rows, self.group_size)
+    return {**rows, "desirable": r >= self.threshold,
+            "weight": (~jnp.isnan(r)).astype(jnp.float32),
+            "ref_logp": logp.ref(rows),
+            "kl_logp": losses.sequence_logprob(logp.old(kl), kl["mask"]),
+            "kl_ref_logp": losses.sequence_logprob(logp.ref(kl), kl["mask"])}
+
+  def loss(self, logp_BxT, rows: Rows):
+    mask = rows["mask"]
+    lp = losses.sequence_logprob(logp_BxT, mask)
+    ref = losses.sequence_logprob(rows["ref_logp"], mask)
+    desirable = rows["desirable"].astype(bool)
+    loss_b, aux = losses.kto_loss(lp, ref, desirable, rows["kl_logp"], rows["kl_ref_logp"],
+                                  beta=self.beta, desirable_weight=self.desirable_weight,
+                                  undesirable_weight=self.undesirable_weight)
+    w = rows["weight"]
+    mean = lambda x, m: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+    good, bad = w * desirable, w * ~desirable
+    return mean(loss_b, w), {"kto_kl": aux["kl"],
+                             "chosen_rewards": mean(aux["rewards"], good),
+                             "rejected_rewards": mean(aux["rewards"], bad),
+                             "desirable_fraction": mean(desirable.astype(jnp.float32), w)}
 
 
 @dataclasses.dataclass(frozen=True)

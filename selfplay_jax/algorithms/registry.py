@@ -19,7 +19,8 @@ from typing import Any, Callable
 from selfplay_jax import config_lib
 from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.grpo import PolicyGradient
-from selfplay_jax.algorithms.preference import Preference
+from selfplay_jax.algorithms.ppo import PPO
+from selfplay_jax.algorithms.preference import KTO, Preference
 from selfplay_jax.algorithms.sft import SFT, RestEM
 from selfplay_jax.algorithms.spec import REFERENCES, Spec
 from selfplay_jax.errors import ConfigError
@@ -41,8 +42,14 @@ class Algorithm:
   min_samples: the least `sampling.n` (2 for group-relative advantages and best-vs-worst pairs).
   pair_data: data batches carry chosen / rejected responses (offline DPO).
   needs_gold: JSONL rows need a `response` (trains on gold responses).
+  iterates: the reference moves to the policy every `algorithm.iteration_rounds` rounds (SPIN,
+    Self-Rewarding): `algorithm.beta_schedule` applies.
+  ref_sync: a frozen reference that `algorithm.ref_sync_every` may mix towards the policy
+    (TR-DPO).
   train_rows: cfg -> (rows one round trains on, how they come about); num_minibatches must divide.
   passes: (cfg, spec) -> forward passes over whole batches, for the memory plan.
+  wrap_optimizer: (cfg, optimizer) -> optimizer, or None: the method's own gate around the
+    run's optimizer (PPO's value warm-up freezes the policy; `setup.build_optimizer` applies it).
   """
 
   name: str
@@ -54,9 +61,12 @@ class Algorithm:
   min_samples: int = 1
   pair_data: bool = False
   needs_gold: bool = False
+  iterates: bool = False
+  ref_sync: bool = False
   train_rows: Callable[[Any], tuple[int, str]] = lambda cfg: (
       cfg.data.batch_size * cfg.sampling.n, "data.batch_size * sampling.n")
   passes: Callable[[Any, Spec], Passes] = lambda cfg, spec: []
+  wrap_optimizer: Callable[[Any, Any], Any] | None = None
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -185,16 +195,36 @@ def _policy_gradient(loss_type: str, advantage: str, *, dynamic_filter: bool = F
   def make(cfg) -> Spec:
     a = cfg.algorithm
     # Without a KL term (or a reward that reads it) the reference is never read: no copy kept.
-    keep_ref = a.kl_coef > 0 or reference_reward
+    # judge.model=reference: the frozen reference judges the samples.
+    keep_ref = a.kl_coef > 0 or reference_reward or cfg.judge.model == "reference"
     return PolicyGradient(name=a.name, group_size=cfg.sampling.n,
                           loss_type=a.loss_type or loss_type, advantage=a.advantage or advantage,
                           clip_low=a.clip_low, clip_high=a.clip_high, kl_coef=a.kl_coef,
+                          kl_kind=a.kl_estimator or "k3", reward_kl_kind=a.kl_estimator or "k1",
+                          scale_rewards=a.scale_rewards,
+                          temperature=cfg.sampling.temperature or 1.0,  # greedy: the model's
+                          importance_sampling_level=a.importance_sampling_level, delta=a.delta,
+                          entropy_coef=a.entropy_coef, top_entropy_quantile=a.top_entropy_quantile,
+                          mask_truncated_completions=a.mask_truncated_completions,
                           dynamic_filter=dynamic_filter,
                           max_completion_len=cfg.sampling.max_new_tokens,
                           overlong_buffer=a.overlong_buffer,
                           reference="frozen" if keep_ref else "none")
 
   return make
+
+
+def split_list(text: str) -> tuple[str, ...]:
+  """`"a, b,c"` -> ("a", "b", "c"); "" -> () (list-valued config keys are comma-separated)."""
+  return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_floats(key: str, text: str) -> tuple[float, ...]:
+  """A comma-separated list of numbers (`algorithm.loss_weights`, `algorithm.beta_schedule`)."""
+  try:
+    return tuple(float(part) for part in split_list(text))
+  except ValueError:
+    raise ConfigError(f"{key}: must be comma-separated numbers, got {text!r}") from None
 
 
 def _preference(pairs: str, reference: str, sample_from: str,
@@ -205,17 +235,38 @@ def _preference(pairs: str, reference: str, sample_from: str,
   def make(cfg) -> Spec:
     a = cfg.algorithm
     loss_type = a.loss_type or "sigmoid"
+    loss_types = split_list(a.loss_types)
     ref = reference
-    if pairs == "data" and loss_type in ("simpo", "orpo"):
+    if pairs == "data" and all(t in losses.REFERENCE_FREE_LOSS_TYPES
+                               for t in loss_types or (loss_type,)):
       ref = "none"  # reference-free losses, nothing samples
     return Preference(name=a.name, pairs=pairs, loss_type=loss_type, beta=a.beta,
                       label_smoothing=a.label_smoothing, simpo_gamma=a.simpo_gamma,
                       orpo_lambda=a.orpo_lambda, nll_coef=a.nll_coef, group_size=cfg.sampling.n,
                       min_score_gap=a.min_score_gap, reference=ref,
                       reference_every=a.iteration_rounds, sample_from=sample_from,
-                      replay=replay_key and a.replay_previous)
+                      replay=replay_key and a.replay_previous, loss_types=loss_types,
+                      loss_weights=parse_floats("algorithm.loss_weights", a.loss_weights),
+                      beta_schedule=parse_floats("algorithm.beta_schedule", a.beta_schedule),
+                      ref_sync_alpha=a.ref_sync_alpha,
+                      ref_sync_every=a.ref_sync_every if ref == "frozen" else 0)
 
   return make
+
+
+def _kto(cfg) -> Spec:
+  a = cfg.algorithm
+  return KTO(name=a.name, beta=a.beta, desirable_weight=a.desirable_weight,
+             undesirable_weight=a.undesirable_weight, threshold=a.kto_threshold,
+             group_size=cfg.sampling.n, ref_sync_alpha=a.ref_sync_alpha,
+             ref_sync_every=a.ref_sync_every)
+
+
+def _kto_passes(cfg, spec) -> Passes:
+  b, n, k = cfg.data.batch_size, cfg.sampling.n, cfg.algorithm.num_minibatches
+  width = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
+  return [("reference / mismatched-pair log-prob pass (one chunk)", _chunk(cfg, b * n), width),
+          ("training step", b * n // k, width)]
 
 
 def _spin_rows(cfg) -> tuple[int, str]:
@@ -243,17 +294,50 @@ register(Algorithm("dapo", _policy_gradient("dapo", "grpo", dynamic_filter=True)
                    min_samples=2, passes=_sample_passes))
 register(Algorithm("rloo", _policy_gradient("grpo", "rloo"), loss_types=_PG, min_samples=2,
                    passes=_sample_passes))
-register(Algorithm("reinforce_pp", _policy_gradient("grpo", "reinforce_pp"), loss_types=_PG,
+register(Algorithm("reinforce_pp", _policy_gradient("bnpo", "reinforce_pp"), loss_types=_PG,
                    passes=_sample_passes))
 register(Algorithm("sharpen_rl", _policy_gradient("grpo", "grpo", reference_reward=True),
                    default_reward="likelihood", loss_types=_PG, min_samples=2,
                    passes=_sample_passes))
 register(Algorithm("dpo", _preference("data", "frozen", "policy"), samples=False,
-                   uses_rewards=False, loss_types=_PREF, pair_data=True,
+                   uses_rewards=False, loss_types=_PREF, pair_data=True, ref_sync=True,
                    train_rows=_ONE_PAIR_PER_PROMPT, passes=_pair_passes))
 register(Algorithm("spin", _preference("gold_vs_sample", "previous", "reference", replay_key=True),
-                   uses_rewards=False, loss_types=_PREF, needs_gold=True, train_rows=_spin_rows,
-                   passes=_pair_passes))
+                   uses_rewards=False, loss_types=_PREF, needs_gold=True, iterates=True,
+                   train_rows=_spin_rows, passes=_pair_passes))
 register(Algorithm("self_rewarding", _preference("best_vs_worst", "previous", "reference"),
-                   default_reward="judge", loss_types=_PREF, min_samples=2,
+                   default_reward="judge", loss_types=_PREF, min_samples=2, iterates=True,
                    train_rows=_ONE_PAIR_PER_PROMPT, passes=_pair_passes))
+register(Algorithm("kto", _kto, ref_sync=True, passes=_kto_passes))
+
+
+# PPO with a value head (algorithms/ppo.py): its keys are the "PPO" block of configs/default.py.
+def _ppo(cfg) -> Spec:
+  a, w = cfg.algorithm, cfg.warmup
+  for key, value in (("advantage", a.advantage), ("overlong_buffer", a.overlong_buffer),
+                     ("scale_rewards", a.scale_rewards)):
+    if value:  # group-PG knobs PPO does not read
+      raise ConfigError(f"algorithm.{key}: ppo's advantages are GAE on its value head (no "
+                        f"{key}); leave it at its default")
+  for key, default in (("importance_sampling_level", "token"), ("delta", 0.0),
+                       ("entropy_coef", 0.0), ("top_entropy_quantile", 1.0),
+                       ("mask_truncated_completions", False)):
+    if a[key] != default:  # PG-family loss options the PPO loss does not take (yet)
+      raise ConfigError(f"algorithm.{key}: the GRPO-family option is not implemented for ppo; "
+                        f"leave it {default!r}")
+  if a.kl_estimator not in ("", "k1"):
+    raise ConfigError(f"algorithm.kl_estimator: ppo shapes its token rewards with the k1 "
+                      f"estimate (OpenRLHF's); {a.kl_estimator!r} is not implemented for it")
+  start = w.rounds * w.num_minibatches  # optimizer steps of the SFT warm-up
+  value_steps = a.value_warmup_rounds * a.num_epochs * a.num_minibatches
+  return PPO(loss_type=a.loss_type or "grpo", clip_low=a.clip_low, clip_high=a.clip_high,
+             kl_coef=a.kl_coef, gamma=a.gamma, gae_lambda=a.gae_lambda, value_clip=a.value_clip,
+             vf_coef=a.vf_coef, separate_critic=a.separate_critic,
+             value_warmup=(start, start + value_steps),
+             temperature=cfg.sampling.temperature or 1.0,  # greedy: the model's
+             # judge.model=reference: the frozen reference judges the samples
+             reference="frozen" if a.kl_coef > 0 or cfg.judge.model == "reference" else "none")
+
+
+register(Algorithm("ppo", _ppo, loss_types=_PG, passes=_sample_passes,
+                   wrap_optimizer=lambda cfg, tx: _ppo(cfg).wrap_optimizer(tx)))

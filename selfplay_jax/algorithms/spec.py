@@ -26,6 +26,9 @@ REFERENCES = ("frozen", "previous", "none")
 class LogProbs:
   old: Callable[[Rows], jax.Array]
   ref: Callable[[Rows], jax.Array]
+  # The spec's own `forward` (see below) under the sampler's params, frozen and in chunks like
+  # `old`; None for a spec without one. PPO reads its old log-probs and old values here.
+  old_forward: Callable[[Rows], Any] | None = None
 
 
 class Spec(Protocol):
@@ -40,7 +43,12 @@ class Spec(Protocol):
   # Optional (see OPTIONAL):
   #   sample_from: str      "policy" | "reference": whose params sample, are scored and give
   #                         logp.old
-  #   reference_every: int  a "previous" reference moves to the policy every N rounds
+  #   reference_every: int  a "previous" reference moves to the policy every N rounds (an
+  #                         iteration), counted from the start of the phase
+  #   beta_schedule: tuple  the β of each iteration (the last one repeats); the round writes the
+  #                         current one into the rows as `beta` [R]
+  #   ref_sync_every: int, ref_sync_alpha: float  a "frozen" reference becomes
+  #                         alpha·params + (1 − alpha)·ref every N rounds of the phase (TR-DPO)
   #   replay: bool          the state keeps last iteration's pairs; then the spec also has
   #                         pair_rows(batch, rollout, rewards) -> Rows (this round's pairs, no
   #                         log-probs) and annotate(rows, logp) -> Rows (adds the log-probs)
@@ -48,6 +56,13 @@ class Spec(Protocol):
   #                         training forward of a minibatch (default: completion log-probs
   #                         [R, N], `models.logprobs.completion_logprobs`); a spec that also
   #                         needs entropies or values returns them here (a tuple or dict)
+  #   init_params(params) -> params   the spec's own trainable params added beside the model's
+  #                         when the state is made (PPO's value head / critic); they ride in
+  #                         `state.params` (optimizer, sharding, checkpoints), export drops them
+  #   after_warmup(params) -> params  called by the training loop once the SFT warm-up ends
+  #                         (PPO's separate critic copies the warmed-up policy trunk)
+  #   temperature: float    the T of the frozen old / reference log-probs and of the default
+  #                         training forward (logits / T; the PG family: sampling.temperature)
 
   def build(self, batch: Rows, rollout: Any, rewards: jax.Array | None, logp: LogProbs) -> Rows:
     ...
@@ -56,7 +71,10 @@ class Spec(Protocol):
     ...
 
 
-OPTIONAL = {"sample_from": "policy", "reference_every": 1, "replay": False, "forward": None}
+OPTIONAL = {"sample_from": "policy", "reference_every": 1, "replay": False, "forward": None,
+            "beta_schedule": (), "ref_sync_every": 0, "ref_sync_alpha": 0.0,
+            "init_params": None, "after_warmup": None,  # PPO's value head (algorithms/ppo.py)
+            "temperature": 1.0}
 
 
 def option(spec: Spec, name: str) -> Any:

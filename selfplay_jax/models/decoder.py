@@ -226,9 +226,12 @@ _REMAT_POLICIES = {
 
 
 class Decoder(nn.Module):
-  """Embeds tokens, runs the layers, returns float32 logits (and the updated KV cache)."""
+  """Embeds tokens, runs the layers, returns float32 logits (and the updated KV cache).
+  `return_hidden`: the logits come as (logits, final hidden states after the final norm
+  [B, T, D]), for heads on the trunk (PPO's value head)."""
 
   config: ModelConfig
+  return_hidden: bool = False
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT, masks, kv_cache=None, write_index=None):
@@ -270,6 +273,8 @@ class Decoder(nn.Module):
     if c.final_logit_softcap:
       logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
     logits = nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    if self.return_hidden:
+      return (logits, x), new_cache
     return logits, new_cache
 
 
@@ -345,9 +350,11 @@ def logical_axes(config: ModelConfig):
   return nn.get_partition_spec(abstract)["params"]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=None) -> jax.Array:
-  """Full causal forward pass. Returns float32 logits [B, T, V].
+@functools.partial(jax.jit, static_argnums=0, static_argnames="return_hidden")
+def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=None,
+            return_hidden: bool = False) -> jax.Array:
+  """Full causal forward pass. Returns float32 logits [B, T, V]; with `return_hidden`,
+  (logits, final hidden states [B, T, D] after the final norm, in `config.dtype`).
 
   `segment_ids` (int [B, T]) marks packed sequences; 0 marks padding (never attended to).
   `positions` default to each token's index within its segment.
@@ -363,8 +370,9 @@ def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=Non
   causal = jnp.tril(jnp.ones((t, t), bool))[None]
   same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
   masks = _attention_masks(config, causal & same, positions, positions)
-  logits, _ = Decoder(config).apply({"params": params}, tokens, positions, masks)
-  return logits
+  out, _ = Decoder(config, return_hidden=return_hidden).apply({"params": params}, tokens,
+                                                            positions, masks)
+  return out
 
 
 @flax.struct.dataclass

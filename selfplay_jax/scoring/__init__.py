@@ -17,12 +17,19 @@ __all__ = ["Judge", "ranking_agreement", "self_likelihood", "judge_scorer",
            "likelihood_scorer"]
 
 
-def judge_scorer(judge: Judge, config: ModelConfig):
-  """The policy that sampled the round judges its own samples (Self-Rewarding)."""
+def judge_scorer(judge: Judge, config: ModelConfig, model: str = "policy"):
+  """The policy judges its own samples (Self-Rewarding): `model="policy"` judges with the params
+  that sampled the round, `model="reference"` with the run's reference params (for a frozen
+  reference: the policy as the warm-up left it, a judge that does not drift with the updates)."""
+  if model not in ("policy", "reference"):
+    raise ValueError(f"judge.model: must be policy or reference, got {model!r}")
 
   def scorer(sample_params, ref_params, batch, rollout, rng):
-    del ref_params, batch
-    s = judge.score(config, sample_params, rollout.prompt_tokens, rollout.prompt_mask,
+    del batch
+    params = sample_params if model == "policy" else ref_params
+    if params is None:
+      raise ValueError("judge.model=reference: this algorithm keeps no reference params")
+    s = judge.score(config, params, rollout.prompt_tokens, rollout.prompt_mask,
                     rollout.tokens, rollout.mask, rng)
     valid = ~jnp.isnan(s)
     return s, {"judge/score_mean": jnp.nanmean(s),
