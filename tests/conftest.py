@@ -43,3 +43,16 @@ def task_and_tok(request, tmp_path_factory):
   name, kwargs = request.param
   task = tasks.get_task(name, **kwargs)
   return task, tasks.build_tokenizer(task, tmp_path_factory.mktemp("tok"))
+
+
+# The files that take longest (minutes each, mostly end-to-end training runs; see the
+# `--durations` table of a full run) go first: `--dist loadfile` hands files to the two workers in
+# collection order, so a long file collected last (alphabetically) would run alone at the end.
+HEAVY_FIRST = ("test_recipes.py", "test_self_rewarding.py", "test_train.py", "test_reliability.py",
+               "test_resume_kill.py", "test_docs.py", "test_config_keys.py", "test_multihost.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable otherwise
