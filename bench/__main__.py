@@ -1,6 +1,6 @@
 """Runs the benchmark suite: each module as `python -m bench.<module>`, one after the other.
 
-  python -m bench --suite all            # sampling, trl, tunix, round (full runs: docs + results)
+  python -m bench --suite all            # sampling, trl, tunix, round, reward_fns, lora (full runs: docs + results)
   python -m bench --suite round --quick  # one benchmark, tiny sizes (results/<name>_quick.json only)
   python -m bench --suite all --dry-run  # print the commands, run nothing
 
@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 from bench import common
 
 # --suite name -> module under bench/ (run as `python -m bench.<module>`), in suite order.
-SUITES = {"sampling": "sampling", "trl": "trl_compare", "tunix": "tunix_sampler", "round": "round"}
+SUITES = {"sampling": "sampling", "trl": "trl_compare", "tunix": "tunix_sampler", "round": "round",
+          "reward_fns": "reward_fns", "lora": "lora"}
 
 
 @dataclasses.dataclass

@@ -51,6 +51,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # preset's value, generated from the dataclass so the two never drift. Field meanings: see
   # selfplay_jax/models/config.py. With hf_path set only dtype, param_dtype, remat and scan_layers apply.
   config_lib.set_preset(cfg.model, arg.model)
+  cfg.model.lora = ml_collections.ConfigDict()  # LoRA adapters (selfplay_jax/models/lora.py)
+  cfg.model.lora.rank = 0  # adapter rank; 0 = off (full fine-tuning); > 0: only the adapters train
+  cfg.model.lora.alpha = 16.0  # adapter update scale alpha / rank (peft's lora_alpha)
+  cfg.model.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj")  # projections with adapters: regexes, each fully matching some of these
 
   cfg.sampling = ml_collections.ConfigDict()
   cfg.sampling.max_new_tokens = 32  # completion length cap (tokens)
@@ -91,7 +96,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.top_entropy_quantile = 1.0  # PG: train the top-quantile tokens by entropy; 1 = all
   cfg.algorithm.mask_truncated_completions = False  # PG: no loss on completions cut by the budget
   cfg.algorithm.kl_estimator = ""  # PG: k1|k2|k3, KL penalty and KL-shaped rewards; "" = k3 / k1
-  cfg.algorithm.reward = ""  # verifier | judge | likelihood; "" = the algorithm's own
+  cfg.algorithm.reward = ""  # verifier | judge | likelihood | math | python; "" = the algorithm's own
+  cfg.algorithm.reward_fn = ""  # a Python reward fn(prompts, completions, **fields), "file.py:fn" or "module:fn"
+  cfg.algorithm.reward_fns = ""  # several, comma-separated ("math" = the built-in); their weighted sum
+  cfg.algorithm.reward_weights = ""  # comma-separated weights of reward_fns; "" = 1 each
   cfg.algorithm.likelihood_normalize = "mean"  # self-likelihood reward: mean or sum token log-prob
   cfg.algorithm.iteration_rounds = 1  # spin / self_rewarding: rounds per iteration (reference moves)
   cfg.algorithm.replay_previous = False  # spin: also train on the previous iteration's pairs
@@ -140,6 +148,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.heldout_fraction = 0.1  # JSONL data without eval_path: share of prompts held out
   cfg.data.answer_marker = "####"  # JSONL data: the verifier compares what follows this token
   cfg.data.strict = False  # JSONL data: a bad row is an error (True) or skipped and counted
+  cfg.data.prompt_format = "raw"  # JSONL data: raw (prompt text as is) | chat (the tokenizer's chat template)
+  cfg.data.system_prompt = ""  # chat format: a system message put first when a prompt has none; "" = none
+  cfg.data.prompt_field = "prompt"  # JSONL data: the key of the prompt (GSM8K: question; MATH: problem)
+  cfg.data.answer_field = "answer"  # JSONL data: the key of the answer (cut after its last answer_marker)
+  cfg.data.response_field = "response"  # JSONL data: the key of the gold response (SFT warm-up)
+  cfg.data.chosen_field = "chosen"  # JSONL data: the key of a preference pair's chosen response
+  cfg.data.rejected_field = "rejected"  # JSONL data: the key of a preference pair's rejected response
   cfg.data.batch_size = 64  # prompts per round (global, across all devices)
   cfg.data.difficulty = 2  # arithmetic: digits per operand; sort: list length; countdown: numbers (2-4)
   cfg.data.max_value = 0  # sort: largest list value (9); countdown: numbers from 1..N (12); 0 = default

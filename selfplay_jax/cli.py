@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from selfplay_jax import config_lib, config_validation
 from selfplay_jax.errors import (CheckpointError, CheckpointFormatError, ConfigError, DataError,
-                                 EncodingError, TokenizerError)
+                                 EncodingError, RewardFunctionError, TokenizerError)
 
 COMMANDS = {
     "train": "run self-improvement rounds from a config (checkpoints and metrics in --workdir)",
@@ -124,7 +124,7 @@ def _train(cfg, workdir: str | None) -> int:
     sys.exit(128 + e.signum)  # the shell convention for "terminated by signal N"
   except train.Diverged as e:
     _fail(e, code=3)
-  except _INPUT_ERRORS + (DataError, EncodingError) as e:
+  except _INPUT_ERRORS + (DataError, EncodingError, RewardFunctionError) as e:
     _fail(e)
   if "eval/accuracy_after_warmup" in history:
     print(f"held-out accuracy after warm-up: {history['eval/accuracy_after_warmup']:.1%}")
@@ -169,6 +169,9 @@ def _define_generate_flags() -> None:
   flags.DEFINE_integer("n", 1, "completions per prompt")
   flags.DEFINE_integer("seed", 0, "sampling PRNG seed")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
+  flags.DEFINE_bool("chat", False, "render each prompt as a user message with the checkpoint's "
+                    "chat template (as transformers' apply_chat_template, generation prompt added)")
+  flags.DEFINE_string("system", "", "with --chat: a system message before each prompt")
 
 
 def _generate(argv: list[str]) -> int:
@@ -184,7 +187,8 @@ def _generate(argv: list[str]) -> int:
   try:
     sc.validate(prefix="")
     results = generate.generate_text(_FLAGS.model, _FLAGS.prompt, sc, tokenizer_path=_FLAGS.tokenizer,
-                                     seed=_FLAGS.seed, dtype=_FLAGS.dtype)
+                                     seed=_FLAGS.seed, dtype=_FLAGS.dtype, chat=_FLAGS.chat,
+                                     system_prompt=_FLAGS.system)
   except (ConfigError, ValueError, OSError) as e:
     _fail(e)
   for result in results:

@@ -265,6 +265,9 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
                       "is" if len(ignored) == 1 else "are")
   else:
     result = ModelConfig(**{f.name: model[f.name] for f in dataclasses.fields(ModelConfig)})
+  if "lora" in model and model.lora.rank:  # adapters (models/lora.py) on top of the architecture
+    from selfplay_jax.models import lora  # pylint: disable=import-outside-toplevel
+    result = lora.with_lora(result, model.lora.rank, model.lora.alpha, model.lora.targets)
   return result.validate("model")
 
 

@@ -25,7 +25,7 @@ from selfplay_jax.data import tasks
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.config import PRESETS, ModelConfig
 from selfplay_jax.optim import OPTIMIZERS
-from selfplay_jax.scoring import judge
+from selfplay_jax.scoring import judge, python_rewards
 
 __all__ = ["validate"]
 
@@ -52,6 +52,8 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("model.preset", str, lambda v: v in PRESETS, f"must be one of {sorted(PRESETS)}"),
     ("model.hf_path", str, None, ""),
     ("model.tokenizer_path", str, None, ""),
+    ("model.lora.rank", int, _non_negative, "must be >= 0 (0 = off)"),
+    ("model.lora.alpha", float, lambda v: v > 0, "must be > 0"),
     ("sampling.max_new_tokens", int, _positive, "must be >= 1"),
     ("sampling.temperature", float, _non_negative, "must be >= 0 (0 = greedy)"),
     ("sampling.top_k", int, _non_negative, "must be >= 0 (0 = off)"),
@@ -77,6 +79,9 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
      f"must be '' (the algorithm's own) or one of {_LOSS_TYPES}"),
     ("algorithm.reward", str, lambda v: v in ("",) + registry.REWARDS,
      f"must be '' (the algorithm's own) or one of {registry.REWARDS}"),
+    ("algorithm.reward_fn", str, None, ""),  # checked with reward_fns: _validate_reward_fns
+    ("algorithm.reward_fns", str, None, ""),
+    ("algorithm.reward_weights", str, None, ""),
     ("algorithm.likelihood_normalize", str, lambda v: v in ("sum", "mean"),
      "must be 'sum' or 'mean'"),
     ("algorithm.iteration_rounds", int, _positive, "must be >= 1"),
@@ -145,6 +150,13 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("data.eval_path", str, None, ""),
     ("data.answer_marker", str, bool, "must be non-empty"),
     ("data.strict", bool, None, ""),
+    ("data.prompt_format", str, lambda v: v in ("raw", "chat"), "must be 'raw' or 'chat'"),
+    ("data.system_prompt", str, None, ""),
+    ("data.prompt_field", str, bool, "must be a non-empty JSON key"),
+    ("data.answer_field", str, bool, "must be a non-empty JSON key"),
+    ("data.response_field", str, bool, "must be a non-empty JSON key"),
+    ("data.chosen_field", str, bool, "must be a non-empty JSON key"),
+    ("data.rejected_field", str, bool, "must be a non-empty JSON key"),
     ("data.max_response_len", int, _positive, "must be >= 1"),
     ("data.max_answer_len", int, _positive, "must be >= 1"),
     ("debug.kill_at_round", int, _non_negative, "must be >= 0 (0 = off)"),
@@ -216,8 +228,26 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"mesh.rules: must be a tuple of 'logical=axes' strings, got {rules!r}")
   from selfplay_jax import sharding  # pylint: disable=import-outside-toplevel
   sharding.logical_rules(cfg.mesh)  # an unknown logical or mesh axis fails here, naming the key
-  model = config_lib.model_config(cfg.model)
+  model = config_lib.model_config(cfg.model)  # model.lora.targets: resolved (and checked) here
+  _validate_lora(cfg)
   _validate_combinations(cfg, model)
+
+
+def _validate_lora(cfg: ml_collections.ConfigDict) -> None:
+  """LoRA (`model.lora.rank > 0`) trains adapters on the decoder's projections; the state pieces
+  that are full weights by design do not combine with it."""
+  lora = cfg.model.lora
+  if any(not isinstance(t, str) for t in lora.targets):
+    raise ConfigError(f"model.lora.targets: must be a list of regex strings, got {lora.targets!r}")
+  if not lora.rank:
+    return
+  if cfg.algorithm.name == "ppo":
+    raise ConfigError(f"model.lora.rank: {lora.rank} with algorithm.name=ppo: PPO's value head "
+                      "and critic are full weights that LoRA would freeze; use model.lora.rank=0")
+  if cfg.algorithm.get("ref_sync_every"):
+    raise ConfigError(f"model.lora.rank: {lora.rank} with algorithm.ref_sync_every="
+                      f"{cfg.algorithm.ref_sync_every}: TR-DPO mixes weights, and a mix of two "
+                      "adapters' A and B is not the mix of their updates; use ref_sync_every=0")
 
 
 def _validate_preference(cfg: ml_collections.ConfigDict, entry: registry.Algorithm) -> None:
@@ -273,6 +303,27 @@ def _validate_policy_gradient(cfg: ml_collections.ConfigDict, spec: PolicyGradie
                       f"{1 + a.clip_high} (it caps the unclipped ratio of tokens with A < 0)")
 
 
+def _validate_reward_fns(cfg: ml_collections.ConfigDict) -> None:
+  """Python reward functions: `reward_fn` xor `reward_fns`, weights to match, no other reward
+  chosen beside them, and every function importable (scoring/python_rewards.py)."""
+  a = cfg.algorithm
+  python_rewards.reward_fn_specs(cfg)  # both set, bad or mismatched weights: ConfigError
+  fns = a.reward_fn or a.reward_fns
+  key = "algorithm.reward_fn" if a.reward_fn else "algorithm.reward_fns"
+  if fns and a.scorer:
+    raise ConfigError(f"algorithm.scorer: set either algorithm.scorer (your own scorer) or {key}="
+                      f"{fns!r} (Python reward functions), not both")
+  if fns and a.reward not in ("", "python"):
+    raise ConfigError(f"algorithm.reward: {a.reward!r} and {key}={fns!r} both choose the reward; "
+                      "leave algorithm.reward '' (the functions imply 'python'), or list the "
+                      "built-in 'math' in algorithm.reward_fns")
+  if a.reward == "python" and not fns:
+    raise ConfigError("algorithm.reward: 'python' needs the functions: set algorithm.reward_fn "
+                      "('file.py:fn' or 'module:fn') or algorithm.reward_fns")
+  if fns or a.reward == "math":
+    python_rewards.load_reward_fns(cfg)  # a bad reference fails here, naming the key
+
+
 def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
   """Settings that are fine alone but impossible together."""
   a = cfg.algorithm
@@ -283,6 +334,7 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   if a.scorer and a.reward:
     raise ConfigError("algorithm.scorer: set either algorithm.scorer (your own) or "
                       f"algorithm.reward={a.reward!r} (built-in), not both")
+  _validate_reward_fns(cfg)
   if entry is not None:  # own specs: rows are checked when the round is traced
     rows, what = entry.train_rows(cfg)
     if rows % a.num_minibatches:
@@ -290,7 +342,8 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     if a.loss_type and a.loss_type not in entry.loss_types:
       takes = f"one of {entry.loss_types}" if entry.loss_types else "no loss_type (leave it '')"
       raise ConfigError(f"algorithm.loss_type: {a.name} takes {takes}, got {a.loss_type!r}")
-    if a.reward in ("judge", "likelihood") and not entry.samples:
+    if (a.reward in ("judge", "likelihood", "math", "python") or a.reward_fn or a.reward_fns) \
+        and not entry.samples:
       raise ConfigError(f"algorithm.reward: {a.name} does not sample, so nothing is scored; "
                         "leave algorithm.reward empty")
     if cfg.sampling.n < entry.min_samples:
@@ -332,6 +385,13 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     ranged = sorted(name for name, c in tasks.TASKS.items() if c.value_range_field)
     raise ConfigError(f"data.max_value: {cfg.data.task} has no value range to set (only "
                       f"{', '.join(ranged)} have; leave it 0)")
+  if cfg.data.prompt_format == "chat" and not cfg.data.task.endswith(".jsonl"):
+    raise ConfigError(f"data.prompt_format: 'chat' renders JSONL prompts with the tokenizer's chat "
+                      f"template, and data.task={cfg.data.task!r} is not a .jsonl file (a task "
+                      "writes its own prompts for its own tokenizer); use 'raw'")
+  if cfg.data.system_prompt and cfg.data.prompt_format != "chat":
+    raise ConfigError("data.system_prompt: a system message needs data.prompt_format=chat (raw "
+                      "prompts are fed as they are); set it or leave data.system_prompt ''")
   if cfg.data.batch_size % cfg.warmup.num_minibatches:
     raise ConfigError(f"warmup.num_minibatches: {cfg.warmup.num_minibatches} must divide "
                       f"data.batch_size = {cfg.data.batch_size}")

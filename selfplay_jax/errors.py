@@ -11,6 +11,7 @@ names the bad thing: a dotted config key, a file, a JSONL row, a shape.
   CheckpointError     (and subclasses) a training checkpoint: missing, corrupted, mismatched,
                       unwritable
   WorkdirError        a workdir (or a file in it) that cannot be created or written
+  RewardFunctionError  a Python reward function raised or returned a bad value (names it and the row)
 """
 
 from __future__ import annotations
@@ -58,3 +59,8 @@ class CheckpointWriteError(CheckpointError, OSError):
 
 class WorkdirError(OSError):
   """The workdir (or a file in it) cannot be created or written."""
+
+
+class RewardFunctionError(Exception):
+  """A Python reward function raised, or returned something other than one float (or None) per
+  completion; the message names the function and the row. The run stops; saved rounds are kept."""

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from selfplay_jax import checkpoint, run_config, sampling, setup, sharding
 from selfplay_jax.data import pipeline
 from selfplay_jax.errors import CheckpointNotFoundError
+from selfplay_jax.models import lora
 from selfplay_jax.scoring import judge as judge_lib
 
 
@@ -136,7 +137,7 @@ def judge_params_of(cfg, state, round_number: int):
   """The judge's weights at `round_number`: the reference's with `judge.model=reference` after
   the warm-up (it trains the judge in the policy's weights), else None (the policy's own)."""
   if cfg.judge.model == "reference" and round_number > cfg.warmup.rounds:
-    return state.ref_params
+    return lora.full(state.params, state.ref_params)  # LoRA: the slot holds adapters only
   return None
 
 
@@ -166,13 +167,13 @@ def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8
   run = setup.build(cfg, workdir)
   task, tok, mc = run.task, run.tokenizer, run.model_config
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
-    state, _, _, _ = ckpt.restore(step, abstract_state=run.abstract_state())
+    state, _, _, _ = run.restore(ckpt, step)
     used = ckpt.restored_step
   if num_examples is None:
     num_examples = cfg.eval.num_examples
   batches = pipeline.eval_batches(task, "heldout", num_examples, tokenizer=tok,
                                   batch_size=cfg.eval.batch_size, **setup.data_lengths(cfg))
-  verify = task.make_verifier(tok)
+  verify = run.verifier or task.make_verifier(tok)  # math-verify's under the math reward
   n_new = cfg.sampling.max_new_tokens
   result = {"round": float(used),
             "eval/accuracy": greedy_accuracy(mc, state.params, batches, verify, tok.eos_ids, n_new)}

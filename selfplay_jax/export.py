@@ -17,7 +17,7 @@ import safetensors
 
 from selfplay_jax import checkpoint, evaluate, run_config, setup, tokenizers
 from selfplay_jax.errors import WorkdirError
-from selfplay_jax.models import hf
+from selfplay_jax.models import hf, lora
 
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -36,6 +36,8 @@ def _copy_tokenizer(tok: tokenizers.Tokenizer, out: Path) -> None:
     if token_id is not None and key not in special:
       special[key] = tok.id_to_piece(token_id)
   config_file.write_text(json.dumps(special, indent=2))
+  if tok.chat_template is not None:  # the template the run rendered with (chat.find_template)
+    (out / "chat_template.jinja").write_text(tok.chat_template, encoding="utf-8")
 
 
 def _io_reason(error: BaseException) -> str:
@@ -61,14 +63,15 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, step: 
   cfg = run_config.load_run_config(workdir)
   evaluate.require_checkpoint(workdir)
   run = setup.build(cfg, workdir)
-  tok, mc, like = run.tokenizer, run.model_config, run.abstract_state()
+  tok, mc = run.tokenizer, run.model_config
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
-    state, _, _, _ = ckpt.restore(step, abstract_state=like)
+    state, _, _, _ = run.restore(ckpt, step)
     used = ckpt.restored_step
   tmp = out.parent / f".{out.name}.export-{os.getpid()}"
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(mc, state.params, tmp, dtype=dtype)
+    # LoRA adapters are merged into the weights they adapt (W + alpha/rank * A @ B).
+    hf.save_pretrained(lora.base_config(mc), lora.merged(state.params, mc), tmp, dtype=dtype)
     _copy_tokenizer(tok, tmp)
     os.rename(tmp, out)  # replaces an empty `out` directory
   except BaseException as e:

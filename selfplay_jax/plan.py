@@ -33,6 +33,7 @@ from jax.sharding import AbstractMesh
 from selfplay_jax import config_lib, config_validation, setup, sharding
 from selfplay_jax.algorithms import registry
 from selfplay_jax.algorithms.spec import option
+from selfplay_jax.models import lora
 
 __all__ = ["plan", "format_plan", "to_json", "STATE_PARTS"]
 
@@ -155,7 +156,11 @@ def plan(cfg, *, num_devices: int | None = None,
   return {
       "model": {"family": mc.family, "source": cfg.model.hf_path or f"preset {cfg.model.preset}",
                 "num_params": mc.num_params(), "dtype": mc.dtype, "param_dtype": mc.param_dtype,
-                "remat": mc.remat},
+                "remat": mc.remat,
+                # LoRA: the adapters (params and optimizer state above count them; only they train)
+                "lora": None if not lora.enabled(mc) else {
+                    "rank": mc.lora_rank, "alpha": mc.lora_alpha, "targets": list(mc.lora_targets),
+                    "adapter_params": lora.num_adapter_params(mc)}},
       "algorithm": {"name": spec.name, "reference": spec.reference,
                     "sampler": option(spec, "sample_from") if spec.samples else None},
       "hardware": hw.get("name") or None,
@@ -192,6 +197,9 @@ def format_plan(p: dict[str, Any]) -> str:
   lines = [
       f"model      {m['family']}, {m['source']}: {m['num_params']:,} parameters, params "
       f"{m['param_dtype']}, compute {m['dtype']}, remat {m['remat']}",
+      *([f"lora       rank {m['lora']['rank']}, alpha {m['lora']['alpha']:g} on "
+         f"{', '.join(m['lora']['targets'])}: {m['lora']['adapter_params']:,} trainable adapter "
+         "parameters (the optimizer holds only these)"] if m.get("lora") else []),
       f"algorithm  {p['algorithm']['name']}: reference {p['algorithm']['reference']}, sampler "
       f"{p['algorithm']['sampler'] or '-'}",
       f"mesh       data {mesh['data']} x fsdp {mesh['fsdp']} x tensor {mesh['tensor']} = "

@@ -29,6 +29,7 @@ from selfplay_jax import sampling, sharding
 from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.spec import LogProbs, Spec, option
 from selfplay_jax.errors import ConfigError
+from selfplay_jax.models import lora
 from selfplay_jax.models.config import ModelConfig
 from selfplay_jax.models.logprobs import completion_logprobs
 from selfplay_jax.rows import Rows, concat_rows, repeat_rows
@@ -73,13 +74,16 @@ def empty_replay(spec: Spec, batch: Rows, sampling_config: sampling.SamplingConf
 def init_state(params, optimizer: optax.GradientTransformation, spec: Spec, rng: jax.Array,
                replay: Rows | None = None) -> TrainState:
   # Copies, so that donating the state never invalidates a caller's arrays or aliases two leaves.
+  # With LoRA adapters in `params` (models/lora.py) the optimizer and the reference / restart
+  # slots hold the adapters only: the base weights exist once, in `params`.
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   params = copy(params)
+  trainable = lora.trainable(params)
   return TrainState(
       params=params,
-      ref_params=copy(params) if spec.reference != "none" else None,
-      base_params=copy(params) if spec.restart_from_base else None,
-      opt_state=optimizer.init(params),
+      ref_params=copy(trainable) if spec.reference != "none" else None,
+      base_params=copy(trainable) if spec.restart_from_base else None,
+      opt_state=optimizer.init(trainable),
       step=jnp.zeros((), jnp.int32),
       round=jnp.zeros((), jnp.int32),
       rng=rng,
@@ -228,10 +232,17 @@ def train_steps(spec: Spec, optimizer: optax.GradientTransformation, logp_fn, pa
                 bad_updates, rows: Rows, rng, *, num_epochs: int = 1, num_minibatches: int = 1,
                 poison=None):
   """`num_epochs x num_minibatches` `update_step`s over shuffled minibatches of `rows`.
-  Returns (params, opt_state, bad_updates, metrics averaged over the steps)."""
-  step = update_step(spec, optimizer, logp_fn, poison)
-  (params, opt_state, bad_updates), step_metrics = jax.lax.scan(
-      step, (params, opt_state, bad_updates), minibatches(rows, rng, num_epochs, num_minibatches))
+  Returns (params, opt_state, bad_updates, metrics averaged over the steps).
+
+  With LoRA adapters in `params`, the steps differentiate and update the adapters only: the base
+  weights are a constant of the loss (no gradient is computed for them) and come back unchanged."""
+  trainable, frozen = lora.split(params)
+  train_logp = logp_fn if frozen is None else (
+      lambda adapters, minibatch: logp_fn(lora.join(adapters, frozen), minibatch))
+  step = update_step(spec, optimizer, train_logp, poison)
+  (trainable, opt_state, bad_updates), step_metrics = jax.lax.scan(
+      step, (trainable, opt_state, bad_updates), minibatches(rows, rng, num_epochs, num_minibatches))
+  params = lora.join(trainable, frozen)
   metrics = {"train/loss": jnp.mean(step_metrics.pop("loss")),
              "train/grad_norm": jnp.mean(step_metrics.pop("grad_norm")),
              "train/skipped_fraction": jnp.mean(step_metrics.pop("skipped")),
@@ -295,25 +306,28 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
 
   def round_fn(state: TrainState, batch: Rows):
     rng, k_sample, k_shuffle = jax.random.split(state.rng, 3)
-    sampler = state.ref_params if sample_from == "reference" else state.params
+    # The reference / restart models: with LoRA their slots hold adapters on the policy's base.
+    reference = lora.full(state.params, state.ref_params)
+    sampler = reference if sample_from == "reference" else state.params
     metrics: dict[str, jax.Array] = {}
     rollout, rewards = None, None
     if spec.samples:
       rollout, rewards, metrics = sample_and_score(
-          model_config, sampler, state.ref_params, batch, k_sample, sampling_config, verifier,
+          model_config, sampler, reference, batch, k_sample, sampling_config, verifier,
           scorer, num_samples)
     phase_round = state.round + 1 - phase_start  # 1-based round of this phase
     moves = phase_round % reference_every == 0  # does a "previous" reference move now?
     rows, replay, row_metrics = build_rows(
         model_config, spec, batch, rollout, rewards, sampler_params=sampler,
-        ref_params=state.ref_params, replay=state.replay, replay_moves=moves,
+        ref_params=reference, replay=state.replay, replay_moves=moves,
         num_chunks=num_minibatches)
     metrics.update(row_metrics)
     if beta_schedule:  # this iteration's β, one per row (the loss reads rows["beta"])
       beta = scheduled_beta(beta_schedule, (phase_round - 1) // reference_every)
       rows = {**rows, "beta": jnp.full((jax.tree.leaves(rows)[0].shape[0],), beta)}
       metrics["train/beta"] = beta
-    start_params = state.params if state.base_params is None else state.base_params
+    start_params = (state.params if state.base_params is None
+                    else lora.full(state.params, state.base_params))
     params, opt_state, bad_updates, step_metrics = train_steps(
         spec, optimizer, logp_fn, start_params, state.opt_state, state.bad_updates, rows,
         k_shuffle, num_epochs=num_epochs, num_minibatches=num_minibatches,
@@ -321,7 +335,8 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     metrics.update(step_metrics)
     ref_params = state.ref_params
     if spec.reference == "previous":
-      ref_params = params if reference_every == 1 else _select(moves, params, state.ref_params)
+      policy = lora.trainable(params)
+      ref_params = policy if reference_every == 1 else _select(moves, policy, state.ref_params)
     elif spec.reference == "frozen" and option(spec, "ref_sync_every"):
       ref_params = synced_reference(params, state.ref_params, option(spec, "ref_sync_alpha"),
                                     phase_round % option(spec, "ref_sync_every") == 0)

@@ -33,8 +33,10 @@ from selfplay_jax.algorithms.spec import Spec, option
 from selfplay_jax.data import pipeline, tasks
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models import hf
+from selfplay_jax.models import lora
 from selfplay_jax import optim
 from selfplay_jax.scoring import judge as judge_lib
+from selfplay_jax.scoring import math_reward, python_rewards
 
 __all__ = ["Run", "build", "reward_kind", "uses_judge", "is_jsonl_data", "uses_pair_data",
            "build_spec", "build_warmup_spec", "build_judge", "build_trace", "build_scorer",
@@ -59,10 +61,13 @@ def build_optimizer(cfg) -> optax.GradientTransformation:
 
 
 def reward_kind(cfg) -> str:
-  """What scores the samples: "custom" (`algorithm.scorer`), `algorithm.reward`, or the
-  algorithm's own default (the registry entry's `default_reward`)."""
+  """What scores the samples: "custom" (`algorithm.scorer`), "python" (`algorithm.reward_fn` /
+  `reward_fns`), `algorithm.reward`, or the algorithm's own default (the registry entry's
+  `default_reward`)."""
   if cfg.algorithm.scorer:
     return "custom"
+  if cfg.algorithm.reward_fn or cfg.algorithm.reward_fns:
+    return "python"
   if cfg.algorithm.reward:
     return cfg.algorithm.reward
   entry = registry.entry_of(cfg)
@@ -175,6 +180,12 @@ def build_scorer(cfg, mc, tok, task=None):
     return scoring.judge_scorer(build_judge(cfg, tok, task), mc, cfg.judge.model)
   if kind == "likelihood":
     return scoring.likelihood_scorer(mc, cfg.algorithm.likelihood_normalize)
+  if kind in ("python", "math"):  # host-side Python functions (scoring/python_rewards.py)
+    if task is None:
+      task = _jsonl_data(cfg)[0] if is_jsonl_data(cfg) else _build_task(cfg)
+    host = python_rewards.HostRewards(python_rewards.load_reward_fns(cfg), tok,
+                                      task.source("train", cfg.seed))
+    return python_rewards.python_scorer(host)
   return None
 
 
@@ -258,14 +269,25 @@ def _jsonl_data(cfg):
   # Verifier rewards and judge training need answers; SFT, SPIN and DPO do not (held-out accuracy
   # is then not measured).
   verifier_rewards = (entry is None or entry.uses_rewards) and reward_kind(cfg) == "verifier"
-  if verifier_rewards or (uses_judge(cfg) and cfg.judge.train_in_warmup and cfg.warmup.rounds):
+  math_rewards = reward_kind(cfg) == "math"
+  if verifier_rewards or math_rewards or (uses_judge(cfg) and cfg.judge.train_in_warmup
+                                          and cfg.warmup.rounds):
     required += ("answer",)
     why["answer"] = ("verifier rewards compare each sample with the row's answer" if verifier_rewards
-                     else "the judge's warm-up training needs answers")
+                     else "the math reward compares each sample with the row's answer"
+                     if math_rewards else "the judge's warm-up training needs answers")
+  if cfg.data.prompt_format == "chat" and tok.chat_template is None:
+    raise ConfigError(f"data.prompt_format: 'chat' renders prompts with the tokenizer's chat "
+                      f"template, and the tokenizer at {source} has none (no "
+                      "chat_template.jinja, no chat_template in its tokenizer_config.json); use "
+                      "'raw' or a tokenizer with a template")
+  fields = {name: cfg.data[f"{name}_field"] for name in pipeline.FIELDS}
   data = pipeline.JsonlData.load(cfg.data.task, tokenizer=tok, eval_path=cfg.data.eval_path,
                                  heldout_fraction=cfg.data.heldout_fraction,
                                  answer_marker=cfg.data.answer_marker, strict=cfg.data.strict,
-                                 require=required, why=why, **data_lengths(cfg))
+                                 require=required, why=why, field_names=fields,
+                                 prompt_format=cfg.data.prompt_format,
+                                 system_prompt=cfg.data.system_prompt, **data_lengths(cfg))
   return data, tok
 
 
@@ -289,6 +311,7 @@ def example_batch(cfg) -> dict[str, np.ndarray]:
   for name, width in widths.items():
     out[f"{name}_tokens"] = np.zeros((b, width), np.int32)
     out[f"{name}_mask"] = np.zeros((b, width), bool)
+  out["row_index"] = np.zeros((b,), np.int32)  # each row's index in the source (reward fns)
   return out
 
 
@@ -313,9 +336,11 @@ def initial_state(cfg, mc: models.ModelConfig, spec: Spec, optimizer: optax.Grad
   if cfg.model.hf_path and pretrained:
     loaded, params = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
                                         param_dtype=mc.param_dtype, scan_layers=mc.scan_layers)
-    if loaded.replace(remat=mc.remat) != mc:
+    if loaded.replace(remat=mc.remat) != lora.base_config(mc):
       raise ConfigError(f"model.hf_path: {cfg.model.hf_path} config.json does not match the run's "
                         "model config")
+    if lora.enabled(mc):  # fresh adapters (B = 0) on the checkpoint's weights
+      params = lora.join(jax.device_get(lora.new_adapters(mc, lora.adapter_rng(init_rng))), params)
     if shardings is None:
       return make(jax.tree.map(jnp.asarray, params))
     params = extend(params)
@@ -368,6 +393,19 @@ class Run:
     return initial_state(self.cfg, self.model_config, self.spec, self.optimizer,
                          shardings=shardings)
 
+  def restore(self, ckpt, step: int | None = None, *, shardings: Any = None):
+    """`ckpt.restore(step)` of this run's state (with `shardings`, a TrainState of them):
+    (state, data_state, config_json, metrics). With LoRA, checkpoints hold the state without the
+    base weights (`lora.saved_state`); they are re-read from `model.hf_path`, or re-initialised
+    from `cfg.seed`, exactly as the run started."""
+    abstract = self.abstract_state()
+    if shardings is not None:
+      abstract = with_shardings(abstract, shardings)
+    if not lora.enabled(self.model_config):
+      return ckpt.restore(step, abstract_state=abstract)
+    saved, *rest = ckpt.restore(step, abstract_state=lora.saved_state(abstract))
+    return (lora.restored_state(saved, self.initial_state(shardings).params), *rest)
+
   @property
   def sft_warmup_rounds(self) -> int:
     """Leading warm-up rounds that are plain SFT (the judge trains in the rest of the warm-up)."""
@@ -405,6 +443,18 @@ class Run:
     return self.task.source("train", self.cfg.seed)
 
 
+def build_verifier(cfg, task, tok):
+  """The held-out (and in-round monitoring) verifier: None when the data has no answers;
+  math-verify's (`math_reward.make_verifier`) when the run's rewards use the built-in `math`
+  reward, so held-out accuracy is judged as the rewards are; else the task's own."""
+  if not task.has_answers:
+    return None
+  names = python_rewards.reward_fn_specs(cfg)[0]
+  if any(python_rewards.BUILTIN.get(n, n) == python_rewards.BUILTIN["math"] for n in names):
+    return math_reward.make_verifier(tok)
+  return task.make_verifier(tok)
+
+
 def build(cfg, workdir: str | Path) -> Run:
   """The run of `cfg` (the task tokenizer is built, or found cached, under `workdir`)."""
   task, tok = task_and_tokenizer(cfg, workdir)
@@ -412,5 +462,5 @@ def build(cfg, workdir: str | Path) -> Run:
   return Run(cfg=cfg, task=task, tokenizer=tok, model_config=mc, spec=build_spec(cfg),
              warmup_spec=build_warmup_spec(cfg, tok, task), optimizer=build_optimizer(cfg),
              sampling=sampling_config(cfg, tok),
-             verifier=task.make_verifier(tok) if task.has_answers else None,
+             verifier=build_verifier(cfg, task, tok),
              scorer=build_scorer(cfg, mc, tok, task))

@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from selfplay_jax import models
+from selfplay_jax.models import lora
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.config import ModelConfig
 
@@ -194,6 +195,9 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
                              param_specs(config, state.params, mesh, rules),
                              is_leaf=lambda x: isinstance(x, PartitionSpec))
   param_structure = jax.tree.structure(state.params)
+  # With LoRA, the optimizer's moments and the reference / restart slots are adapter-shaped.
+  like_adapters = lora.trainable(like_params) if lora.has_adapters(state.params) else None
+  adapter_structure = jax.tree.structure(lora.trainable(state.params))
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def assign(tree):
@@ -201,6 +205,8 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
       return None
     if jax.tree.structure(tree) == param_structure:
       return like_params
+    if like_adapters is not None and jax.tree.structure(tree) == adapter_structure:
+      return like_adapters
     if isinstance(tree, dict):
       return {k: assign(v) for k, v in tree.items()}
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple optimizer states

@@ -9,23 +9,29 @@ Everything downstream (data pipelines, samplers, reward functions) sees only `To
 Conventions:
   * `encode` never adds special tokens unless asked (`add_bos` / `add_eos`), whatever the
     underlying post-processor would do, so BOS is never doubled.
+  * A special token written in the text (`<s>`, `<|im_start|>`) encodes as its id, for both
+    backends (as transformers does), so a rendered chat template tokenizes as transformers'.
+  * `chat_template` is the tokenizer's own chat template (None without one) and `render_chat`
+    renders messages with it as transformers does (`chat.render`); the rendered text holds the
+    template's own BOS, so it is encoded with `add_bos=False`.
   * `decode` never stops at EOS; it always drops pad ids, and with `skip_special=True` (default)
     also drops BOS / EOS / other control tokens.
   * `eos_ids` lists every id that should end generation (EOS plus end-of-turn tokens such as
     `<end_of_turn>`, `<|im_end|>`, `<|eot_id|>` when present in the vocabulary).
   * `train_sentencepiece` models use pad=0, bos=1, eos=2, unk=3.
 
-This module imports nothing else from `selfplay_jax`.
+This module imports nothing else from `selfplay_jax` but `chat` (templates).
 """
 
 from __future__ import annotations
 
 import abc
-import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from selfplay_jax import chat
 from selfplay_jax.errors import TokenizerError  # noqa: F401 (re-exported)
 
 __all__ = ["TokenizerError", "Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "load_tokenizer",
@@ -54,6 +60,8 @@ class Tokenizer(abc.ABC):
   eos_id: int | None
   pad_id: int | None
   eos_ids: tuple[int, ...]
+  chat_template: str | None = None  # the tokenizer's own chat template (`chat.find_template`)
+  special_tokens: dict[str, str] = {}  # named special tokens as strings, for the template
 
   # ---- backend hooks -------------------------------------------------------------------------
 
@@ -157,6 +165,41 @@ class Tokenizer(abc.ABC):
       mask[b, sl] = True
     return tokens, mask
 
+  def render_chat(self, messages: Sequence[Mapping[str, Any]],
+                  add_generation_prompt: bool = True) -> str:
+    """`messages` rendered with this tokenizer's chat template, as transformers'
+    `apply_chat_template(messages, tokenize=False, add_generation_prompt=...)` renders them.
+    Encode the result with `add_bos=False`: the template writes its own BOS where it wants one.
+
+    Raises:
+      TokenizerError: the tokenizer has no chat template.
+      chat.ChatTemplateError: the template rejects the conversation.
+    """
+    if self.chat_template is None:
+      where = getattr(self, "path", "this tokenizer")
+      raise TokenizerError(
+          f"{where} has no chat template: put {chat.TEMPLATE_FILE} or a tokenizer_config.json "
+          "with a chat_template next to it, or use the raw prompt format")
+    return chat.render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                       special_tokens=self.special_tokens)
+
+  def _init_chat(self, folder: str, token_cfgs: Sequence[Mapping[str, Any]]) -> None:
+    """Sets `chat_template` (from `folder`) and `special_tokens`: each named token as the token
+    configs spell it, else the piece of this tokenizer's own id."""
+    self.chat_template = chat.find_template(folder)
+    names: dict[str, str] = {}
+    for name in chat.SPECIAL_TOKEN_NAMES:
+      for cfg in token_cfgs:
+        content = _token_content(cfg.get(name))
+        if content is not None:
+          names[name] = content
+          break
+    for kind in ("bos", "eos", "pad", "unk"):
+      token_id = getattr(self, f"{kind}_id", None)
+      if f"{kind}_token" not in names and token_id is not None:
+        names[f"{kind}_token"] = self.id_to_piece(token_id)
+    self.special_tokens = names
+
   def __repr__(self) -> str:
     return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
             f"eos_id={self.eos_id}, pad_id={self.pad_id}, eos_ids={self.eos_ids})")
@@ -216,10 +259,27 @@ class SentencePieceTokenizer(Tokenizer):
     self.pad_id = own(self._sp.pad_id()) if pad is ... else self._resolve(pad, "pad")
     self.unk_id = own(self._sp.unk_id())
     self._control = frozenset(i for i in range(self.vocab_size) if self._sp.is_control(i))
+    # SentencePiece reads a control piece written in text ("<s>") as characters; a rendered chat
+    # template writes them, so they are split out first (as transformers splits special tokens).
+    pieces = sorted({self._sp.id_to_piece(i) for i in self._control} - {""}, key=len, reverse=True)
+    self._control_re = re.compile("|".join(map(re.escape, pieces))) if pieces else None
     self._set_eos_ids((), extra_eos)
+    folder = os.path.dirname(os.path.abspath(self.path))
+    self._init_chat(folder, [c for c in (_read_json(os.path.join(folder, n))
+                                         for n in HFTokenizer._CONFIG_FILES) if c is not None])
 
   def _encode(self, text: str) -> list[int]:
-    return list(self._sp.encode(text))
+    if self._control_re is None or self._control_re.search(text) is None:
+      return list(self._sp.encode(text))
+    ids, start = [], 0
+    for m in self._control_re.finditer(text):
+      if m.start() > start:
+        ids += self._sp.encode(text[start:m.start()])
+      ids.append(int(self._sp.piece_to_id(m.group())))
+      start = m.end()
+    if start < len(text):
+      ids += self._sp.encode(text[start:])
+    return ids
 
   def _decode(self, ids: list[int], skip_special: bool) -> str:
     if skip_special:
@@ -252,18 +312,7 @@ class SentencePieceTokenizer(Tokenizer):
     return self._control
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-  """Parses a JSON object file, None if absent; ValueError naming the file if corrupt."""
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise TokenizerError(f"cannot read {path}: {e}") from e
-  if not isinstance(data, dict):
-    raise TokenizerError(f"{path} does not hold a JSON object")
-  return data
+_read_json = chat.read_json_object  # a JSON object file, None if absent; TokenizerError if corrupt
 
 
 def _token_content(value: Any) -> str | None:
@@ -340,6 +389,7 @@ class HFTokenizer(Tokenizer):
     config_eos = [i for c in model_cfgs for i in _id_list(c.get("eos_token_id"))
                   if 0 <= i < self.vocab_size]
     self._set_eos_ids(config_eos, extra_eos)
+    self._init_chat(folder, token_cfgs)
 
   def _encode(self, text: str) -> list[int]:
     return list(self._tok.encode(text, add_special_tokens=False).ids)

@@ -33,7 +33,9 @@ from selfplay_jax import round as rnd
 from selfplay_jax.algorithms.spec import option
 from selfplay_jax.data import pipeline
 from selfplay_jax.errors import CheckpointMismatchError, WorkdirError
+from selfplay_jax.models import lora
 from selfplay_jax.runtime import Preempted, StopOnSignal
+from selfplay_jax.scoring import python_rewards
 
 NUM_SAMPLES = 8  # rollout rows dumped per round to samples/round_XXXX.jsonl
 _writing = metrics_lib.writing
@@ -65,14 +67,17 @@ def _writable_workdir(workdir: Path) -> None:
     raise WorkdirError(f"workdir {workdir} is not usable: {e.strerror or e}") from None
 
 
-def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES) -> None:
-  """Decoded prompts, completions and rewards of the round's first rollout rows."""
+def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES,
+                   chat: bool = False) -> None:
+  """Decoded prompts, completions and rewards of the round's first rollout rows. A chat prompt
+  (`data.prompt_format=chat`) keeps its special tokens: it reads as the rendered template."""
   rows = []
   for i in range(min(limit, len(samples["samples/tokens"]))):
     prompt = samples["samples/prompt_tokens"][i][samples["samples/prompt_mask"][i]]
     completion = samples["samples/tokens"][i][:samples["samples/lengths"][i]]
     reward = samples.get("samples/rewards")
-    rows.append({"prompt": tok.decode(prompt), "completion": tok.decode(completion),
+    rows.append({"prompt": tok.decode(prompt, skip_special=not chat),
+                 "completion": tok.decode(completion),
                  # NaN (an unscorable sample) -> null: the file stays strict JSON
                  "reward": None if reward is None or not np.isfinite(reward[i]) else float(reward[i])})
   with _writing(path):
@@ -189,7 +194,8 @@ def _anchor_references(state: rnd.TrainState, spec=None) -> rnd.TrainState:
   after_warmup = option(spec, "after_warmup") if spec is not None else None
   if after_warmup is not None:
     state = state.replace(params=after_warmup(state.params))
-  policy_if_kept = lambda slot: None if slot is None else jax.tree.map(jnp.copy, state.params)
+  policy = lora.trainable(state.params)  # with LoRA the slots hold adapters only
+  policy_if_kept = lambda slot: None if slot is None else jax.tree.map(jnp.copy, policy)
   return state.replace(ref_params=policy_if_kept(state.ref_params),
                        base_params=policy_if_kept(state.base_params))
 
@@ -270,7 +276,7 @@ def _prepare(cfg, workdir: Path) -> tuple[_Loop, rnd.TrainState]:
     return loop, run.initial_state(state_sh)
   _check_resume_config(ckpt, cfg, workdir)
   try:
-    state, data_state, _, _ = ckpt.restore(abstract_state=setup.with_shardings(abstract, state_sh))
+    state, data_state, _, _ = run.restore(ckpt, shardings=state_sh)
   except CheckpointMismatchError as e:
     raise CheckpointMismatchError(
         f"{e}; {workdir} holds a run whose saved state does not fit this config: resume it with "
@@ -298,10 +304,13 @@ def _read_round(loop: _Loop, p: _Pending, ready_since: float) -> dict:
   time runs from when the device could start it (its dispatch, or the previous round's end)."""
   cfg = loop.run.cfg
   metrics = jax.device_get(p.metrics)
+  # A Python reward function that failed in this round stops the run here, before the round is
+  # saved or logged (the rounds saved before it stay the newest checkpoint).
+  python_rewards.raise_if_failed(loop.run.scorer, metrics)
   samples = {k: metrics.pop(k) for k in list(metrics) if k.startswith("samples/")}
   if samples and loop.main_process:
     _write_samples(loop.workdir / "samples" / f"round_{p.number:04d}.jsonl", loop.run.tokenizer,
-                   samples)
+                   samples, chat=cfg.data.prompt_format == "chat")
   # NaN (e.g. judge agreement in a round without a correct and a wrong sample) -> None.
   metrics = {k: float(v) if np.isfinite(v) else None for k, v in metrics.items()}
   metrics["time/round_s"] = time.perf_counter() - max(p.dispatched, ready_since)
@@ -345,7 +354,8 @@ def _finish(loop: _Loop, state, metrics: dict, writer, stop: StopOnSignal, *, sy
 
 
 def _save(loop: _Loop, state, r: int, metrics: dict) -> bool:
-  return loop.ckpt.save(r, state, data_state=loop.data_iter.get_state(),
+  # With LoRA the checkpoint holds the adapters, not the base weights (`Run.restore`).
+  return loop.ckpt.save(r, lora.saved_state(state), data_state=loop.data_iter.get_state(),
                         config_json=loop.config_json,
                         metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
 

@@ -49,7 +49,8 @@ def task_and_tok(request, tmp_path_factory):
 # `--durations` table of a full run) go first: `--dist loadfile` hands files to the two workers in
 # collection order, so a long file collected last (alphabetically) would run alone at the end.
 HEAVY_FIRST = ("test_recipes.py", "test_self_rewarding.py", "test_train.py", "test_reliability.py",
-               "test_resume_kill.py", "test_docs.py", "test_config_keys.py", "test_multihost.py")
+               "test_resume_kill.py", "test_docs.py", "test_config_keys.py", "test_multihost.py",
+               "test_lora.py", "test_bring_your_own.py", "test_reward_fns.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,8 +16,10 @@ from bench import common
 
 # (module under bench/, its results file), in suite order.
 COMMITTED = [("sampling", "sampling"), ("trl_compare", "trl_compare"),
-             ("tunix_sampler", "tunix_sampler"), ("round", "round")]
+             ("tunix_sampler", "tunix_sampler"), ("round", "round"), ("reward_fns", "reward_fns"),
+             ("lora", "lora")]
 MEASUREMENT_MODULES = ["sampling", "trl_compare", "trl_side", "tunix_sampler", "tunix_worker", "round",
+                       "reward_fns", "lora",
                        "round_limits", "timing", "profiling"]
 
 

@@ -69,7 +69,8 @@ def test_suite_dry_run_lists_the_modules_in_order():
                         cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
   assert proc.returncode == 0, proc.stderr
   modules = [line.split()[2] for line in proc.stdout.splitlines() if " -m bench." in line]
-  assert modules == ["bench.sampling", "bench.trl_compare", "bench.tunix_sampler", "bench.round"]
+  assert modules == ["bench.sampling", "bench.trl_compare", "bench.tunix_sampler", "bench.round",
+                     "bench.reward_fns", "bench.lora"]
   assert all("--quick" in line for line in proc.stdout.splitlines() if " -m bench." in line)
   one = subprocess.run([sys.executable, "-m", "bench", "--suite", "round", "--dry-run"],
                        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)

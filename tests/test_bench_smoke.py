@@ -44,6 +44,29 @@ def test_quick_sampling_benchmark_figures_follow_from_its_timings(tmp_path):
   assert prof["prefill_share_of_call"] == pytest.approx(prof["ours_prefill_s"] / prof["ours_call_s"])
 
 
+@pytest.mark.slow
+def test_quick_lora_benchmark_sizes_and_ratios_follow_from_its_numbers(tmp_path):
+  """`python -m bench.lora --quick`: the byte counts are those of the state's arrays (AdamW: two
+  moments per trained parameter, float32) and the ratios follow from the timings."""
+  res, _ = run_quick("lora", tmp_path)
+  sizes, times, cfg = res["sizes"], res["times"], res["config"]
+  assert sizes["full"]["trainable_params"] == cfg["base_params"]
+  d, f, hd, r = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"], cfg["rank"]
+  q, kv = cfg["num_heads"] * hd, cfg["num_kv_heads"] * hd
+  per_layer = r * (2 * (d + q) + 2 * (d + kv) + 3 * (d + f))
+  assert sizes["lora"]["trainable_params"] == per_layer * cfg["num_layers"]
+  for side in ("full", "lora"):  # AdamW's mu and nu, plus a few step counters
+    assert 0 <= sizes[side]["optimizer_bytes"] - 8 * sizes[side]["trainable_params"] < 64
+    assert len(times[side]["times_s"]) == cfg["reps"] and positive(*times[side]["times_s"])
+    assert times[side]["median_s"] == pytest.approx(median(times[side]["times_s"]))
+  assert sizes["lora"]["param_bytes"] == sizes["full"]["param_bytes"] + 4 * sizes["lora"]["trainable_params"]
+  # A checkpoint: full = params + optimizer state (+ counters); LoRA = adapters + their state.
+  assert sizes["lora"]["checkpoint_bytes"] < sizes["full"]["param_bytes"]
+  assert res["optimizer_bytes_ratio"] == pytest.approx(
+      sizes["full"]["optimizer_bytes"] / sizes["lora"]["optimizer_bytes"])
+  assert res["update_time_ratio"] == pytest.approx(times["lora"]["median_s"] / times["full"]["median_s"])
+
+
 def test_docs_section_is_replaced_between_markers(tmp_path):
   from bench import common
   path = tmp_path / "benchmarks.md"

@@ -59,13 +59,19 @@ TINY = [*OVERRIDES, "warmup.rounds=0", "rounds=1", "metrics.plot_every_rounds=0"
 # writes).
 TRAIN_RUNS = {
     # Plots, W&B (module stubbed) and a SIGTERM right after the round's save: the run stops
-    # gracefully (runtime.Preempted); `eval` and `export` then rebuild it from its config.json.
+    # gracefully (runtime.Preempted); `eval` and `export` then rebuild it from its config.json
+    # (LoRA adapters: restored onto the re-initialised base, merged by the export).
     "configs/default.py": ("metrics.plot_every_rounds=1", "metrics.wandb=true",
                            "debug.kill_at_round=1", "debug.kill_point=save",
-                           "debug.kill_signal=SIGTERM"),
-    # User JSONL data with a held-out file and its tokenizer.
+                           "debug.kill_signal=SIGTERM", "model.lora.rank=2",
+                           "model.lora.alpha=4.0", "model.lora.targets=('[qv]_proj',)"),
+    # User JSONL data with a held-out file and its tokenizer, scored by Python reward functions
+    # (the built-in math reward, and the same function by its module path, weighted); prompts go
+    # through the tokenizer's chat template (one the fixture writes: BOS + the user's text).
     "configs/grpo.py": ("data.task={jsonl}", "data.eval_path={heldout}",
-                        "model.tokenizer_path={tokenizer}"),
+                        "model.tokenizer_path={tokenizer}", "data.prompt_format=chat",
+                        "algorithm.reward_fns=math,selfplay_jax.scoring.math_reward:math_reward",
+                        "algorithm.reward_weights=1,0.5"),
     # NaN losses in round 1: its updates are skipped and checked against optimizer.max_bad_updates.
     "configs/dpo.py": ("debug.nan_from_round=1", "debug.nan_to_round=1"),
     "configs/spin.py": (),
@@ -196,6 +202,8 @@ def reads(tmp_path_factory):
       "the SIGTERM kill is only caught (train.StopOnSignal) in the main thread")
   data_dir = tmp_path_factory.mktemp("jsonl")
   jsonl, tokenizer = _jsonl_dataset(data_dir)
+  (tokenizer.parent / "chat_template.jinja").write_text(
+      "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
   heldout = data_dir / "heldout.jsonl"
   task = tasks.get_task("arithmetic", num_digits=1)
   rows = task.examples("heldout", seed=0, num=16)

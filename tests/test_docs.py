@@ -52,7 +52,8 @@ _TRACE = ["warmup.rounds=1", "rounds=1", "data.batch_size=2", "sampling.n=2",
           "eval.batch_size=2"]
 # (overrides, warm-up round?) whose rounds together write every key the code can write.
 _ROUND_KINDS = ([([f"algorithm.name={name}"], False) for name in registry.names()]
-                + [([f"algorithm.reward={r}"], False) for r in ("verifier", "judge", "likelihood")]
+                + [([f"algorithm.reward={r}"], False)
+                   for r in ("verifier", "judge", "likelihood", "math")]
                 + [(["algorithm.name=rloo", "algorithm.kl_coef=0.05"], False),
                    ([], True), (["algorithm.reward=judge"], True)])
 _METRIC_PREFIXES = ("train", "eval", "time", "judge")
@@ -300,9 +301,13 @@ def _workdir_of(argv: list[str]) -> str | None:
   return next((v for a in argv for n, v in [_flag(a)] if n == "--workdir"), None)
 
 
+# Pages whose commands make their own files and run end to end, in order, in their own test.
+_OWN_TEST_PAGES = {"docs/bring-your-own.md": "tests/test_bring_your_own.py"}
+
+
 def _kind(c: DocCommand) -> str:
   """synopsis (flags checked) | validate (config checked) | run."""
-  if any(_is_placeholder(a, c.inline) for a in c.argv):
+  if any(_is_placeholder(a, c.inline) for a in c.argv) or c.where.split(":")[0] in _OWN_TEST_PAGES:
     return "synopsis"
   if c.command in ("eval", "export", "report") and _workdir_of(c.argv) not in _TRAINED_WORKDIRS:
     return "synopsis"  # a run no command of the docs makes here (e.g. on a TPU slice)
@@ -382,7 +387,8 @@ def _jsonl_rows(n: int, start: int = 0) -> str:
     a, b = 10 + i % 80, 11 + (7 * i) % 80
     s = str(a + b)
     rows.append({"prompt": f"{a}+{b}=", "response": f"####{s}", "answer": s,
-                 "chosen": f"####{s}", "rejected": f"####{int(s) + 1}"})
+                 "chosen": f"####{s}", "rejected": f"####{int(s) + 1}",
+                 "question": f"{a}+{b}="})  # for docs that map data.prompt_field=question
   return "".join(json.dumps(r) + "\n" for r in rows)
 
 
@@ -432,6 +438,10 @@ def _tiny_hf_dir(path: Path) -> Path:
   out = path / "hf"
   hf.save_pretrained(run.model_config, models.init_params(run.model_config, jax.random.key(0)), out)
   export._copy_tokenizer(run.tokenizer, out)  # pylint: disable=protected-access
+  # A chat template for `generate --chat` / data.prompt_format=chat: BOS, then the user's text (a
+  # system prompt the docs show is dropped: the task tokenizer has no letters for it).
+  (out / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages if m.role != "
+                                           "'system' %}{{ m['content'] }}{% endfor %}")
   return out
 
 

@@ -18,12 +18,13 @@ from selfplay_jax import config_lib
 from tests.test_train import _final_params
 
 REPO = Path(__file__).resolve().parent.parent
-# 1 warm-up (SFT) round, then GRPO rounds scored by the model's own likelihood (an untrained model
-# gets all-zero verifier rewards, whose round-off gradients Adam would turn into noise).
+# 1 warm-up (SFT) round, then GRPO rounds scored by a Python reward function, through the host
+# callback each process runs for its own rows (an untrained model gets all-zero verifier rewards,
+# whose round-off gradients Adam would turn into noise).
 OVERRIDES = ["warmup.rounds=1", "eval.every_rounds=1", "eval.num_examples=8", "eval.batch_size=8",
              "data.batch_size=4", "sampling.n=2", "sampling.max_new_tokens=6", "data.difficulty=1",
              "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
-             "algorithm.reward=likelihood", "progress_bar=false", "plot_every_rounds=0"]
+             "algorithm.reward_fn=tests/reward_helpers.py:distinct_characters", "progress_bar=false", "plot_every_rounds=0"]
 OVERRIDES = [o.replace("plot_every", "metrics.plot_every") for o in OVERRIDES]
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]  # batch over data x fsdp spans both hosts
 
@@ -85,6 +86,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_device(tmp_path):
       else:
         assert g[key] == value, (r["round"], key)
   assert ref[-1]["train/reward_mean"] is not None
+  assert ref[-1]["reward/distinct_characters"] == pytest.approx(ref[-1]["train/reward_mean"])
 
   # Final parameters (restored from the multi-host checkpoint) match.
   a, b = _params(single), _params(multi)

@@ -70,6 +70,11 @@ VALID = [
 ]
 
 
+def _known(rows):
+  """The rows without `fields` (each row's JSON object, checked in the first test)."""
+  return [{k: v for k, v in r.items() if k != "fields"} for r in rows]
+
+
 def _write(path, lines):
   path.write_bytes(b"".join(lines))
   return path
@@ -82,7 +87,10 @@ def test_load_jsonl_skips_and_reports_bad_rows(tmp_path, char_tok, caplog):
   path = _write(tmp_path / "data.jsonl", [raw for raw, _ in ROWS])
   with caplog.at_level(logging.INFO):
     rows, report = P.load_jsonl(path, tokenizer=char_tok, **LENS)
-  assert rows == VALID
+  assert _known(rows) == VALID
+  # Each kept row also holds its JSON object unchanged, every key (e.g. "id") included.
+  assert [r["fields"] for r in rows] == [json.loads(raw) for raw, reason in ROWS
+                                         if reason is None and raw.strip()]
   bad = [(i + 1, r) for i, (_, r) in enumerate(ROWS) if r is not None]
   counts = {}
   for _, r in bad:
@@ -106,13 +114,13 @@ def test_load_jsonl_strict_names_line_and_reason(tmp_path, char_tok):
     P.load_jsonl(path, tokenizer=char_tok, strict=True, **LENS)
   path = _write(tmp_path / "ok.jsonl", [ROWS[0][0], ROWS[1][0]])
   rows, report = P.load_jsonl(path, tokenizer=char_tok, strict=True, **LENS)
-  assert rows == VALID[:2] and report.counts == {}
+  assert _known(rows) == VALID[:2] and report.counts == {}
 
 
 def test_load_jsonl_require_and_errors(tmp_path, char_tok):
   path = _write(tmp_path / "req.jsonl", [ROWS[0][0], ROWS[1][0]])
   rows, report = P.load_jsonl(path, tokenizer=char_tok, require=("prompt", "response"), **LENS)
-  assert rows == VALID[:1] and report.examples == [(2, "missing_field")]
+  assert _known(rows) == VALID[:1] and report.examples == [(2, "missing_field")]
   with pytest.raises(ValueError, match="require"):
     P.load_jsonl(path, tokenizer=char_tok, require=("question",), **LENS)
   bad = _write(tmp_path / "allbad.jsonl", [ROWS[2][0], ROWS[3][0]])
@@ -207,6 +215,17 @@ def test_iterator_epochs_reshuffle(arith, arith_tok):
   assert all(sorted(o) == sorted(e["prompt"] for e in examples) for o in orders)
   assert len({tuple(o) for o in orders}) == 3
   assert len(list(_it(examples, arith_tok, batch_size=3, num_epochs=1))) == 2  # remainder dropped
+
+
+def test_row_index_names_each_rows_source_row_in_every_epoch(arith, arith_tok):
+  """`row_index` (how reward functions find a row's fields) stays an index into the source after
+  the first epoch, where grain's own running index goes past its length."""
+  examples = arith.examples("train", seed=0, num=6)
+  batches = list(_it(examples, arith_tok, batch_size=4, num_epochs=3))
+  assert len(batches) == 4
+  for b in batches:
+    assert b["row_index"].dtype == np.int32
+    assert _prompts(arith_tok, b) == [examples[i]["prompt"] for i in b["row_index"]]
 
 
 def test_iterator_state_round_trip(arith, arith_tok):
@@ -308,7 +327,8 @@ def test_fuzzed_rows_are_kept_or_skipped_with_a_reason(tmp_path, char_tok, lines
     assert set(report.counts) <= set(P.REASONS)
     for row in rows:
       assert isinstance(row["prompt"], str) and row["prompt"].strip()
-      assert all(isinstance(v, str) for v in row.values())
+      assert all(isinstance(v, str) for k, v in row.items() if k != "fields")
+      assert isinstance(row["fields"], dict)
   # Strict mode stops at the first line that lenient mode skipped, and names it.
   first_bad = report.examples[0][0] if report is not None and report.examples else None
   try:

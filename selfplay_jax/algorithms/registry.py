@@ -25,7 +25,9 @@ from selfplay_jax.algorithms.sft import SFT, RestEM
 from selfplay_jax.algorithms.spec import REFERENCES, Spec
 from selfplay_jax.errors import ConfigError
 
-REWARDS = ("verifier", "judge", "likelihood")  # what scores a round's samples (algorithm.reward)
+# What scores a round's samples (algorithm.reward); math and python: host-side Python reward
+# functions (scoring/python_rewards.py), python implied by algorithm.reward_fn(s).
+REWARDS = ("verifier", "judge", "likelihood", "math", "python")
 Passes = list[tuple[str, int, int]]  # (what, sequences, length) of a round's forward passes
 
 

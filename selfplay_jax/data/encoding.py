@@ -15,7 +15,7 @@ import numpy as np
 from selfplay_jax import tokenizers
 from selfplay_jax.errors import EncodingError
 
-Example = Mapping[str, str]
+Example = Mapping[str, Any]  # "prompt", "response", "answer" (str); optional others
 
 
 # ---- tokenizer -------------------------------------------------------------------------------
@@ -59,6 +59,17 @@ def build_tokenizer(task: Any, path: str | os.PathLike, vocab_size: int = 64,
 
 # ---- batching --------------------------------------------------------------------------------
 
+# An example whose `prompt` is a rendered chat template carries CHAT_KEY=True: its prompt is
+# encoded as is, with no BOS added (the template writes its own, as transformers encodes a rendered
+# chat with add_special_tokens=False).
+CHAT_KEY = "chat"
+
+
+def prompt_ids(tokenizer: tokenizers.Tokenizer, example: Mapping[str, Any]) -> list[int]:
+  """The prompt's ids as the model sees them: BOS + prompt, or a rendered chat prompt as is."""
+  return tokenizer.encode(example["prompt"], add_bos=not example.get(CHAT_KEY, False))
+
+
 
 def _pad(rows: list[list[int]], width: int, left: bool, pad_id: int, what: str,
          width_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,11 +89,11 @@ def encode_examples(examples: Sequence[Example], tokenizer: tokenizers.Tokenizer
                     max_answer_len: int) -> dict[str, np.ndarray]:
   """Tokenizes examples into fixed-width numpy arrays.
 
-  Returns `prompt_tokens` [B, P] (BOS + prompt, left-padded), `response_tokens` [B, R] (response
+  Returns `prompt_tokens` [B, P] (BOS + prompt, left-padded; `prompt_ids`), `response_tokens` [B, R] (response
   + EOS, right-padded), `answer_tokens` [B, A] (answer, right-padded), each int32, plus the bool
   `*_mask` of each; when every example has `chosen` and `rejected`, also `chosen_tokens` and
   `rejected_tokens` [B, R] (like responses). Raises ValueError naming the example index when a row
-  does not fit.
+  does not fit. Other keys of an example (e.g. the JSONL row's `fields`) are ignored.
   """
   if tokenizer.eos_id is None:
     raise ValueError("encode_examples needs a tokenizer with an EOS token")
@@ -95,6 +106,7 @@ def encode_examples(examples: Sequence[Example], tokenizer: tokenizers.Tokenizer
                     for f in ("chosen", "rejected"))
   out = {}
   for field, kw, width, left, width_name in fields:
-    rows = [tokenizer.encode(e[field], **kw) for e in examples]
+    rows = [prompt_ids(tokenizer, e) if field == "prompt" else tokenizer.encode(e[field], **kw)
+            for e in examples]
     out[f"{field}_tokens"], out[f"{field}_mask"] = _pad(rows, width, left, pad, field, width_name)
   return out

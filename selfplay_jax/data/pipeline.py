@@ -8,9 +8,15 @@
   state = it.get_state()               # JSON-serialisable; `it.set_state(state)` resumes exactly
   evals = eval_batches(task, "heldout", 200, tokenizer=tok, batch_size=32, ...)
 
-JSONL rows: `prompt` (str, required), optional `response` (gold response), `answer` (str or
-number), `chosen` / `rejected` (preference pairs). Bad rows are skipped and counted per reason
-(see `REASONS`), or raise `DataError` under `strict=True`.
+JSONL rows: `prompt` (str, required; or a list of chat messages), optional `response` (gold
+response), `answer` (str or number), `chosen` / `rejected` (preference pairs), each read from the
+JSON key `field_names` maps it to (GSM8K: `question`; MATH: `problem`, ...). An answer holding the
+answer marker (`####`) keeps only what follows its last marker (a GSM8K solution ending `#### 72`
+gives "72"). With `prompt_format="chat"` each prompt is rendered with the tokenizer's chat template
+(a string becomes one user message; `system_prompt` is put first when the prompt has no system
+message) and encoded as is. Every kept row also holds `fields`, the row's JSON object unchanged
+(for reward functions). Bad rows are skipped and counted per reason (see `REASONS`), or raise
+`DataError` under `strict=True`.
 
 Multi-host: every process builds the same global batch of `batch_size` rows and encodes only its
 own contiguous block of `batch_size // process_count` rows (`shard_rows`), so the union over
@@ -32,32 +38,35 @@ import jax
 import numpy as np
 
 from selfplay_jax.errors import DataError  # noqa: F401 (re-exported)
-from selfplay_jax import tokenizers
-from selfplay_jax.data import tasks
+from selfplay_jax import chat, tokenizers
+from selfplay_jax.data import encoding, tasks
 from selfplay_jax.scoring import verifiers
 
-__all__ = ["DataError", "RowReport", "REASONS", "FIELDS", "MAX_LINE_BYTES", "load_jsonl",
-           "make_dataset", "make_iterator", "eval_batches", "process_shard", "local_batch_size",
-           "shard_rows"]
+__all__ = ["DataError", "RowReport", "REASONS", "FIELDS", "PROMPT_FORMATS", "MAX_LINE_BYTES",
+           "load_jsonl", "final_answer", "make_dataset", "make_iterator", "eval_batches",
+           "process_shard", "local_batch_size", "shard_rows"]
 
 MAX_LINE_BYTES = 1 << 20  # longer lines are skipped unparsed ("line_too_long")
 MAX_REPORT_EXAMPLES = 10
 FIELDS = ("prompt", "response", "answer", "chosen", "rejected")
+PROMPT_FORMATS = ("raw", "chat")
 _RESPONSE_LIKE = ("response", "chosen", "rejected")
 REASONS = ("line_too_long", "invalid_utf8", "invalid_json", "not_object", "missing_field",
-           "wrong_type", "empty_prompt", "prompt_too_long", "response_too_long",
-           "answer_too_long", "chosen_too_long", "rejected_too_long")
+           "wrong_type", "empty_prompt", "bad_messages", "template_error", "prompt_too_long",
+           "response_too_long", "answer_too_long", "chosen_too_long", "rejected_too_long")
+_SHOW_DETAIL = ("bad_messages", "template_error")  # the summary quotes the first one's message
 
 
 class _BadRow(Exception):
-  """Internal: why one row was rejected; `field` (missing_field) and `tokens` / `limit`
-  (*_too_long) feed the summary."""
+  """Internal: why one row was rejected; `field` (missing_field: the JSON key) and `tokens` /
+  `limit` (*_too_long) feed the summary. A `fatal` one stops the load whatever `strict` says (the
+  run's settings, not the row, are wrong)."""
 
   def __init__(self, reason: str, detail: str = "", *, field: str = "", tokens: int = 0,
-               limit: str = ""):
+               limit: str = "", fatal: bool = False):
     super().__init__(reason)
     self.reason, self.detail = reason, detail
-    self.field, self.tokens, self.limit = field, tokens, limit
+    self.field, self.tokens, self.limit, self.fatal = field, tokens, limit, fatal
 
 
 @dataclasses.dataclass
@@ -72,7 +81,8 @@ class RowReport:
     examples: the first few skipped rows as `(1-based line number, reason)`.
     missing: rows skipped as missing_field, per missing field.
     longest: per *_too_long reason, (the longest row's tokens, the limit it broke).
-    why: per required field, why the run needs it (shown with missing_field).
+    why: per required field (its JSON key), why the run needs it (shown with missing_field).
+    details: per reason of `_SHOW_DETAIL`, the first skipped row's message.
   """
 
   path: str
@@ -83,6 +93,7 @@ class RowReport:
   missing: dict[str, int] = dataclasses.field(default_factory=dict)
   longest: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
   why: dict[str, str] = dataclasses.field(default_factory=dict)
+  details: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def num_skipped(self) -> int:
@@ -96,6 +107,8 @@ class RowReport:
       self.missing[bad.field] = self.missing.get(bad.field, 0) + 1
     if bad is not None and bad.limit and bad.tokens > self.longest.get(reason, (0, ""))[0]:
       self.longest[reason] = (bad.tokens, bad.limit)
+    if bad is not None and reason in _SHOW_DETAIL:
+      self.details.setdefault(reason, bad.detail)
 
   def _note(self, reason: str) -> str:
     """What a reason's count means: the missing field(s) and why they are needed; the longest
@@ -107,6 +120,8 @@ class RowReport:
     if reason in self.longest:
       tokens, limit = self.longest[reason]
       return f" (longest {tokens} tokens{limit})"
+    if reason in self.details:
+      return f" (first: {self.details[reason]})"
     return ""
 
   def summary(self) -> str:
@@ -153,7 +168,7 @@ def _parse(text: str) -> Any:
     raise _BadRow("invalid_json", str(e)) from None
 
 
-def _answer_str(value: Any) -> str:
+def _answer_str(value: Any, key: str = "answer") -> str:
   """An answer given as str or number, as a string (integral floats lose their ".0")."""
   if isinstance(value, str):
     return value
@@ -161,37 +176,89 @@ def _answer_str(value: Any) -> str:
     return str(value)
   if isinstance(value, float) and math.isfinite(value):
     return str(int(value)) if value.is_integer() else repr(value)
-  raise _BadRow("wrong_type", f"answer must be a string or number, got {type(value).__name__}")
+  raise _BadRow("wrong_type", f"{key} must be a string or number, got {type(value).__name__}")
 
 
-def _fields(obj: Any, required: frozenset[str]) -> dict[str, str]:
-  """Type-checks a parsed row; its known fields as strings (absent / null optional dropped)."""
+def final_answer(answer: str, marker: str | None) -> str:
+  """What the verifier compares: the part after the last `marker` (whitespace stripped) when the
+  answer holds one, e.g. a GSM8K solution "...\\n#### 72" -> "72"; else the answer unchanged."""
+  if marker and marker in answer:
+    return answer.rsplit(marker, 1)[1].strip()
+  return answer
+
+
+def _field_names(field_names: Mapping[str, str] | None) -> dict[str, str]:
+  """Each of `FIELDS` -> the JSON key it is read from (default: its own name)."""
+  names = dict(zip(FIELDS, FIELDS))
+  for name, key in (field_names or {}).items():
+    if name not in FIELDS:
+      raise ValueError(f"field_names must map fields of {FIELDS}, got {name!r}")
+    if not isinstance(key, str) or not key:
+      raise ValueError(f"field_names[{name!r}] must be a non-empty JSON key, got {key!r}")
+    names[name] = key
+  return names
+
+
+def _fields(obj: Any, required: frozenset[str], names: Mapping[str, str],
+            answer_marker: str | None) -> dict[str, Any]:
+  """Type-checks a parsed row; its known fields (read through `names`) as strings, the prompt
+  possibly a list of messages (absent / null optional fields dropped)."""
   if not isinstance(obj, dict):
     raise _BadRow("not_object", f"row is a JSON {type(obj).__name__}, not an object")
   for name in FIELDS:
-    if name in required and name not in obj:
-      raise _BadRow("missing_field", f"no {name!r} field", field=name)
+    if name in required and names[name] not in obj:
+      raise _BadRow("missing_field", f"no {names[name]!r} field", field=names[name])
   out = {}
   for name in FIELDS:
-    value = obj.get(name)
+    key = names[name]
+    value = obj.get(key)
     if value is None and name not in required:
       continue
     if name == "answer":
-      out[name] = _answer_str(value)
-    elif isinstance(value, str):
+      out[name] = final_answer(_answer_str(value, key), answer_marker)
+    elif isinstance(value, str) or (name == "prompt" and isinstance(value, list)):
       out[name] = value
     else:
-      raise _BadRow("wrong_type", f"{name} must be a string, got {type(value).__name__}")
-  if not out["prompt"].strip():
-    raise _BadRow("empty_prompt", "prompt is empty or whitespace")
+      raise _BadRow("wrong_type", f"{key} must be a string, got {type(value).__name__}")
   return out
 
 
-def _check_lengths(row: Mapping[str, str], tokenizer: tokenizers.Tokenizer, max_prompt_len: int,
+def _prompt_text(prompt: str | list, key: str, tokenizer: tokenizers.Tokenizer,
+                 prompt_format: str, system_prompt: str) -> tuple[str, bool]:
+  """(the prompt as the model reads it, whether it is a rendered chat template)."""
+  if prompt_format == "raw":
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m
+                                                   for m in prompt):
+      raise _BadRow("wrong_type", f"{key} is a list of chat messages, and the prompt format is raw "
+                    "text: set data.prompt_format=chat to render it with the tokenizer's chat "
+                    "template", fatal=True)
+    if isinstance(prompt, list):
+      raise _BadRow("wrong_type", f"{key} must be a string (or, with data.prompt_format=chat, a "
+                    "list of messages), got a list")
+    if not prompt.strip():
+      raise _BadRow("empty_prompt", f"{key} is empty or whitespace")
+    return prompt, False
+  try:
+    messages = chat.messages_of(prompt, system_prompt)
+  except ValueError as e:
+    raise _BadRow("bad_messages", f"{key}: {e}") from None
+  if not any(m["content"].strip() for m in messages if m["role"] != "system"):
+    raise _BadRow("empty_prompt", f"{key} has no non-empty message")
+  try:
+    return tokenizer.render_chat(messages), True
+  except chat.ChatTemplateError as e:
+    raise _BadRow("template_error", str(e)) from None
+
+
+def _check_lengths(row: Mapping[str, Any], tokenizer: tokenizers.Tokenizer, max_prompt_len: int,
                    max_response_len: int, max_answer_len: int) -> None:
-  """Rejects rows that `encode_examples` could not fit (BOS + prompt, response + EOS, answer)."""
-  checks = [("prompt", dict(add_bos=True), max_prompt_len, " with BOS", "data.max_prompt_len"),
-            ("answer", {}, max_answer_len, "", "data.max_answer_len")]
+  """Rejects rows that `encode_examples` could not fit (the prompt as `encoding.prompt_ids`
+  encodes it, response + EOS, answer)."""
+  n = len(encoding.prompt_ids(tokenizer, row))
+  if n > max_prompt_len:
+    over = f"{'' if row.get(encoding.CHAT_KEY) else ' with BOS'} > data.max_prompt_len={max_prompt_len}"
+    raise _BadRow("prompt_too_long", f"{n} tokens{over}", tokens=n, limit=over)
+  checks = [("answer", {}, max_answer_len, "", "data.max_answer_len")]
   checks += [(f, dict(add_eos=True), max_response_len, " with EOS", "data.max_response_len")
              for f in _RESPONSE_LIKE]
   for name, kw, limit, extra, limit_name in checks:
@@ -202,38 +269,71 @@ def _check_lengths(row: Mapping[str, str], tokenizer: tokenizers.Tokenizer, max_
         raise _BadRow(f"{name}_too_long", f"{n} tokens{over}", tokens=n, limit=over)
 
 
-def _read_row(raw: bytes | None, first: bool, required: frozenset[str],
-              tokenizer: tokenizers.Tokenizer, max_prompt_len: int, max_response_len: int,
-              max_answer_len: int) -> dict[str, str] | None:
+@dataclasses.dataclass(frozen=True)
+class _RowFormat:
+  """How `load_jsonl` reads a row: required fields, JSON keys, prompt format, widths."""
+
+  required: frozenset[str]
+  names: Mapping[str, str]
+  prompt_format: str
+  system_prompt: str
+  answer_marker: str | None
+  tokenizer: tokenizers.Tokenizer
+  max_prompt_len: int
+  max_response_len: int
+  max_answer_len: int
+
+
+def _read_row(raw: bytes | None, first: bool, fmt: _RowFormat) -> dict[str, Any] | None:
   """One validated, normalized row; None for a blank line; `_BadRow` when invalid."""
   text = _decode_line(raw, first)
   if not text.strip():
     return None
-  row = _fields(_parse(text), required)
-  _check_lengths(row, tokenizer, max_prompt_len, max_response_len, max_answer_len)
+  obj = _parse(text)
+  row = _fields(obj, fmt.required, fmt.names, fmt.answer_marker)
+  row["prompt"], row[encoding.CHAT_KEY] = _prompt_text(
+      row["prompt"], fmt.names["prompt"], fmt.tokenizer, fmt.prompt_format, fmt.system_prompt)
+  _check_lengths(row, fmt.tokenizer, fmt.max_prompt_len, fmt.max_response_len,
+                 fmt.max_answer_len)
+  row["fields"] = obj
   return _normalize(row)
 
 
-def _normalize(row: Mapping[str, Any]) -> dict[str, str]:
-  """An example dict for `encode_examples`: missing response / answer become ""."""
+def _normalize(row: Mapping[str, Any]) -> dict[str, Any]:
+  """An example dict for `encode_examples`: missing response / answer become ""; the chat flag
+  (`encoding.CHAT_KEY`) and the JSONL row's `fields` are kept when present."""
   out = {"prompt": row["prompt"], "response": row.get("response", ""),
          "answer": row.get("answer", "")}
-  out.update({k: row[k] for k in ("chosen", "rejected") if k in row})
+  out.update({k: row[k] for k in ("chosen", "rejected", "fields") if k in row})
+  if row.get(encoding.CHAT_KEY):
+    out[encoding.CHAT_KEY] = True
   return out
 
 
 def load_jsonl(path: str | os.PathLike, *, tokenizer: tokenizers.Tokenizer, max_prompt_len: int,
                max_response_len: int, max_answer_len: int, strict: bool = False,
                require: Sequence[str] = ("prompt",), why: Mapping[str, str] | None = None,
-               ) -> tuple[list[dict[str, str]], RowReport]:
+               field_names: Mapping[str, str] | None = None, prompt_format: str = "raw",
+               system_prompt: str = "", answer_marker: str | None = tasks.ANSWER_MARKER,
+               ) -> tuple[list[dict[str, Any]], RowReport]:
   """Reads and validates a JSONL file of examples.
 
-  Each kept row is `{"prompt", "response", "answer"}` (response / answer "" when absent; a
-  numeric answer becomes its string) plus `chosen` / `rejected` when present; other keys are
-  dropped. `prompt` is always required; `require` may add more of `FIELDS`. A null optional field
-  counts as absent. Blank lines are ignored. Bad rows (`REASONS`) are skipped, counted in the
-  returned `RowReport` and logged once as a summary. `why` says, per required field, why the run
-  needs it (named with the rows that lack it).
+  Each kept row is `{"prompt", "response", "answer", "fields"}` (response / answer "" when absent;
+  a numeric answer becomes its string; an answer holding `answer_marker` keeps what follows its
+  last marker, `final_answer`) plus `chosen` / `rejected` when present; `fields` is the row's JSON
+  object unchanged, every key kept. Each field is read from the JSON key `field_names` maps it to
+  (default: its own name), and errors name that key. `prompt` is always required; `require` may
+  add more of `FIELDS`. A null optional field counts as absent. Blank lines are ignored.
+
+  `prompt_format="chat"` renders each prompt with the tokenizer's chat template
+  (`Tokenizer.render_chat`, generation prompt added): a string prompt is one user message, a list
+  is the messages; `system_prompt` ("" = none) comes first when they have no system message. The
+  rendered text is the row's `prompt`, with `encoding.CHAT_KEY` set (it is encoded without an
+  added BOS). With `"raw"`, a prompt given as messages stops the load (DataError naming
+  data.prompt_format).
+
+  Bad rows (`REASONS`) are skipped, counted in the returned `RowReport` and logged once as a
+  summary. `why` says, per required field, why the run needs it (named with the rows that lack it).
 
   Raises:
     FileNotFoundError: `path` does not exist (IsADirectoryError: it is a directory).
@@ -244,21 +344,28 @@ def load_jsonl(path: str | os.PathLike, *, tokenizer: tokenizers.Tokenizer, max_
   unknown = set(require) - set(FIELDS)
   if unknown:
     raise ValueError(f"require must name fields of {FIELDS}, got {sorted(unknown)}")
+  if prompt_format not in PROMPT_FORMATS:
+    raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+  if prompt_format == "chat" and tokenizer.chat_template is None:
+    raise tokenizers.TokenizerError(f"prompt_format='chat' needs a chat template, and {tokenizer!r} "
+                                    "has none")
   if tokenizer.eos_id is None:
     raise ValueError("load_jsonl needs a tokenizer with an EOS token (responses end with EOS)")
   if os.path.isdir(path):
     raise IsADirectoryError(f"JSONL file {path} is a directory, not a file")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"JSONL file not found: {path}")
-  required = frozenset(("prompt", *require))
-  report, rows = RowReport(path, why=dict(why or {})), []
+  names = _field_names(field_names)
+  fmt = _RowFormat(frozenset(("prompt", *require)), names, prompt_format, system_prompt,
+                   answer_marker, tokenizer, max_prompt_len, max_response_len, max_answer_len)
+  report = RowReport(path, why={names[k]: v for k, v in (why or {}).items() if k in names})
+  rows = []
   with open(path, "rb") as f:
     for number, raw in _lines(f, MAX_LINE_BYTES):
       try:
-        row = _read_row(raw, number == 1, required, tokenizer, max_prompt_len, max_response_len,
-                        max_answer_len)
+        row = _read_row(raw, number == 1, fmt)
       except _BadRow as bad:
-        if strict:
+        if strict or bad.fatal:
           because = f"; {report.why[bad.field]}" if bad.field in report.why else ""
           raise DataError(f"{path} line {number}: {bad.reason} ({bad.detail}{because})") from None
         report.num_rows += 1
@@ -314,6 +421,21 @@ def _encode_rows(rows: Sequence[Mapping[str, Any]], *, tokenizer: tokenizers.Tok
   return tasks.encode_examples(local, tokenizer, max_prompt_len, max_response_len, max_answer_len)
 
 
+def _indexed(index: int, row: Any, *, size: int) -> tuple[int, Any]:
+  return index % size, row  # grain's index runs on across epochs of a repeated source
+
+
+def _encode_indexed(pairs: Sequence[tuple[int, Any]], *, process_index: int, process_count: int,
+                    **kw) -> dict[str, np.ndarray]:
+  """`_encode_rows` of the rows plus `row_index` (int32 [b]): each row's index in the source
+  (how a host callback, e.g. Python reward functions, finds a row's text and fields)."""
+  batch = _encode_rows([row for _, row in pairs], process_index=process_index,
+                       process_count=process_count, **kw)
+  batch["row_index"] = np.asarray(shard_rows([i for i, _ in pairs], process_index, process_count),
+                                  np.int32)
+  return batch
+
+
 def make_dataset(source: Sequence[Mapping[str, Any]] | Any, *, tokenizer: tokenizers.Tokenizer,
                  batch_size: int, max_prompt_len: int, max_response_len: int,
                  max_answer_len: int, seed: int, shuffle: bool = True,
@@ -324,12 +446,13 @@ def make_dataset(source: Sequence[Mapping[str, Any]] | Any, *, tokenizer: tokeni
   local_batch_size(batch_size, count)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError("cannot build a data pipeline from an empty source")
-  ds = grain.MapDataset.source(source)
+  ds = grain.MapDataset.source(source).map_with_index(  # (index in source, row)
+      functools.partial(_indexed, size=len(source)))
   if shuffle:
     ds = ds.shuffle(seed)  # reshuffled every epoch (seed + epoch)
   ds = ds.repeat(num_epochs).batch(batch_size, drop_remainder=True, batch_fn=list)
   return ds.map(functools.partial(
-      _encode_rows, tokenizer=tokenizer, max_prompt_len=max_prompt_len,
+      _encode_indexed, tokenizer=tokenizer, max_prompt_len=max_prompt_len,
       max_response_len=max_response_len, max_answer_len=max_answer_len, process_index=index,
       process_count=count))
 
@@ -340,7 +463,8 @@ def make_iterator(source: Sequence[Mapping[str, Any]] | Any, *,
                   num_epochs: int | None = None, process_index: int | None = None,
                   process_count: int | None = None, num_threads: int = 2,
                   prefetch: int = 8) -> grain.DatasetIterator:
-  """A checkpointable iterator of encoded batches (dicts of numpy arrays, `encode_examples`).
+  """A checkpointable iterator of encoded batches (dicts of numpy arrays, `encode_examples`, plus
+  `row_index`: int32 [b], each row's index in `source`).
 
   `source` is a task source (`task.source(split, seed)`) or a list of example dicts. Examples are
   shuffled by `seed` (a new order every epoch), repeated `num_epochs` times (None: forever) and
@@ -414,14 +538,24 @@ def _warn_if_heldout_leaks(path: str, eval_path: str, train: Sequence[Mapping[st
   return overlap
 
 
+def _split_key(row: Mapping[str, Any], prompt_key: str) -> str:
+  """What the held-out hash reads: the prompt as the file gives it (a list of messages as JSON),
+  so a row falls in the same split whatever `prompt_format` / `system_prompt` render it to."""
+  value = row.get("fields", {}).get(prompt_key, row["prompt"])
+  return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class JsonlData:
   """User data from JSONL files, used where a built-in task would be (`data.task=path.jsonl`).
 
-  Held-out rows come from `eval_path` when given, else from a stable hash of each prompt
-  (`heldout_fraction` of them), so train and held-out never share a prompt. The verifier compares
+  Held-out rows come from `eval_path` when given, else from a stable hash of each prompt as the
+  file gives it (`heldout_fraction` of them; the same split under either prompt format), so train
+  and held-out never share a prompt. The verifier compares
   the tokens after `answer_marker` in a completion with the row's `answer` (see
-  `verifiers.make_answer_verifier`); the marker must be one token of the tokenizer.
+  `verifiers.make_answer_verifier`); the marker must be one token of the tokenizer. A row's answer
+  holding the marker (a GSM8K solution) keeps only what follows its last marker (`final_answer`).
+  `options` go to `load_jsonl` (the widths, `field_names`, `prompt_format`, `system_prompt`).
   """
 
   train_rows: tuple
@@ -432,16 +566,17 @@ class JsonlData:
   def load(cls, path: str, *, tokenizer: tokenizers.Tokenizer, eval_path: str = "",
            heldout_fraction: float = 0.1, answer_marker: str = tasks.ANSWER_MARKER,
            strict: bool = False, require: Sequence[str] = ("prompt",),
-           why: Mapping[str, str] | None = None, **lengths: int) -> "JsonlData":
+           why: Mapping[str, str] | None = None, **options: Any) -> "JsonlData":
     rows, _ = load_jsonl(path, tokenizer=tokenizer, strict=strict, require=tuple(require),
-                         why=why, **lengths)
+                         why=why, answer_marker=answer_marker, **options)
     if eval_path:
       heldout, _ = load_jsonl(eval_path, tokenizer=tokenizer, strict=strict, require=tuple(require),
-                              why=why, **lengths)
+                              why=why, answer_marker=answer_marker, **options)
       train = rows
       _warn_if_heldout_leaks(path, eval_path, train, heldout)
     else:
-      is_heldout = [tasks.stable_fraction(r["prompt"]) < heldout_fraction for r in rows]
+      key = (options.get("field_names") or {}).get("prompt", "prompt")
+      is_heldout = [tasks.stable_fraction(_split_key(r, key)) < heldout_fraction for r in rows]
       train = [r for r, h in zip(rows, is_heldout) if not h]
       heldout = [r for r, h in zip(rows, is_heldout) if h]
       if not train or not heldout:
@@ -457,7 +592,7 @@ class JsonlData:
     """Every row has an answer, so samples can be verified and held-out accuracy measured."""
     return all(r["answer"] for r in self.train_rows + self.heldout_rows)
 
-  def source(self, split: str, seed: int = 0) -> list[dict[str, str]]:
+  def source(self, split: str, seed: int = 0) -> list[dict[str, Any]]:
     del seed  # the rows are fixed; the iterator shuffles them
     return list(self.train_rows if split == "train" else self.heldout_rows)
 

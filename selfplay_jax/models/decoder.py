@@ -14,6 +14,9 @@ Layers are `layers_0` ... `layers_{L-1}`, one Python-unrolled call each; with
 `config.scan_layers` they are one `layers` entry whose leaves have a leading layer axis (logical
 name `layers`), run by `nn.scan`, so the compiled program does not grow with depth. The per-layer
 differences (sliding or full attention, Gemma 3's local RoPE base) are then scanned inputs.
+
+With a LoRA config (`models/lora.py`) the projections named by `lora_targets` get adapters
+(`<p>_lora_a`, `<p>_lora_b`) beside their kernels; a params tree without them runs the base model.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selfplay_jax.models import lora
 from selfplay_jax.models.config import ModelConfig
 
 _NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked rows stay NaN-free
@@ -38,6 +42,25 @@ def _dtype(name: str):
 
 def _param(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _lora(module: nn.Module, prefix: str, x, in_shape, in_axes, out_shape, out_axes, down: str,
+          up: str):
+  """The LoRA update `alpha/r * B(A x)` of kernel `<prefix>_kernel` (`models/lora.py`), or None
+  when `prefix` takes no adapter or the params tree holds none (then this is the base model).
+  `down` / `up`: the einsums x, A -> [.., r] and [.., r], B -> output."""
+  c = module.config
+  if prefix not in lora.targets_of(c):
+    return None
+  if not module.is_initializing() and not module.has_variable("params", f"{prefix}_lora_a"):
+    return None
+  dt, pdt, r = _dtype(c.dtype), _dtype(c.param_dtype), c.lora_rank
+  a = _param(module, f"{prefix}_lora_a", lora.adapter_init(len(in_shape)), tuple(in_shape) + (r,),
+             tuple(in_axes) + (None,), pdt)
+  b = _param(module, f"{prefix}_lora_b", nn.initializers.zeros, (r,) + tuple(out_shape),
+             (None,) + tuple(out_axes), pdt)
+  h = jnp.einsum(down, x, a.astype(dt))
+  return jnp.einsum(up, h, b.astype(dt)) * jnp.asarray(c.lora_scale, dt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +143,9 @@ class Attention(nn.Module):
       if c.qkv_bias:
         b = _param(self, f"{name}_bias", nn.initializers.zeros, (heads, hd), axes, pdt)
         y = y + b.astype(dt)
-      return y
+      delta = _lora(self, name, x_BxTxD, (d,), ("embed",), (heads, hd), axes, "btd,dr->btr",
+                    "btr,rnh->btnh")
+      return y if delta is None else y + delta
 
     q = proj("q", h, ("heads", "head_dim"))
     k = proj("k", kvh, ("kv_heads", "head_dim"))
@@ -165,6 +190,10 @@ class Attention(nn.Module):
     y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
     if c.o_bias:
       y = y + _param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), pdt).astype(dt)
+    delta = _lora(self, "o", out, (h, hd), ("heads", "head_dim"), (d,), ("embed",),
+                  "btnh,nhr->btr", "btr,rd->btd")
+    if delta is not None:
+      y = y + delta
     return y, new_kv
 
 
@@ -181,7 +210,9 @@ class MLP(nn.Module):
       y = inp @ _param(self, f"{name}_kernel", _KERNEL_INIT, shape, axes, pdt).astype(dt)
       if c.mlp_bias:
         y = y + _param(self, f"{name}_bias", nn.initializers.zeros, shape[-1:], axes[-1:], pdt).astype(dt)
-      return y
+      delta = _lora(self, name, inp, shape[:1], axes[:1], shape[1:], axes[1:], "ni,ir->nr",
+                    "nr,ro->no")
+      return y if delta is None else y + delta
 
     # The matmuls run on [batch * length, features] operands: XLA:CPU otherwise fuses the gate's
     # backward with a transpose of the 3-D gradient into a slow copy (measured: GRPO forward +
@@ -335,7 +366,12 @@ def default_positions(segment_ids_BxT: jax.Array) -> jax.Array:
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-  """Randomly initialised parameters (plain arrays, `param_dtype`)."""
+  """Randomly initialised parameters (plain arrays, `param_dtype`). With LoRA (`models/lora.py`)
+  the base weights are those of the base config from the same `rng` and the adapters come from
+  their own stream, so adding adapters never changes the base."""
+  if lora.enabled(config):
+    return lora.join(lora.new_adapters(config, lora.adapter_rng(rng)),
+                     init_params(lora.base_config(config), rng))
   tokens = jnp.zeros((1, 1), jnp.int32)
   masks = _attention_masks(config, jnp.ones((1, 1, 1), bool), tokens, tokens)
   variables = Decoder(config).init(rng, tokens, tokens, masks)

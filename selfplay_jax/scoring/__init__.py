@@ -1,5 +1,7 @@
 """Scoring a round's samples: task verifiers (`verifiers`), the policy as its own judge
-(`judge`), and self-likelihood (`likelihood`). All pure and jittable: they run inside the round.
+(`judge`), and self-likelihood (`likelihood`), all pure and jittable: they run inside the round;
+and Python reward functions over decoded text (`python_rewards`, with the built-in `math_reward`),
+which run on the host through a callback from inside the round.
 
 A scorer is `scorer(sample_params, ref_params, batch, rollout, rng) -> (scores [R], metrics)`, with
 R = `rollout.num_rows`; NaN marks a sample that got no valid score.
