@@ -346,6 +346,12 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
         and not entry.samples:
       raise ConfigError(f"algorithm.reward: {a.name} does not sample, so nothing is scored; "
                         "leave algorithm.reward empty")
+    chosen = a.reward in ("judge", "likelihood", "math", "python") or a.reward_fn or a.reward_fns
+    if chosen and entry.samples and not entry.uses_rewards:
+      key = ("algorithm.reward_fn" if a.reward_fn else "algorithm.reward_fns" if a.reward_fns
+             else "algorithm.reward")
+      raise ConfigError(f"{key}: {a.name} pairs its samples with the gold responses and reads no "
+                        "reward, so the reward would be ignored; leave it empty")
     if cfg.sampling.n < entry.min_samples:
       raise ConfigError(f"sampling.n: {a.name} needs >= {entry.min_samples} samples per prompt "
                         "(group-relative advantages / best-vs-worst pairs)")

@@ -261,7 +261,9 @@ def test_config_checks(user_file):
          (("algorithm.reward_fns=math,,math",), "algorithm.reward_fns: an empty entry"),
          ((f"algorithm.reward_fn={f}", "algorithm.scorer=selfplay_jax.scoring:judge_scorer"),
           "algorithm.scorer: set either"),
-         (("algorithm.name=sft", f"algorithm.reward_fn={f}"), "algorithm.reward: sft does not")]
+         (("algorithm.name=sft", f"algorithm.reward_fn={f}"), "algorithm.reward: sft does not"),
+         (("algorithm.name=spin", "algorithm.reward_fns=math", "sampling.n=1"),
+          "algorithm.reward_fns: spin pairs its samples with the gold responses and reads no")]
   for overrides, message in bad:
     with pytest.raises(ConfigError, match=message):
       _cfg(*overrides)
