@@ -122,8 +122,21 @@ def _compile(template: str):
   def strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
+  class Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' AssistantTracker tag, which marks
+    the assistant's tokens for training masks): renders its body unchanged."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
   env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                      extensions=[jinja2.ext.loopcontrols])
+                                      extensions=[jinja2.ext.loopcontrols, Generation])
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception
   env.globals["strftime_now"] = strftime_now

@@ -128,13 +128,15 @@ def test_gemma_template_rejects_a_system_message_as_transformers_does(family_dir
 
 def test_environment_matches_transformers_filters_and_loop_controls(tmp_path):
   """tojson without HTML escaping (indent, non-ASCII), trim/lstrip blocks, break/continue,
-  namespace, raise_exception: one template using them, rendered by both."""
+  namespace, raise_exception, the {% generation %} tag: one template using them, rendered by
+  both."""
   template = ("{%- set ns = namespace(n=0) %}\n"
               "{% for m in messages %}\n"
               "  {% if m.role == 'skip' %}{% continue %}{% endif %}\n"
               "  {% if loop.index > 3 %}{% break %}{% endif %}\n"
               "  {% set ns.n = ns.n + 1 %}\n"
               "  {{ m | tojson }}|{{ m | tojson(indent=2) }}|{{ m.content | tojson(ensure_ascii=True) }}\n"
+              "  {% if m.role == 'assistant' %}{% generation %}[{{ m.content }}]{% endgeneration %}{% endif %}\n"
               "{% endfor %}\n"
               "{{ ns.n }} {{ eos_token }}{% if add_generation_prompt %}GO{% endif %}")
   path = write_tokenizer(tmp_path / "t", ["<s>", "</s>"], {"eos_token": "</s>"}, template)
