@@ -179,12 +179,7 @@ def _answer_str(value: Any, key: str = "answer") -> str:
   raise _BadRow("wrong_type", f"{key} must be a string or number, got {type(value).__name__}")
 
 
-def final_answer(answer: str, marker: str | None) -> str:
-  """What the verifier compares: the part after the last `marker` (whitespace stripped) when the
-  answer holds one, e.g. a GSM8K solution "...\\n#### 72" -> "72"; else the answer unchanged."""
-  if marker and marker in answer:
-    return answer.rsplit(marker, 1)[1].strip()
-  return answer
+final_answer = verifiers.final_answer  # the part after the last answer marker (GSM8K: "72")
 
 
 def _field_names(field_names: Mapping[str, str] | None) -> dict[str, str]:

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import math_verify
 import numpy as np
 
+from selfplay_jax.scoring import verifiers
+
 __all__ = ["math_reward", "gold_answer", "parse_gold", "parse", "make_verifier"]
 
 GSM8K_MARKER = "####"
@@ -57,10 +59,7 @@ def parse(text: str) -> list:
 def gold_answer(answer: str) -> str:
   """The gold answer's text: after the last `####` (GSM8K) when there is one, else the answer
   (a `\\boxed{}` in a MATH solution is found by `parse`, which prefers boxed answers)."""
-  answer = str(answer)
-  if GSM8K_MARKER in answer:
-    answer = answer.rsplit(GSM8K_MARKER, 1)[1]
-  return answer.strip()
+  return verifiers.final_answer(str(answer), GSM8K_MARKER).strip()
 
 
 def parse_gold(answer: str) -> list:
@@ -112,14 +111,10 @@ def make_verifier(tokenizer):
   answer field, so a MATH solution must fit `data.max_answer_len`."""
   from selfplay_jax.scoring import python_rewards  # pylint: disable=import-outside-toplevel
 
-  eos = set(tokenizer.eos_ids)
-
   def host(tokens, mask, answer_tokens, answer_mask):
     completions, golds = [], []
     for t, m, a, am in zip(tokens, mask, answer_tokens, answer_mask):
-      ids = [int(x) for x in np.asarray(t)[np.asarray(m, bool)]]
-      end = next((i for i, x in enumerate(ids) if x in eos), len(ids))
-      completions.append(tokenizer.decode(ids[:end], skip_special=True))
+      completions.append(python_rewards.completion_text(tokenizer, np.asarray(t)[np.asarray(m, bool)]))
       golds.append(tokenizer.decode([int(x) for x in np.asarray(a)[np.asarray(am, bool)]],
                                     skip_special=True))
     scores = math_reward([""] * len(completions), completions, golds)

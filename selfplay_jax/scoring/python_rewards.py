@@ -49,7 +49,7 @@ from selfplay_jax import config_lib
 from selfplay_jax.errors import ConfigError, RewardFunctionError
 
 __all__ = ["BUILTIN", "RewardFn", "reward_fn_specs", "load_reward_fns", "HostRewards",
-           "python_scorer", "on_each_device", "raise_if_failed", "ERROR_METRIC", "TIME_METRIC"]
+           "python_scorer", "on_each_device", "completion_text", "raise_if_failed", "ERROR_METRIC", "TIME_METRIC"]
 
 BUILTIN = {"math": "selfplay_jax.scoring.math_reward:math_reward"}  # names usable in reward_fns
 ERROR_METRIC = "reward/errors"  # > 0: a reward function failed this round (raise_if_failed)
@@ -160,10 +160,7 @@ class HostRewards:
     return self.tokenizer.decode(ids, skip_special=False)
 
   def decode_completion(self, tokens: np.ndarray, length: int) -> str:
-    ids = [int(t) for t in np.asarray(tokens)[:int(length)]]
-    eos = set(self.tokenizer.eos_ids)
-    end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-    return self.tokenizer.decode(ids[:end], skip_special=True)
+    return completion_text(self.tokenizer, np.asarray(tokens)[:int(length)])
 
   # -- scoring ------------------------------------------------------------------------------------
 
@@ -254,6 +251,15 @@ class HostRewards:
     seconds = time.perf_counter() - start
     return (total.astype(np.float32), per_fn.astype(np.float32), np.asarray([failed], np.int32),
             np.asarray([seconds], np.float32))
+
+
+def completion_text(tokenizer, ids) -> str:
+  """A completion's text as reward functions and the math verifier read it: the tokens up to and
+  excluding the first stop token, special tokens skipped."""
+  ids = [int(t) for t in ids]
+  eos = set(tokenizer.eos_ids)
+  end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+  return tokenizer.decode(ids[:end], skip_special=True)
 
 
 def on_each_device(local, args, num_outputs: int):

@@ -77,3 +77,11 @@ def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Seq
     return jnp.where(correct, 1.0, jnp.where(well_formed, format_reward, 0.0)).astype(jnp.float32)
 
   return verify
+
+
+def final_answer(answer: str, marker: str | None) -> str:
+  """What the verifier compares: the part after the last `marker` (whitespace stripped) when the
+  answer holds one, e.g. a GSM8K solution "...\\n#### 72" -> "72"; else the answer unchanged."""
+  if marker and marker in answer:
+    return answer.rsplit(marker, 1)[1].strip()
+  return answer
