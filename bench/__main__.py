@@ -3,6 +3,7 @@
   python -m bench --suite all            # sampling, trl, tunix, round, reward_fns, lora (full runs: docs + results)
   python -m bench --suite round --quick  # one benchmark, tiny sizes (results/<name>_quick.json only)
   python -m bench --suite all --dry-run  # print the commands, run nothing
+  python -m bench --suite accelerator --wheels wheels/  # one GPU / TPU chip (docs/benchmarks.md)
 
 Each module runs in its own process, so one that is missing or fails is reported and the rest
 still run; the exit status is non-zero if any failed.
@@ -19,11 +20,13 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from bench import common
+from bench import common, wheels
 
 # --suite name -> module under bench/ (run as `python -m bench.<module>`), in suite order.
 SUITES = {"sampling": "sampling", "trl": "trl_compare", "tunix": "tunix_sampler", "round": "round",
-          "reward_fns": "reward_fns", "lora": "lora"}
+          "reward_fns": "reward_fns", "lora": "lora", "accelerator": "accelerator"}
+# Suites `--suite all` runs (the accelerator one is for a GPU / TPU chip: run it by name).
+ALL = [name for name in SUITES if name != "accelerator"]
 
 
 @dataclasses.dataclass
@@ -83,9 +86,9 @@ def run_suites(names: Sequence[str], quick: bool = False, out_dir: str | None = 
 
 
 def summary(outcomes: Sequence[Outcome], quick: bool) -> str:
-  lines = ["", "suite      module          status               time  results"]
+  lines = ["", "suite        module          status               time  results"]
   for o in outcomes:
-    lines.append(f"{o.suite:<10} {o.module:<15} {o.status:<20} {o.seconds:5.0f}s  "
+    lines.append(f"{o.suite:<12} {o.module:<15} {o.status:<20} {o.seconds:5.0f}s  "
                  f"{', '.join(o.results) or '-'}")
   lines.append("")
   lines.append("docs: unchanged (--quick never writes docs)" if quick else
@@ -97,12 +100,18 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                    formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--suite", default="all", choices=["all", *SUITES],
-                      help="which benchmark to run (default: all, in the order listed)")
+                      help="which benchmark to run (default: all, in the order listed; all leaves out "
+                           "accelerator)")
   parser.add_argument("--quick", action="store_true", help="tiny sizes: a harness check, no docs")
   parser.add_argument("--out-dir", default=None, help="results directory (default bench/results)")
   parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+  parser.add_argument("--wheels", default=None, metavar="DIR",
+                      help="folder of carried *.whl files for a machine without network "
+                           f"(passed on as ${wheels.ENV}; docs/benchmarks.md)")
   args = parser.parse_args(argv)
-  names = list(SUITES) if args.suite == "all" else [args.suite]
+  if args.wheels is not None:
+    wheels.activate(args.wheels)  # sets $SELFPLAY_WHEELS: each module's process activates them
+  names = ALL if args.suite == "all" else [args.suite]
   outcomes = run_suites(names, args.quick, args.out_dir, args.dry_run)
   if args.dry_run:
     return 0

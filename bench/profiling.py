@@ -3,6 +3,8 @@
   trace_breakdown(fn) -> dict   # op time by kind (matmuls, copies, ...): bench.tunix_sampler, both
                                 #   sides (its Tunix worker runs this under its own jax)
   kernel_profile(jitted, holder, batch) -> dict  # top kernels of a round: bench.trl_compare
+  loop_relayouts(hlo_text) -> [dict]  # copies / transposes inside a compiled program's while loop
+                                      #   bodies (bench.accelerator, tests/test_sampling.py)
 
 Only the standard library is imported at the top: the Tunix worker imports this module too.
 """
@@ -112,3 +114,64 @@ def kernel_profile(round_fn, holder: dict, batch, calls: int = 3, top: int = 6) 
   return {"kernel_ms_per_call": total, "calls": calls,
           "top": [{"kernel": k, "shape": sh, "op": op, "ms_per_call": ms, "share": ms / max(total, 1e-9)}
                   for (k, sh, op), ms in ranked]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Copies and transposes inside while loops (compiled HLO text)
+
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+                  "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """Computation name -> its instruction lines, from `compiled.as_text()`."""
+  comps: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    m = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$", line)
+    if m:
+      current = comps.setdefault(m.group(1), [])
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      current.append(line)
+  return comps
+
+
+def _shape_bytes(shape: str) -> int:
+  m = re.match(r"(\w+)\[([\d,]*)\]", shape)
+  if not m or m.group(1) not in _ELEMENT_BYTES:
+    return 0
+  n = 1
+  for d in filter(None, m.group(2).split(",")):
+    n *= int(d)
+  return n * _ELEMENT_BYTES[m.group(1)]
+
+
+def loop_relayouts(hlo_text: str) -> list[dict]:
+  """Every `copy` and `transpose` executed inside a while loop's body (and the fusions and other
+  computations it calls) of a compiled program: {"op", "shape", "bytes", "name"}. A decode loop
+  that re-lays out a weight or its KV cache every step shows up here with that array's size;
+  copies of small loop state (a token, a flag) are cheap and expected."""
+  comps = _computations(hlo_text)
+  bodies = re.findall(r"while\(.*?body=%([\w.\-]+)", hlo_text)
+  seen: set[str] = set()
+  stack = list(bodies)
+  while stack:
+    name = stack.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      stack += re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", line)
+      for group in re.findall(r"(?:called_computations|branch_computations)=\{([^}]*)\}", line):
+        stack += re.findall(r"%([\w.\-]+)", group)
+  out = []
+  for name in sorted(seen):
+    for line in comps[name]:
+      m = re.search(r"%([\w.\-]+) = (\S+) (copy|transpose)\(", line)
+      if m:
+        op = re.search(r'op_name="([^"]*)"', line)
+        out.append({"op": m.group(3), "shape": m.group(2), "bytes": _shape_bytes(m.group(2)),
+                    "name": op.group(1) if op else ""})
+  return out

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 SEED = 0
 TORCH_THREADS = 2  # the headline TRL setting (= the machine's cores); 1 thread is measured too
 PAD, BOS, EOS = 0, 1, 2  # special ids of the benchmark tokenizer (every other id is "t<id>")
+# Where TRL's trainers run: the CPU in fp32 (bench.trl_compare); bench.accelerator sets
+# USE_CPU = False (the GPU) and BF16 = True (bf16 autocast on fp32 weights, like our rounds).
+USE_CPU, BF16 = True, False
 
 
 def tokenizer(vocab_size: int):
@@ -77,7 +80,7 @@ def with_threads(fn: Callable[[], Any], n: int) -> Callable[[], Any]:
 def _trl_args(cls, spec: Spec, out_dir: str, batch_size: int, **extra):
   return cls(output_dir=out_dir, per_device_train_batch_size=batch_size,
              learning_rate=spec.learning_rate, lr_scheduler_type="constant", weight_decay=0.0,
-             max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, use_cpu=True,
+             max_grad_norm=1.0, bf16=BF16, gradient_checkpointing=False, use_cpu=USE_CPU,
              report_to="none", save_strategy="no", logging_steps=10**9, seed=SEED, **extra)
 
 

@@ -19,7 +19,7 @@ COMMITTED = [("sampling", "sampling"), ("trl_compare", "trl_compare"),
              ("tunix_sampler", "tunix_sampler"), ("round", "round"), ("reward_fns", "reward_fns"),
              ("lora", "lora")]
 MEASUREMENT_MODULES = ["sampling", "trl_compare", "trl_side", "tunix_sampler", "tunix_worker", "round",
-                       "reward_fns", "lora",
+                       "reward_fns", "lora", "accelerator", "wheels",
                        "round_limits", "timing", "profiling"]
 
 

@@ -1,7 +1,7 @@
 """Markdown: each benchmark's results dict -> its docs/benchmarks.md section.
 
-One module per benchmark (`sampling`, `trl`, `tunix`, `round`, `reward_fns`), each with `render(res) -> str`,
-plus the formatting they share. Rendering reads only the results dict (standard library only, no
+One module per benchmark (`sampling`, `trl`, `tunix`, `round`, `reward_fns`, `accelerator`, ...),
+each with `render(res) -> str`, plus the formatting they share. Rendering reads only the results dict (standard library only, no
 jax), so any saved results file renders again: `python -m bench.<module> --render-from <json>`.
 """
 
