@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.warmup.rounds = 110  # SFT rounds on gold responses before self-improvement
   cfg.warmup.num_minibatches = 1  # optimizer steps per warm-up round
   cfg.warmup.learning_rate = 3e-3  # warm-up SFT learning rate (self-improvement: optimizer.*)
+  cfg.warmup.final_learning_rate = 0.0  # cosine-decay the warm-up rate to this by its last step; 0 = constant
   cfg.warmup.judge_rounds = -1  # judge.train_in_warmup: the last N warm-up rounds train the judge; -1 = all
 
   cfg.eval = ml_collections.ConfigDict()
@@ -96,10 +97,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.top_entropy_quantile = 1.0  # PG: train the top-quantile tokens by entropy; 1 = all
   cfg.algorithm.mask_truncated_completions = False  # PG: no loss on completions cut by the budget
   cfg.algorithm.kl_estimator = ""  # PG: k1|k2|k3, KL penalty and KL-shaped rewards; "" = k3 / k1
-  cfg.algorithm.reward = ""  # verifier | judge | likelihood | math | python; "" = the algorithm's own
+  cfg.algorithm.reward = ""  # verifier|judge|likelihood|math|python|majority|self_certainty; "" = the algorithm's own
   cfg.algorithm.reward_fn = ""  # a Python reward fn(prompts, completions, **fields), "file.py:fn" or "module:fn"
   cfg.algorithm.reward_fns = ""  # several, comma-separated ("math" = the built-in); their weighted sum
   cfg.algorithm.reward_weights = ""  # comma-separated weights of reward_fns; "" = 1 each
+  cfg.algorithm.majority_threshold = 0.0  # reward=majority: prompts whose majority share is below it score NaN; 0 = off
+  cfg.algorithm.majority_soft = False  # reward=majority: reward = the share of the sample's answer (SRT soft)
   cfg.algorithm.likelihood_normalize = "mean"  # self-likelihood reward: mean or sum token log-prob
   cfg.algorithm.iteration_rounds = 1  # spin / self_rewarding: rounds per iteration (reference moves)
   cfg.algorithm.replay_previous = False  # spin: also train on the previous iteration's pairs
@@ -162,6 +165,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
   cfg.data.max_response_len = 32  # gold response length incl. EOS (tokens)
   cfg.data.max_answer_len = 8  # answer length for the verifier (tokens)
+  cfg.data.seed = -1  # shuffle order of the training data (and synthesised rows); -1 = seed
+
+  cfg.population = ml_collections.ConfigDict()  # K models trained side by side (docs/design.md)
+  cfg.population.size = 1  # members K; member k inits and samples with seed + k, same data order
+  cfg.population.vote_threshold = 1.0  # curriculum: share of the K * sampling.n voters that must agree on a label
+
+  cfg.curriculum = ml_collections.ConfigDict()  # easy-to-hard self-labelling (selfplay_jax/curriculum.py)
+  cfg.curriculum.max_digits = 0  # longest addition the rounds label (data.task=addition); 0 = off
+  cfg.curriculum.gold_max_digits = 3  # gold labels (warm-up SFT and replay) only up to this length
+  cfg.curriculum.advance_threshold = 0.8  # move one digit longer once this share of a round's problems is labelled
+  cfg.curriculum.length_filter = True  # drop labels whose answer is longer than a sum of the length can be
+  cfg.curriculum.gold_fraction = 0.25  # share of each step's rows that are gold (short) problems; the rest replay labels
+  cfg.curriculum.replay_size = 4096  # self-labelled rows kept (a ring buffer in the state)
 
   cfg.metrics = ml_collections.ConfigDict()
   cfg.metrics.plot_every_rounds = 1  # redraw plots/metrics.png every N rounds (and at the end); 0 = off

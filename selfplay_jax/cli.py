@@ -242,6 +242,7 @@ def _define_export_flags() -> None:
   flags.DEFINE_string("out", None, "new directory for the Hugging Face model")
   flags.DEFINE_integer("round", None, "checkpoint round to export (default: the newest)")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "stored dtype (default: as trained)")
+  flags.DEFINE_integer("member", 0, "population runs (population.size > 1): the member to export")
 
 
 def _export(argv: list[str]) -> int:
@@ -253,7 +254,8 @@ def _export(argv: list[str]) -> int:
       _fail(f"--{name}: required")
   _quiet_absl()
   try:
-    out, step = export.export_workdir(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.round, dtype=_FLAGS.dtype)
+    out, step = export.export_workdir(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.round, dtype=_FLAGS.dtype,
+                                      member=_FLAGS.member)
   except _INPUT_ERRORS + (ValueError,) as e:
     _fail(e)
   print(f"exported round {step} of {_FLAGS.workdir} to {out} (transformers.AutoModelForCausalLM)")

@@ -82,6 +82,8 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("algorithm.reward_fn", str, None, ""),  # checked with reward_fns: _validate_reward_fns
     ("algorithm.reward_fns", str, None, ""),
     ("algorithm.reward_weights", str, None, ""),
+    ("algorithm.majority_threshold", float, lambda v: 0 <= v <= 1, "must be in [0, 1] (0 = off)"),
+    ("algorithm.majority_soft", bool, None, ""),
     ("algorithm.likelihood_normalize", str, lambda v: v in ("sum", "mean"),
      "must be 'sum' or 'mean'"),
     ("algorithm.iteration_rounds", int, _positive, "must be >= 1"),
@@ -138,6 +140,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("warmup.rounds", int, _non_negative, "must be >= 0"),
     ("warmup.num_minibatches", int, _positive, "must be >= 1"),
     ("warmup.learning_rate", float, lambda v: v > 0, "must be > 0"),
+    ("warmup.final_learning_rate", float, _non_negative, "must be >= 0 (0 = constant)"),
     ("warmup.judge_rounds", int, lambda v: v >= -1, "must be >= 0, or -1 (all warm-up rounds)"),
     ("eval.every_rounds", int, _positive, "must be >= 1"),
     ("eval.num_examples", int, _positive, "must be >= 1"),
@@ -159,6 +162,15 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("data.rejected_field", str, bool, "must be a non-empty JSON key"),
     ("data.max_response_len", int, _positive, "must be >= 1"),
     ("data.max_answer_len", int, _positive, "must be >= 1"),
+    ("data.seed", int, lambda v: v >= -1, "must be >= 0, or -1 (the run's seed)"),
+    ("population.size", int, _positive, "must be >= 1 (1 = a single model)"),
+    ("population.vote_threshold", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("curriculum.max_digits", int, lambda v: v == 0 or 2 <= v <= 32, "must be 0 (off) or in [2, 32]"),
+    ("curriculum.gold_max_digits", int, _positive, "must be >= 1"),
+    ("curriculum.advance_threshold", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    ("curriculum.length_filter", bool, None, ""),
+    ("curriculum.gold_fraction", float, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("curriculum.replay_size", int, _positive, "must be >= 1"),
     ("debug.kill_at_round", int, _non_negative, "must be >= 0 (0 = off)"),
     ("debug.kill_point", str, lambda v: v in ("round", "save"), "must be 'round' or 'save'"),
     ("debug.kill_signal", str, lambda v: v in ("SIGKILL", "SIGTERM", "SIGINT"),
@@ -230,7 +242,57 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   sharding.logical_rules(cfg.mesh)  # an unknown logical or mesh axis fails here, naming the key
   model = config_lib.model_config(cfg.model)  # model.lora.targets: resolved (and checked) here
   _validate_lora(cfg)
+  _validate_population(cfg)
+  _validate_curriculum(cfg)
   _validate_combinations(cfg, model)
+
+
+def _validate_curriculum(cfg: ml_collections.ConfigDict) -> None:
+  """What the easy-to-hard curriculum (`curriculum.max_digits` > 0, selfplay_jax/curriculum.py)
+  needs: the addition task, SFT on its own labels, a model trained from scratch."""
+  c = cfg.curriculum
+  if not c.max_digits:
+    return
+  if cfg.data.task != "addition":
+    raise ConfigError(f"data.task: the easy-to-hard curriculum (curriculum.max_digits="
+                      f"{c.max_digits}) runs on the built-in 'addition' task, got {cfg.data.task!r}")
+  if c.gold_max_digits >= c.max_digits:
+    raise ConfigError(f"curriculum.gold_max_digits: must be below curriculum.max_digits="
+                      f"{c.max_digits}, got {c.gold_max_digits}")
+  if cfg.algorithm.name != "sft":
+    raise ConfigError(f"algorithm.name: the curriculum trains by SFT on its own labels; set "
+                      f"algorithm.name=sft (got {cfg.algorithm.name!r})")
+  if cfg.model.lora.rank or cfg.model.hf_path:
+    raise ConfigError("model.hf_path: the curriculum trains tiny models from scratch; it takes "
+                      "neither model.hf_path nor model.lora.rank")
+  if cfg.data.batch_size % cfg.algorithm.num_minibatches:
+    raise ConfigError(f"algorithm.num_minibatches: {cfg.algorithm.num_minibatches} does not divide"
+                      f" data.batch_size={cfg.data.batch_size}")
+  if cfg.sampling.max_new_tokens < c.max_digits + 4:
+    raise ConfigError(f"sampling.max_new_tokens: {cfg.sampling.max_new_tokens} cannot hold a "
+                      f"response of curriculum.max_digits={c.max_digits} digits (needs "
+                      f"{c.max_digits + 4}: the marker, max_digits + 2 digits (one spare zero), "
+                      "the stop token)")
+
+
+def _validate_population(cfg: ml_collections.ConfigDict) -> None:
+  """What a population (`population.size` > 1, members vmapped in one round) does not support."""
+  k = cfg.population.size
+  if k == 1:
+    return
+  if cfg.model.lora.rank:
+    raise ConfigError(f"population.size: {k} members with model.lora.rank={cfg.model.lora.rank}: "
+                      "LoRA runs train a single model (use population.size=1 or model.lora.rank=0)")
+  if cfg.algorithm.reward_fn or cfg.algorithm.reward_fns or cfg.algorithm.reward in (
+      "python", "math"):
+    key = ("algorithm.reward_fns" if cfg.algorithm.reward_fns else "algorithm.reward_fn"
+           if cfg.algorithm.reward_fn else "algorithm.reward")
+    raise ConfigError(f"population.size: {k} members with {key}: host-side Python reward "
+                      "functions are not supported under the members' vmap (use population.size=1 "
+                      "or a jittable reward: verifier, judge, likelihood, algorithm.scorer)")
+  if cfg.algorithm.name == "ppo":
+    raise ConfigError(f"population.size: {k} members with algorithm.name=ppo: PPO's value head "
+                      "and critic are not supported in a population (use population.size=1)")
 
 
 def _validate_lora(cfg: ml_collections.ConfigDict) -> None:
@@ -324,6 +386,20 @@ def _validate_reward_fns(cfg: ml_collections.ConfigDict) -> None:
     python_rewards.load_reward_fns(cfg)  # a bad reference fails here, naming the key
 
 
+def _validate_majority(cfg: ml_collections.ConfigDict) -> None:
+  """The majority-vote reward's knobs need that reward, and a vote needs two voters."""
+  a = cfg.algorithm
+  if a.reward != "majority":
+    for key, off in (("majority_threshold", 0.0), ("majority_soft", False)):
+      if a[key] != off:
+        raise ConfigError(f"algorithm.{key}: {a[key]!r} sets the majority-vote reward, and this "
+                          f"run's algorithm.reward is {a.reward!r}; set algorithm.reward=majority "
+                          f"or leave it {off!r}")
+  elif cfg.sampling.n < 2:
+    raise ConfigError(f"sampling.n: algorithm.reward=majority votes among a prompt's samples; "
+                      f"with {cfg.sampling.n} every valid answer is its own majority (use >= 2)")
+
+
 def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
   """Settings that are fine alone but impossible together."""
   a = cfg.algorithm
@@ -335,6 +411,7 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     raise ConfigError("algorithm.scorer: set either algorithm.scorer (your own) or "
                       f"algorithm.reward={a.reward!r} (built-in), not both")
   _validate_reward_fns(cfg)
+  _validate_majority(cfg)
   if entry is not None:  # own specs: rows are checked when the round is traced
     rows, what = entry.train_rows(cfg)
     if rows % a.num_minibatches:
@@ -342,11 +419,11 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     if a.loss_type and a.loss_type not in entry.loss_types:
       takes = f"one of {entry.loss_types}" if entry.loss_types else "no loss_type (leave it '')"
       raise ConfigError(f"algorithm.loss_type: {a.name} takes {takes}, got {a.loss_type!r}")
-    if (a.reward in ("judge", "likelihood", "math", "python") or a.reward_fn or a.reward_fns) \
+    if (a.reward in registry.SCORED_REWARDS or a.reward_fn or a.reward_fns) \
         and not entry.samples:
       raise ConfigError(f"algorithm.reward: {a.name} does not sample, so nothing is scored; "
                         "leave algorithm.reward empty")
-    chosen = a.reward in ("judge", "likelihood", "math", "python") or a.reward_fn or a.reward_fns
+    chosen = a.reward in registry.SCORED_REWARDS or a.reward_fn or a.reward_fns
     if chosen and entry.samples and not entry.uses_rewards:
       key = ("algorithm.reward_fn" if a.reward_fn else "algorithm.reward_fns" if a.reward_fns
              else "algorithm.reward")

@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from selfplay_jax import checkpoint, run_config, sampling, setup, sharding
+from selfplay_jax import round as rnd
 from selfplay_jax.data import pipeline
-from selfplay_jax.errors import CheckpointNotFoundError
+from selfplay_jax.errors import CheckpointNotFoundError, ConfigError
 from selfplay_jax.models import lora
 from selfplay_jax.scoring import judge as judge_lib
+from selfplay_jax.scoring import label_free, verifiers
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -147,6 +149,110 @@ def greedy_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int,
   return pass_rates(mc, params, batches, verify, sc, mesh=mesh, rules=rules)
 
 
+# ---- populations (`population.size` > 1) ----------------------------------------------------------
+
+
+def member(tree, k: int):
+  """Member `k` of a population's stacked tree (a state, its params): every leaf's row `k`."""
+  return jax.tree.map(lambda x: x[k], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("mc", "eos_ids", "max_new_tokens", "spmd_axis_name"))
+def population_greedy(mc, params, prompt_tokens, prompt_mask, *, eos_ids: tuple[int, ...],
+                      max_new_tokens: int, spmd_axis_name=None):
+  """Every member's greedy completions of the same prompts, in one program: `params` stacked
+  [K, ...], prompts [B, P] (left-padded) -> (tokens [K, B, N], mask [K, B, N]), member k's rows
+  exactly `sampling.sample(mc, member(params, k), ...)` at temperature 0. `spmd_axis_name`: the
+  mesh axes the members are sharded over (`sharding.population_axes`), or None."""
+  sc = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+                               eos_ids=tuple(eos_ids))
+  decode = lambda p: sampling.sample(mc, p, prompt_tokens, prompt_mask, jax.random.key(0), sc)
+  out = jax.vmap(decode, spmd_axis_name=spmd_axis_name)(params)
+  return out.tokens, out.mask
+
+
+def population_vote(tokens, mask, marker_id: int, eos_ids, width: int) -> dict[str, jax.Array]:
+  """The members' vote on each problem: completions `tokens` / `mask` [K, B, N] (as
+  `population_greedy` returns them) -> `label_free.majority_vote` with the B problems as groups
+  and the K members as voters (answers: `verifiers.extract_answers` after `marker_id`, at most
+  `width` tokens). `winner` [B] is the member whose answer won (ties: the lowest index)."""
+  extract = lambda t, m: verifiers.extract_answers(t, m, marker_id, eos_ids, width)
+  answers, valid = jax.vmap(extract)(tokens, mask)  # [K, B, width], [K, B]
+  return label_free.majority_vote(jnp.swapaxes(answers, 0, 1), valid.T)
+
+
+def voted_completions(tokens, mask, winner):
+  """The winning member's completion of each problem: [K, B, N] and `winner` [B] -> [B, N]
+  tokens and mask (e.g. the population's self-labels)."""
+  pick = lambda x: jnp.take_along_axis(x, winner[None, :, None], axis=0)[0]
+  return pick(tokens), pick(mask)
+
+
+@functools.partial(jax.jit, static_argnames=("mc", "verify", "eos_ids", "max_new_tokens",
+                                             "marker_id", "width", "spmd_axis_name"))
+def _population_solved(mc, params, batch, *, verify, eos_ids, max_new_tokens, marker_id, width,
+                       spmd_axis_name):
+  """Sums over one batch's valid problems: `solved<k>` (member k's greedy answer verified),
+  `vote` (the population vote's winning completion verified; only with a `marker_id`), `total`."""
+  tokens, mask = population_greedy(mc, params, batch["prompt_tokens"], batch["prompt_mask"],
+                                   eos_ids=eos_ids, max_new_tokens=max_new_tokens,
+                                   spmd_axis_name=spmd_axis_name)
+  check = lambda t, m: verify(t, m, batch["answer_tokens"], batch["answer_mask"])
+  right = (jax.vmap(check)(tokens, mask) >= 1.0).astype(jnp.float32)  # [K, B]
+  valid = batch["valid"].astype(jnp.float32)
+  out = {f"solved{k}": jnp.sum(right[k] * valid) for k in range(right.shape[0])}
+  out["total"] = jnp.sum(valid)
+  if marker_id is not None:
+    winner = population_vote(tokens, mask, marker_id, eos_ids, width)["winner"]
+    out["vote"] = jnp.sum(jnp.take_along_axis(right, winner[None], axis=0)[0] * valid)
+  return out
+
+
+def population_accuracy(mc, params, batches, verify, eos_ids, max_new_tokens: int, *,
+                        marker_id: int | None = None, width: int = 0,
+                        mesh: jax.sharding.Mesh | None = None, rules=None) -> dict[str, float]:
+  """Greedy held-out accuracy of a population (`params` stacked [K, ...]):
+  `eval/accuracy@member<k>` each member's, `eval/accuracy` their mean, and with a `marker_id`
+  `eval/accuracy_vote`: per problem the members' answers are voted on (`population_vote`) and the
+  problem counts as solved when the verifier accepts the winning member's completion. With a
+  `mesh`, as `pass_rates` (each process passes its own rows; sums are global)."""
+  size = jax.tree.leaves(params)[0].shape[0]
+  spmd = sharding.population_axes(rules) if mesh is not None else None
+  step = lambda b, rng: _population_solved(
+      mc, params, b, verify=verify, eos_ids=tuple(eos_ids), max_new_tokens=max_new_tokens,
+      marker_id=marker_id, width=width, spmd_axis_name=spmd)
+  sums = _batch_sums(step, batches, 0, mesh, rules)
+  total = max(sums["total"], 1.0)
+  out = {rnd.member_metric("eval/accuracy", k): sums[f"solved{k}"] / total for k in range(size)}
+  out["eval/accuracy"] = sum(out.values()) / size
+  if "vote" in sums:
+    out["eval/accuracy_vote"] = sums["vote"] / total
+  return out
+
+
+def vote_marker(run) -> int | None:
+  """The answer marker token the population vote reads (`setup.answer_marker_id`), or None when
+  the run's task has none (then `eval/accuracy_vote` is not measured)."""
+  try:
+    return setup.answer_marker_id(run.task, run.tokenizer)
+  except ConfigError:
+    return None
+
+
+def heldout_accuracy(run, params, batches, mesh=None, rules=None) -> dict[str, float]:
+  """`eval/accuracy` of a run's params (greedy): a single model's, or with `population.size` > 1
+  the members' (`population_accuracy`: per member, mean, vote). Empty without a verifier."""
+  if run.verifier is None:
+    return {}
+  mc, eos, n_new = run.model_config, run.tokenizer.eos_ids, run.cfg.sampling.max_new_tokens
+  if setup.population_size(run.cfg) == 1:
+    return {"eval/accuracy": greedy_accuracy(mc, params, batches, run.verifier, eos, n_new,
+                                             mesh=mesh, rules=rules)}
+  return population_accuracy(mc, params, batches, run.verifier, eos, n_new,
+                             marker_id=vote_marker(run), width=run.cfg.data.max_answer_len,
+                             mesh=mesh, rules=rules)
+
+
 # ---- `selfplay-jax eval` -------------------------------------------------------------------------
 
 
@@ -160,10 +266,15 @@ def require_checkpoint(workdir: Path) -> None:
 
 def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8,
                      num_examples: int | None = None) -> dict[str, float]:
-  """Greedy held-out accuracy and pass@k of a run's checkpoint (default: the newest)."""
+  """Greedy held-out accuracy and pass@k of a run's checkpoint (default: the newest). A
+  population (`population.size` > 1): each member's greedy accuracy, their mean and the vote
+  (`population_accuracy`); pass@k is the members' mean; the judge meter is member 0's."""
   workdir = Path(workdir)
   cfg = run_config.load_run_config(workdir)
   require_checkpoint(workdir)
+  if cfg.curriculum.max_digits:  # easy-to-hard: accuracy at every length (curriculum.py)
+    from selfplay_jax import curriculum  # pylint: disable=import-outside-toplevel
+    return curriculum.evaluate_workdir(cfg, workdir, step)
   run = setup.build(cfg, workdir)
   task, tok, mc = run.task, run.tokenizer, run.model_config
   with checkpoint.Checkpointer(str(workdir)) as ckpt:
@@ -175,13 +286,22 @@ def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8
                                   batch_size=cfg.eval.batch_size, **setup.data_lengths(cfg))
   verify = run.verifier or task.make_verifier(tok)  # math-verify's under the math reward
   n_new = cfg.sampling.max_new_tokens
-  result = {"round": float(used),
-            "eval/accuracy": greedy_accuracy(mc, state.params, batches, verify, tok.eos_ids, n_new)}
-  if k > 0:
-    result[f"eval/pass@{k}"] = pass_rates(mc, state.params, batches, verify,
-                                          sampled_config(cfg, tok, k), seed=cfg.seed)
+  size = setup.population_size(cfg)
+  members = [member(state, i) for i in range(size)] if size > 1 else [state]
+  result = {"round": float(used)}
+  if size == 1:
+    result["eval/accuracy"] = greedy_accuracy(mc, state.params, batches, verify, tok.eos_ids,
+                                              n_new)
+  else:
+    result.update(population_accuracy(mc, state.params, batches, verify, tok.eos_ids, n_new,
+                                      marker_id=vote_marker(run), width=cfg.data.max_answer_len))
+  if k > 0:  # member i samples with its own seed, as it trained
+    result[f"eval/pass@{k}"] = sum(
+        pass_rates(mc, m.params, batches, verify, sampled_config(cfg, tok, k), seed=cfg.seed + i)
+        for i, m in enumerate(members)) / size
   meter = judge_meter_config(cfg, tok)
   if meter is not None:
+    state = members[0]
     result.update(judge_meter(mc, state.params, batches, verify,
                               setup.build_judge(cfg, tok, task), meter, seed=cfg.seed,
                               judge_params=judge_params_of(cfg, state, used)))

@@ -16,7 +16,7 @@ from pathlib import Path
 import safetensors
 
 from selfplay_jax import checkpoint, evaluate, run_config, setup, tokenizers
-from selfplay_jax.errors import WorkdirError
+from selfplay_jax.errors import ConfigError, WorkdirError
 from selfplay_jax.models import hf, lora
 
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -50,8 +50,9 @@ def _io_reason(error: BaseException) -> str:
 
 
 def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
-                   dtype: str | None = None) -> tuple[Path, int]:
+                   dtype: str | None = None, member: int = 0) -> tuple[Path, int]:
   """Exports the policy of checkpoint `step` (default: the newest). Returns (out dir, step).
+  Of a population run (`population.size` > 1), member `member` (`--member`, default 0).
 
   The model is written into a hidden sibling directory and renamed to `out` when complete; a
   failed write (disk full, ...) removes it, so `out` never holds a half-written model."""
@@ -61,17 +62,28 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, *, step: 
   if out.is_dir() and any(out.iterdir()):
     raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
   cfg = run_config.load_run_config(workdir)
+  size = setup.population_size(cfg)
+  if not 0 <= member < size:
+    raise ConfigError(f"--member: {member} is not a member of {workdir}'s population "
+                      f"(population.size={size}: members 0..{size - 1})")
   evaluate.require_checkpoint(workdir)
-  run = setup.build(cfg, workdir)
-  tok, mc = run.tokenizer, run.model_config
-  with checkpoint.Checkpointer(str(workdir)) as ckpt:
-    state, _, _, _ = run.restore(ckpt, step)
-    used = ckpt.restored_step
+  if cfg.curriculum.max_digits:  # easy-to-hard: its own state layout (curriculum.py)
+    from selfplay_jax import curriculum  # pylint: disable=import-outside-toplevel
+    tok, mc, params, used = curriculum.member_params(cfg, workdir, member, step)
+  else:
+    run = setup.build(cfg, workdir)
+    tok, mc = run.tokenizer, run.model_config
+    with checkpoint.Checkpointer(str(workdir)) as ckpt:
+      state, _, _, _ = run.restore(ckpt, step)
+      used = ckpt.restored_step
+    if size > 1:
+      state = evaluate.member(state, member)
+    # LoRA adapters are merged into the weights they adapt (W + alpha/rank * A @ B).
+    params = lora.merged(state.params, mc)
   tmp = out.parent / f".{out.name}.export-{os.getpid()}"
   try:
     out.parent.mkdir(parents=True, exist_ok=True)
-    # LoRA adapters are merged into the weights they adapt (W + alpha/rank * A @ B).
-    hf.save_pretrained(lora.base_config(mc), lora.merged(state.params, mc), tmp, dtype=dtype)
+    hf.save_pretrained(lora.base_config(mc), params, tmp, dtype=dtype)
     _copy_tokenizer(tok, tmp)
     os.rename(tmp, out)  # replaces an empty `out` directory
   except BaseException as e:

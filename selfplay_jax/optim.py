@@ -5,7 +5,9 @@
 Every optimizer follows one learning-rate schedule over both phases, so a run has one optimizer
 (one state layout) and checkpoints look the same in either phase:
 
-  steps [0, warmup.rounds * warmup.num_minibatches)   warmup.learning_rate (the warm-up SFT steps)
+  steps [0, warmup.rounds * warmup.num_minibatches)   warmup.learning_rate (the warm-up SFT steps;
+                                                      with warmup.final_learning_rate > 0, a
+                                                      cosine decay from it to that value)
   after that                                          optimizer.learning_rate, reached by a linear
                                                       ramp from 0 over optimizer.warmup_steps
                                                       (0 = no ramp)
@@ -46,13 +48,17 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
-  """`warmup.learning_rate` for the warm-up SFT steps, then `optimizer.learning_rate` (after
+  """`warmup.learning_rate` for the warm-up SFT steps (cosine-decayed to
+  `warmup.final_learning_rate` when that is > 0), then `optimizer.learning_rate` (after
   `optimizer.warmup_steps` of linear ramp from 0) for self-improvement."""
   o, w = cfg.optimizer, cfg.warmup
   main = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps) if o.warmup_steps else (
       optax.constant_schedule(o.learning_rate))
   warm_steps = w.rounds * w.num_minibatches
-  return optax.join_schedules([optax.constant_schedule(w.learning_rate), main], [warm_steps])
+  warm = (optax.cosine_decay_schedule(w.learning_rate, max(warm_steps, 1),
+                                      alpha=w.final_learning_rate / w.learning_rate)
+          if w.final_learning_rate else optax.constant_schedule(w.learning_rate))
+  return optax.join_schedules([warm, main], [warm_steps])
 
 
 def build_optimizer(cfg) -> optax.GradientTransformation:

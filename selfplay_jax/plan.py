@@ -90,9 +90,14 @@ def _forward_passes(cfg, spec) -> list[tuple[str, int, int]]:
   scorer's pass, then the algorithm's (its registry entry says; none known for your own spec)."""
   b, n, d = cfg.data.batch_size, cfg.sampling.n, cfg.data
   passes = []
-  if setup.reward_kind(cfg) in ("judge", "likelihood"):
-    what = "judge pass (+ template tokens)" if setup.uses_judge(cfg) else "self-likelihood pass"
-    passes.append((what, b * n, d.max_prompt_len + cfg.sampling.max_new_tokens))
+  kind = setup.reward_kind(cfg)
+  if kind in ("judge", "likelihood", "self_certainty"):
+    what = {"judge": "judge pass (+ template tokens)", "likelihood": "self-likelihood pass",
+            "self_certainty": "self-certainty pass (one chunk)"}[kind]
+    rows = b * n
+    if kind == "self_certainty" and rows % cfg.algorithm.num_minibatches == 0:
+      rows //= cfg.algorithm.num_minibatches  # chunked like the frozen log-prob passes
+    passes.append((what, rows, d.max_prompt_len + cfg.sampling.max_new_tokens))
   entry = registry.entry_of(cfg)
   return passes + (entry.passes(cfg, spec) if entry else [])
 
@@ -105,6 +110,24 @@ def _logits(cfg, spec, mc, sizes: dict[str, int]) -> dict[str, Any] | None:
   rows_dev = _split(rows, sizes["data"] * sizes["fsdp"])
   return {"pass": what, "rows": rows, "length": length,
           "per_device_bytes": rows_dev * length * _split(mc.vocab_size, sizes["tensor"]) * 4}
+
+
+def _population_activations(cfg, rules, sizes: dict[str, int], kv, logits):
+  """A population's members sample and train side by side (vmapped): the KV cache and the
+  logits estimates times the members a device holds (K, or K / the `population` rule's shards),
+  the KV cache's global size times K. The state needs nothing here: `abstract_state` has them."""
+  k = setup.population_size(cfg)
+  if k == 1:
+    return kv, logits
+  axes = sharding.population_axes(rules)
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  here = _split(k, math.prod(sizes[a] for a in axes))
+  if kv:
+    kv = {**kv, "members_per_device": here, "per_device_bytes": kv["per_device_bytes"] * here,
+          "global_bytes": kv["global_bytes"] * k}
+  if logits:
+    logits = {**logits, "per_device_bytes": logits["per_device_bytes"] * here}
+  return kv, logits
 
 
 def _local_memory_gib() -> float | None:
@@ -136,12 +159,15 @@ def plan(cfg, *, num_devices: int | None = None,
   spec, optimizer = setup.build_spec(cfg), setup.build_optimizer(cfg)
   state = setup.abstract_state(cfg, mc, spec, optimizer)
   per_device, total, largest = _state_bytes(
-      state, sharding.state_shardings(state, mesh, rules, mc))
+      state, sharding.state_shardings(state, mesh, rules, mc,
+                                      population=setup.population_size(cfg)))
   parts = {name: per_device.pop(name) for name in STATE_PARTS}
   parts["other"] = sum(per_device.values())  # step, round, rng, counters
   global_parts = {name: total.pop(name) for name in STATE_PARTS}
   global_parts["other"] = sum(total.values())
   kv = _kv_cache(cfg, mc, sizes) if spec.samples else None
+  logits = _logits(cfg, spec, mc, sizes)
+  kv, logits = _population_activations(cfg, rules, sizes, kv, logits)
   parts["kv_cache"] = kv["per_device_bytes"] if kv else 0
   global_parts["kv_cache"] = kv["global_bytes"] if kv else 0
   if kv and kv["array_bytes"] > largest["per_device_bytes"]:
@@ -150,7 +176,6 @@ def plan(cfg, *, num_devices: int | None = None,
                "per_device_bytes": kv["array_bytes"],
                "shape": kv_shape[:1] + [mc.num_layers] + kv_shape[1:] if mc.scan_layers else kv_shape}
   resident = sum(parts.values())
-  logits = _logits(cfg, spec, mc, sizes)
   peak = resident + (logits["per_device_bytes"] if logits else 0)
   memory = float(device_memory_gib) if device_memory_gib else None
   return {

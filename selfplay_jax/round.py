@@ -32,7 +32,8 @@ from selfplay_jax.errors import ConfigError
 from selfplay_jax.models import lora
 from selfplay_jax.models.config import ModelConfig
 from selfplay_jax.models.logprobs import completion_logprobs
-from selfplay_jax.rows import Rows, concat_rows, repeat_rows
+from selfplay_jax.rows import Rows, concat_rows, map_chunks, repeat_rows
+from selfplay_jax.scoring import label_free
 from selfplay_jax.scoring.judge import gap_meter, ranking_agreement
 from selfplay_jax.scoring.verifiers import Verifier
 
@@ -40,7 +41,8 @@ from selfplay_jax.scoring.verifiers import Verifier
 Scorer = Callable[..., tuple[jax.Array, dict]]
 __all__ = ["TrainState", "init_state", "empty_replay", "sample_and_score", "build_rows",
            "minibatches", "update_step", "train_steps", "build_round_fn", "scheduled_beta",
-           "synced_reference", "jit_round"]
+           "synced_reference", "jit_round", "population_round", "population_metrics",
+           "member_metric", "PER_MEMBER_METRICS"]
 
 
 @flax.struct.dataclass
@@ -116,7 +118,9 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
   Rewards are the `scorer`'s (judge, self-likelihood, your own) when given, else the verifier's
   (None when there is neither). The verifier also gives `train/accuracy`, and with a scorer
   `train/judge_agreement` and the generation-verification gap meter (`judge/gv_gap`,
-  `judge/corr_correct`, `judge/corr_likelihood`: `scoring.judge.gap_meter`). Returns
+  `judge/corr_correct`, `judge/corr_likelihood`: `scoring.judge.gap_meter`); with a majority-vote
+  scorer, `train/label_accuracy` from its private winner indices (`label_free.WINNER_KEY`: the
+  scorer never sees the verifier, the verifier is read for this metric only). Returns
   (rollout, rewards [R] or None, metrics); with `num_samples > 0` the metrics carry the first rows
   under `samples/*` (for sample dumps).
   """
@@ -133,7 +137,12 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
   rewards = verified
   if scorer is not None:
     rewards, score_metrics = scorer(params, ref_params, batch, rollout, k_score)
+    # Keys starting with "_" are the scorer's private outputs: read here, never logged.
+    private = {k: score_metrics.pop(k) for k in list(score_metrics) if k.startswith("_")}
     metrics.update(score_metrics)
+    winner = private.get(label_free.WINNER_KEY)  # a majority vote's winners (label-free rewards)
+    if winner is not None and verified is not None:
+      metrics["train/label_accuracy"] = label_free.label_accuracy(winner, verified, sc.n)
     if verified is not None:
       metrics["train/judge_agreement"] = ranking_agreement(rewards, verified, sc.n)
       # The gap meter (verifier read for metrics only): self-likelihood = each sample's mean token
@@ -155,18 +164,6 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
     if rewards is not None:
       metrics["samples/rewards"] = rewards[:k]
   return rollout, rewards, metrics
-
-
-def map_chunks(fn, rows: Rows, num_chunks: int):
-  """`fn(rows)` run over `num_chunks` chunks of rows in sequence (`lax.map`), outputs (any pytree
-  with a leading row axis) put back in row order; chunk j takes rows j, j + num_chunks, ... as
-  `completion_logprobs(num_chunks=...)` does. One chunk when `num_chunks` does not divide."""
-  r = jax.tree.leaves(rows)[0].shape[0]
-  if num_chunks <= 1 or r % num_chunks:
-    return fn(rows)
-  split = lambda x: x.reshape((r // num_chunks, num_chunks) + x.shape[1:]).swapaxes(0, 1)
-  out = jax.lax.map(fn, jax.tree.map(split, rows))
-  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape((r,) + y.shape[2:]), out)
 
 
 def build_rows(model_config: ModelConfig, spec: Spec, batch: Rows, rollout, rewards, *,
@@ -201,18 +198,24 @@ def build_rows(model_config: ModelConfig, spec: Spec, batch: Rows, rollout, rewa
   return rows, replay, metrics
 
 
-def update_step(spec: Spec, optimizer: optax.GradientTransformation, logp_fn, poison=None):
+def update_step(spec: Spec, optimizer: optax.GradientTransformation, logp_fn, poison=None,
+                old_logp_from_current: bool = False):
   """One guarded optimizer step, `step((params, opt_state, bad), minibatch) -> (carry, metrics)`
   (a `lax.scan` body): the spec's loss on `logp_fn(params, minibatch)`, its gradient, one optax
   update. A non-finite loss or gradient keeps the old params and optimizer state and counts one
   more consecutive bad update (`bad`); a good one resets it. `poison` is added to the loss (NaN
-  fault injection)."""
+  fault injection). `old_logp_from_current`: the minibatch's `old_logp` is the stop-gradient of
+  this forward's own log-probs (exact when these params sampled the rows: see `train_steps`)."""
 
   def step(carry, minibatch):
     params, opt_state, bad = carry
 
     def loss_fn(p):
-      loss, aux = spec.loss(logp_fn(p, minibatch), minibatch)
+      out = logp_fn(p, minibatch)
+      rows = minibatch
+      if old_logp_from_current:
+        rows = {**minibatch, "old_logp": jax.lax.stop_gradient(_logp_of(out))}
+      loss, aux = spec.loss(out, rows)
       return (loss if poison is None else loss + poison), aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -228,18 +231,36 @@ def update_step(spec: Spec, optimizer: optax.GradientTransformation, logp_fn, po
   return step
 
 
+def _logp_of(out):
+  """The completion log-probs [R, N] in a training forward's output (an array, or a dict with
+  `logp`); None for any other output (e.g. PPO's (log-probs, values))."""
+  if isinstance(out, dict):
+    return out.get("logp")
+  return out if hasattr(out, "shape") else None
+
+
 def train_steps(spec: Spec, optimizer: optax.GradientTransformation, logp_fn, params, opt_state,
                 bad_updates, rows: Rows, rng, *, num_epochs: int = 1, num_minibatches: int = 1,
-                poison=None):
+                poison=None, fresh_rows: bool = False):
   """`num_epochs x num_minibatches` `update_step`s over shuffled minibatches of `rows`.
   Returns (params, opt_state, bad_updates, metrics averaged over the steps).
+
+  `fresh_rows`: `params` sampled the rows (this round, no replay, no restart). With one update
+  (`num_epochs * num_minibatches == 1`) the importance ratio is then exactly 1, so the update
+  takes `old_logp` from its own forward (stop-gradient) instead of the rows: nothing else reading
+  the rows' frozen old-log-prob pass, XLA drops that whole forward over the round's rows. The
+  loss and gradient are those of the rows' `old_logp` (tests/test_round.py).
 
   With LoRA adapters in `params`, the steps differentiate and update the adapters only: the base
   weights are a constant of the loss (no gradient is computed for them) and come back unchanged."""
   trainable, frozen = lora.split(params)
   train_logp = logp_fn if frozen is None else (
       lambda adapters, minibatch: logp_fn(lora.join(adapters, frozen), minibatch))
-  step = update_step(spec, optimizer, train_logp, poison)
+  reuse = (fresh_rows and num_epochs * num_minibatches == 1 and "old_logp" in rows
+           and _logp_of(jax.eval_shape(train_logp, trainable, rows)) is not None)
+  if reuse:
+    rows = {k: v for k, v in rows.items() if k != "old_logp"}
+  step = update_step(spec, optimizer, train_logp, poison, old_logp_from_current=reuse)
   (trainable, opt_state, bad_updates), step_metrics = jax.lax.scan(
       step, (trainable, opt_state, bad_updates), minibatches(rows, rng, num_epochs, num_minibatches))
   params = lora.join(trainable, frozen)
@@ -264,7 +285,8 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
                    scorer: Scorer | None = None, num_epochs: int = 1, num_minibatches: int = 1,
                    state_shardings=None, batch_shardings=None, num_samples: int = 0,
                    nan_rounds: tuple[int, int] | None = None, mesh=None, rules=None,
-                   jit: bool = True, phase_start: int = 0):
+                   jit: bool = True, phase_start: int = 0, population: int = 1,
+                   population_axis=None, reuse_old_logp: bool = True):
   """Returns `round_fn(state, batch) -> (state, metrics)`, jitted once with the state donated.
 
   `batch` holds the data pipeline's arrays: prompt_tokens/mask, response_tokens/mask (gold),
@@ -294,6 +316,15 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
 
   `nan_rounds=(first, last)` (fault injection, `debug.nan_*`): every update of rounds `first..last`
   (1-based, `last=0`: no end) gets a NaN loss, to exercise the non-finite guard.
+
+  `reuse_old_logp` (default on): with one update per round on freshly sampled rows, the update
+  reads `old_logp` from its own forward and the frozen old-log-prob pass is skipped
+  (`train_steps(fresh_rows=...)`); off, it always runs (the benchmarks' before / after).
+
+  `population` > 1: the state holds that many members stacked on a leading axis, and the round is
+  `population_round` of the single-member round (`jax.vmap` over the members, the batch shared,
+  `spmd_axis_name=population_axis`: the mesh axes the members are sharded over, or None) inside
+  the same jit; metrics are `population_metrics`.
   """
   forward = option(spec, "forward")  # the spec's own training forward, or the log-probs
   if forward is None:
@@ -303,6 +334,9 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     logp_fn = lambda params, rows: forward(model_config, params, rows)
   sample_from, reference_every = option(spec, "sample_from"), option(spec, "reference_every")
   beta_schedule = tuple(option(spec, "beta_schedule"))
+  # Do the updates start from the params that sampled this round's rows (see `train_steps`)?
+  fresh_rows = (reuse_old_logp and spec.samples and sample_from == "policy"
+                and not spec.restart_from_base and not option(spec, "replay"))
 
   def round_fn(state: TrainState, batch: Rows):
     rng, k_sample, k_shuffle = jax.random.split(state.rng, 3)
@@ -331,7 +365,7 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     params, opt_state, bad_updates, step_metrics = train_steps(
         spec, optimizer, logp_fn, start_params, state.opt_state, state.bad_updates, rows,
         k_shuffle, num_epochs=num_epochs, num_minibatches=num_minibatches,
-        poison=_poison(nan_rounds, state.round + 1))
+        poison=_poison(nan_rounds, state.round + 1), fresh_rows=fresh_rows)
     metrics.update(step_metrics)
     ref_params = state.ref_params
     if spec.reference == "previous":
@@ -346,12 +380,57 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
                               replay=replay)
     return new_state, metrics
 
+  if population > 1:
+    round_fn = population_round(round_fn, population, population_axis)
   if not jit:
     if mesh is not None:
       raise ValueError("build_round_fn(mesh=...) needs jit=True (the mesh is set around the jit)")
     return round_fn
   return jit_round(round_fn, mesh=mesh, rules=rules, state_shardings=state_shardings,
                    batch_shardings=batch_shardings)
+
+
+# Metrics also logged per member of a population, as `<name>@member<k>` (`member_metric`).
+PER_MEMBER_METRICS = ("train/loss", "train/reward_mean", "train/accuracy", "train/kl_ref",
+                      "train/skipped_fraction")
+
+
+def member_metric(name: str, k: int) -> str:
+  """The name of member `k`'s value of metric `name`, e.g. `train/accuracy@member1`."""
+  return f"{name}@member{k}"
+
+
+def population_round(round_fn, size: int, spmd_axis_name=None):
+  """`round_fn` over a population: `jax.vmap` over the state's leading member axis (`size`
+  members), every member on the same batch; one program for all. Member k computes what
+  `round_fn` computes on its own state (batched matmuls may round differently in the last bits).
+  Returns `(state, population_metrics(...))`."""
+  vmapped = jax.vmap(round_fn, in_axes=(0, None), spmd_axis_name=spmd_axis_name)
+
+  def round_of_members(state: TrainState, batch: Rows):
+    state, per_member = vmapped(state, batch)
+    return state, population_metrics(per_member, size)
+
+  return round_of_members
+
+
+def population_metrics(per_member: dict, size: int) -> dict:
+  """One round's metrics of a population from the members' ([K]-shaped) ones: each name holds
+  the mean over the members that measured it (NaN-ignoring), except `train/consecutive_skipped`,
+  the largest (the loop stops when any member diverges); `samples/*` are member 0's rows; the
+  `PER_MEMBER_METRICS` are also kept per member as `<name>@member<k>`."""
+  out = {}
+  for name, value in per_member.items():
+    if name.startswith("samples/"):
+      out[name] = value[0]
+      continue
+    if name == "train/consecutive_skipped":
+      out[name] = jnp.max(value)
+    else:
+      out[name] = jnp.nanmean(value.astype(jnp.float32))
+    if name in PER_MEMBER_METRICS:
+      out.update({member_metric(name, k): value[k] for k in range(size)})
+  return out
 
 
 def scheduled_beta(schedule: tuple[float, ...], iteration) -> jax.Array:

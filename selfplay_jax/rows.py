@@ -41,6 +41,18 @@ def concat_rows(a: Rows, b: Rows) -> Rows:
   return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)
 
 
+def map_chunks(fn, rows: Rows, num_chunks: int):
+  """`fn(rows)` run over `num_chunks` chunks of rows in sequence (`lax.map`), outputs (any pytree
+  with a leading row axis) put back in row order; chunk j takes rows j, j + num_chunks, ... as
+  `completion_logprobs(num_chunks=...)` does. One chunk when `num_chunks` does not divide."""
+  r = jax.tree.leaves(rows)[0].shape[0]
+  if num_chunks <= 1 or r % num_chunks:
+    return fn(rows)
+  split = lambda x: x.reshape((r // num_chunks, num_chunks) + x.shape[1:]).swapaxes(0, 1)
+  out = jax.lax.map(fn, jax.tree.map(split, rows))
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape((r,) + y.shape[2:]), out)
+
+
 def pad_right(x: jax.Array, width: int, value=0) -> jax.Array:
   """Right-pads [R, T] to [R, width]."""
   return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)

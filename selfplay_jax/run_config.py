@@ -22,7 +22,8 @@ __all__ = ["RUN_IDENTITY_KEYS", "read_run_config", "load_run_config", "resume_di
 # Keys whose change makes a run's checkpoints a different experiment (resuming would silently mix
 # two runs); prefixes end with ".". Everything else (rounds, learning rate, eval, logging, ...) may
 # change between restarts and is reported as a warning.
-RUN_IDENTITY_KEYS = ("model.", "algorithm.name", "data.task", "data.difficulty", "optimizer.name")
+RUN_IDENTITY_KEYS = ("model.", "algorithm.name", "data.task", "data.difficulty", "optimizer.name",
+                     "population.size")
 _RESUME_KNOBS = ("model.dtype", "model.remat", "model.preset")  # compute settings, not the model
 
 

@@ -38,10 +38,12 @@ from selfplay_jax import optim
 from selfplay_jax.scoring import judge as judge_lib
 from selfplay_jax.scoring import math_reward, python_rewards
 
-__all__ = ["Run", "build", "reward_kind", "uses_judge", "is_jsonl_data", "uses_pair_data",
+__all__ = ["Run", "build", "data_seed", "population_size", "reward_kind", "uses_judge",
+           "is_jsonl_data", "uses_pair_data",
            "build_spec", "build_warmup_spec", "build_judge", "build_trace", "build_scorer",
-           "build_optimizer", "sampling_config", "task_and_tokenizer", "model_config",
-           "data_lengths", "example_batch", "initial_state", "abstract_state", "with_shardings"]
+           "answer_marker_id", "build_optimizer", "sampling_config", "task_and_tokenizer",
+           "model_config", "data_lengths", "example_batch", "initial_state", "abstract_state",
+           "with_shardings"]
 
 build_spec = registry.build_spec
 
@@ -87,6 +89,17 @@ def uses_pair_data(cfg) -> bool:
   """Do the data batches carry chosen / rejected responses (offline DPO)?"""
   entry = registry.entry_of(cfg)
   return bool(entry and entry.pair_data)
+
+
+def data_seed(cfg) -> int:
+  """The seed of the training data's order (and of synthesised rows): `data.seed`, or `seed` when
+  it is -1. A population's members share it, so they see the same batches."""
+  return cfg.data.seed if cfg.data.seed >= 0 else cfg.seed
+
+
+def population_size(cfg) -> int:
+  """Members K trained side by side (`population.size`); 1 = a single model, unstacked state."""
+  return cfg.population.size
 
 
 def data_lengths(cfg) -> dict[str, int]:
@@ -177,16 +190,49 @@ def build_scorer(cfg, mc, tok, task=None):
                         f"{type(scorer).__name__}, not a scorer function")
     return scorer
   if kind == "judge":
-    return scoring.judge_scorer(build_judge(cfg, tok, task), mc, cfg.judge.model)
+    return scoring.judge_scorer(build_judge(cfg, tok, task), mc, cfg.judge.model,
+                                cfg.algorithm.num_minibatches)
   if kind == "likelihood":
     return scoring.likelihood_scorer(mc, cfg.algorithm.likelihood_normalize)
+  if kind == "majority":
+    if task is None:
+      task = _jsonl_data(cfg)[0] if is_jsonl_data(cfg) else _build_task(cfg)
+    a = cfg.algorithm
+    return scoring.majority_scorer(answer_marker_id(task, tok), tok.eos_ids, cfg.sampling.n,
+                                   cfg.sampling.max_new_tokens, soft=a.majority_soft,
+                                   threshold=a.majority_threshold)
+  if kind == "self_certainty":  # U over the tokenizer's ids, not a padded embedding's extra rows
+    return scoring.self_certainty_scorer(mc, tok.vocab_size, cfg.algorithm.num_minibatches)
   if kind in ("python", "math"):  # host-side Python functions (scoring/python_rewards.py)
     if task is None:
       task = _jsonl_data(cfg)[0] if is_jsonl_data(cfg) else _build_task(cfg)
     host = python_rewards.HostRewards(python_rewards.load_reward_fns(cfg), tok,
-                                      task.source("train", cfg.seed))
+                                      task.source("train", data_seed(cfg)))
     return python_rewards.python_scorer(host)
   return None
+
+
+def answer_marker_id(task, tok) -> int:
+  """The token after which a response states its answer, as the task's verifier reads it: the
+  built-in tasks' `tasks.ANSWER_MARKER`, JSONL data's `data.answer_marker` (one token). The
+  majority vote compares what follows it; a task whose responses have no such marker cannot
+  vote (ConfigError naming algorithm.reward)."""
+  jsonl = isinstance(task, pipeline.JsonlData)
+  marker = task.answer_marker if jsonl else tasks.ANSWER_MARKER
+  where = "data.answer_marker" if jsonl else "tasks.ANSWER_MARKER"
+  ids = tok.encode(marker) if jsonl else [tok.piece_to_id(marker)]
+  if len(ids) != 1 or ids[0] is None:
+    raise ConfigError(f"algorithm.reward: 'majority' votes on the answer after {where} "
+                      f"{marker!r}, which is not one token of this run's tokenizer")
+  if jsonl:
+    responses = [r["response"] for r in task.train_rows if r.get("response")]
+  else:
+    responses = [task.example("train", i)["response"] for i in range(8)]
+  if responses and not any(marker in r for r in responses):
+    raise ConfigError(f"algorithm.reward: 'majority' votes on the answer after {where} "
+                      f"{marker!r}, and none of the task's responses holds it (no answer to "
+                      "extract); use a reward that reads whole responses")
+  return ids[0]
 
 
 def build_warmup_spec(cfg, tok, task=None) -> Spec:
@@ -224,7 +270,10 @@ def _build_task(cfg) -> tasks.Task:
     kwargs = {"arithmetic": dict(num_digits=cfg.data.difficulty,
                                  step_by_step=cfg.data.step_by_step),
               "sort": dict(length=cfg.data.difficulty),
-              "countdown": dict(num_numbers=cfg.data.difficulty)}.get(cfg.data.task, {})
+              "countdown": dict(num_numbers=cfg.data.difficulty),
+              "addition": dict(num_digits=cfg.data.difficulty,
+                               width=max(cfg.curriculum.max_digits, cfg.data.difficulty)),
+              }.get(cfg.data.task, {})
     if cfg.data.max_value:  # 0 = the task's own default range
       kwargs[tasks.TASKS[cfg.data.task].value_range_field] = cfg.data.max_value
     try:
@@ -327,6 +376,9 @@ def initial_state(cfg, mc: models.ModelConfig, spec: Spec, optimizer: optax.Grad
   init runs as one jitted program with those output shardings, and checkpoint tensors go from the
   host straight to their shards, so no device ever holds the whole model.
   """
+  if population_size(cfg) > 1:
+    return _population_state(cfg, mc, spec, optimizer, pretrained=pretrained,
+                             shardings=shardings)
   init_rng, state_rng = jax.random.split(jax.random.key(cfg.seed))
   replay = None
   if option(spec, "replay"):
@@ -350,6 +402,36 @@ def initial_state(cfg, mc: models.ModelConfig, spec: Spec, optimizer: optax.Grad
   if shardings is None:
     return make(models.init_params(mc, init_rng))
   return jax.jit(lambda: make(models.init_params(mc, init_rng)), out_shardings=shardings)()
+
+
+def _population_state(cfg, mc: models.ModelConfig, spec: Spec,
+                      optimizer: optax.GradientTransformation, *, pretrained: bool,
+                      shardings: Any) -> rnd.TrainState:
+  """`population.size` members stacked on a leading axis of every leaf: member k is the state a
+  single run with `seed = cfg.seed + k` starts from (its random init and its sampling key; with
+  `model.hf_path`, the same weights). Made by one vmapped program (with `shardings`, in place)."""
+  replay = None
+  if option(spec, "replay"):
+    replay = rnd.empty_replay(spec, example_batch(cfg), sampling_config(cfg))
+  extend = option(spec, "init_params") or (lambda params: params)
+  seeds = cfg.seed + np.arange(population_size(cfg), dtype=np.int32)
+
+  def member(seed, weights):
+    init_rng, state_rng = jax.random.split(jax.random.key(seed))
+    params = models.init_params(mc, init_rng) if weights is None else weights
+    return rnd.init_state(extend(params), optimizer, spec, state_rng, replay)
+
+  weights = None
+  if cfg.model.hf_path and pretrained:
+    loaded, weights = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
+                                         param_dtype=mc.param_dtype, scan_layers=mc.scan_layers)
+    if loaded.replace(remat=mc.remat) != lora.base_config(mc):
+      raise ConfigError(f"model.hf_path: {cfg.model.hf_path} config.json does not match the run's "
+                        "model config")
+  make = lambda seeds, weights: jax.vmap(member, in_axes=(0, None))(seeds, weights)
+  if shardings is None:
+    return make(jnp.asarray(seeds), weights)
+  return jax.jit(make, out_shardings=shardings)(seeds, weights)
 
 
 def abstract_state(cfg, mc: models.ModelConfig, spec: Spec,
@@ -427,20 +509,29 @@ class Run:
                                 self.optimizer,
                                 self.sampling, self.verifier,
                                 num_minibatches=cfg.warmup.num_minibatches,
-                                nan_rounds=nan_rounds, **on_mesh)
+                                nan_rounds=nan_rounds, **self._population(on_mesh))
     return rnd.build_round_fn(self.model_config, self.spec, self.optimizer, self.sampling,
                               self.verifier, scorer=self.scorer,
                               num_epochs=cfg.algorithm.num_epochs,
                               num_minibatches=cfg.algorithm.num_minibatches,
                               num_samples=num_samples, nan_rounds=nan_rounds,
-                              phase_start=cfg.warmup.rounds, **on_mesh)
+                              phase_start=cfg.warmup.rounds, **self._population(on_mesh))
+
+  def _population(self, on_mesh: dict) -> dict:
+    """`on_mesh` plus the population's size and the mesh axes its members are vmapped over
+    (`population_axis`: the `population` rule's, None when replicated or without a mesh)."""
+    size = population_size(self.cfg)
+    if size == 1:
+      return on_mesh
+    axes = sharding.population_axes(on_mesh.get("rules")) if on_mesh.get("mesh") else None
+    return {**on_mesh, "population": size, "population_axis": axes}
 
   def train_source(self):
     """The training rows' random-access source (built-in tasks synthesise DPO pairs on demand;
     JSONL rows carry their own chosen / rejected)."""
     if uses_pair_data(self.cfg) and not is_jsonl_data(self.cfg):
-      return self.task.source("train", self.cfg.seed, pairs=True)
-    return self.task.source("train", self.cfg.seed)
+      return self.task.source("train", data_seed(self.cfg), pairs=True)
+    return self.task.source("train", data_seed(self.cfg))
 
 
 def build_verifier(cfg, task, tok):

@@ -35,7 +35,7 @@ from selfplay_jax.models import lora
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.config import ModelConfig
 
-__all__ = ["AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "logical_rules", "check_model",
+__all__ = ["AXES", "DEFAULT_RULES", "POPULATION", "population_axes", "check_population", "mesh_shape", "make_mesh", "logical_rules", "check_model",
            "check_batch", "param_specs", "state_shardings", "batch_shardings", "activation_rules",
            "check_processes", "replicated", "put", "global_batch"]
 
@@ -50,6 +50,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_batch", BATCH_AXES), ("activation_length", None), ("activation_embed", None),
     ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"), ("activation_mlp", "tensor"), ("activation_vocab", "tensor"),
 )
+
+# The leading member axis of a population's state (`population.size` > 1): replicated by default;
+# a rule such as "population=data" shards the members over that mesh axis (which no other rule
+# may then use: the round is vmapped with that `spmd_axis_name`).
+POPULATION = "population"
+DEFAULT_RULES += ((POPULATION, None),)
 
 
 def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
@@ -187,10 +193,45 @@ def _with_extra_entries(logical: dict, params: Any) -> dict:
   return out
 
 
+def population_axes(rules: Sequence[tuple[str, Any]] | None) -> Any:
+  """The mesh axes of the population axis under `rules` (None: replicated), as a vmap
+  `spmd_axis_name` takes them."""
+  return dict(rules or DEFAULT_RULES).get(POPULATION)
+
+
+def check_population(mesh: Mesh, rules: Sequence[tuple[str, Any]], size: int) -> None:
+  """A population sharded over mesh axes (`mesh.rules` "population=...") needs them to divide
+  `population.size` and to be used by no other rule (inside the members' vmap, the model's own
+  constraints cannot name the axis the members are split over)."""
+  axes = population_axes(rules)
+  if size <= 1 or axes is None:
+    return
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  if size % _axes_size(mesh, axes):
+    raise ConfigError(f"mesh.rules: population={'+'.join(names)} splits the members over "
+                      f"{_axes_size(mesh, axes)} devices, which does not divide "
+                      f"population.size={size}")
+  for name, other in rules:
+    other = () if other is None else (other,) if isinstance(other, str) else tuple(other)
+    shared = sorted(set(other) & set(names))
+    if name != POPULATION and shared:
+      raise ConfigError(f"mesh.rules: population={'+'.join(names)} and {name} both use mesh axis "
+                        f"{shared[0]}; map {name} to other axes (e.g. '{name}=' to replicate it)")
+
+
 def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]],
-                    config: ModelConfig) -> Any:
+                    config: ModelConfig, population: int = 1) -> Any:
   """NamedShardings for a TrainState: every params-shaped subtree (policy, reference, base, the
-  optimizer's moments) follows the parameter rules; everything else is replicated."""
+  optimizer's moments) follows the parameter rules; everything else is replicated. With
+  `population` > 1 every leaf has a leading member axis: it gets the `population` rule's mesh
+  axes (replicated by default) in front of the member's own sharding."""
+  if population > 1:
+    check_population(mesh, rules, population)
+    member = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    axes = population_axes(rules)
+    lead = axes if axes is not None and population % _axes_size(mesh, axes) == 0 else None
+    return jax.tree.map(lambda sh: NamedSharding(mesh, PartitionSpec(lead, *sh.spec)),
+                        state_shardings(member, mesh, rules, config))
   like_params = jax.tree.map(lambda s: NamedSharding(mesh, s),
                              param_specs(config, state.params, mesh, rules),
                              is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -43,7 +43,9 @@ _writing = metrics_lib.writing
 _SUMMARY_KEYS = (("train/loss", "loss"), ("train/judge_loss", "judge_loss"),
                  ("train/reward_mean", "reward"), ("train/kl_ref", "kl"),
                  ("train/margins", "margin"), ("train/judge_agreement", "judge_agree"),
+                 ("train/majority_ratio", "maj_ratio"), ("train/label_accuracy", "label_acc"),
                  ("train/completion_len", "len"), ("eval/accuracy", "heldout_acc"),
+                 ("eval/accuracy_vote", "heldout_vote"),
                  ("eval/judge_pick_accuracy", "heldout_judge_pick"), ("eval/gv_gap", "heldout_gap"))
 
 
@@ -187,6 +189,45 @@ def _claim_workdir(cfg, workdir: Path, main_process: bool) -> None:
         f"({', '.join(p.name for p in left)}); moved them to {dest} and starting a new run")
 
 
+COLLAPSE_RATIO = 0.95  # train/majority_ratio at which a consensus this close to 1 is suspect
+COLLAPSE_DROP = 0.2  # ... when label accuracy or entropy fell by more than this (relative)
+
+
+def consensus_collapse(metrics: dict, first: dict, ratio: float = COLLAPSE_RATIO,
+                       drop: float = COLLAPSE_DROP) -> str | None:
+  """The consensus collapse SRT (Shafayat et al. 2025) reports for majority-vote rewards: the
+  samples agree ever more (`train/majority_ratio` >= `ratio`) while the agreed answers get worse
+  (`train/label_accuracy`) or the policy stops exploring (`train/entropy`), either below
+  `(1 − drop)` times its value in `first` (the first main-phase round's metrics). Returns the
+  warning to log, or None. Missing or None values are not compared."""
+  share = metrics.get("train/majority_ratio")
+  if share is None or share < ratio:
+    return None
+  for key in ("train/label_accuracy", "train/entropy"):
+    now, then = metrics.get(key), first.get(key)
+    if now is not None and then is not None and then > 0 and now < (1.0 - drop) * then:
+      return (f"round {metrics.get('round')}: possible consensus collapse: train/majority_ratio="
+              f"{share:.3f} while {key} fell from {then:.4g} (first {metrics.get('phase')} round) "
+              f"to {now:.4g}; the majority reward now reinforces agreement, not correctness "
+              "(docs/algorithms.md, label-free rewards)")
+  return None
+
+
+def _watch_consensus(loop: "_Loop", metrics: dict) -> None:
+  """Logs `consensus_collapse`'s warning once per run (main-phase rounds with a majority vote;
+  the first such round this process reads is the baseline)."""
+  if metrics.get("phase") == "warmup" or metrics.get("train/majority_ratio") is None:
+    return
+  if loop.consensus_first is None:
+    loop.consensus_first = dict(metrics)
+    return
+  if not loop.consensus_warned:
+    message = consensus_collapse(metrics, loop.consensus_first)
+    if message:
+      logging.warning("%s", message)
+      loop.consensus_warned = True
+
+
 def _anchor_references(state: rnd.TrainState, spec=None) -> rnd.TrainState:
   """At the end of warm-up, the reference (and ReST-EM's restart point) become the warmed-up
   policy: self-improvement is measured against the model it starts from. A spec's
@@ -221,20 +262,26 @@ class _Loop:
   main_process: bool
 
   judge: Any = None  # the judge meter's (judge, SamplingConfig), or None when it is off
+  consensus_first: dict | None = None  # the first main-phase round's metrics (_watch_consensus)
+  consensus_warned: bool = False
+
+  def heldout(self, params) -> dict[str, float]:
+    """Greedy held-out accuracy (a population's: per member, mean and vote); {} without a
+    verifier."""
+    return evaluate.heldout_accuracy(self.run, params, self.eval_data, mesh=self.mesh,
+                                     rules=self.rules)
 
   def eval_accuracy(self, params) -> float | None:
-    r = self.run
-    if r.verifier is None:
-      return None
-    return evaluate.greedy_accuracy(r.model_config, params, self.eval_data, r.verifier,
-                                    r.tokenizer.eos_ids, r.cfg.sampling.max_new_tokens,
-                                    mesh=self.mesh, rules=self.rules)
+    return self.heldout(params).get("eval/accuracy")
 
   def evaluation(self, state: rnd.TrainState, round_number: int) -> dict[str, float]:
-    """The held-out metrics of an evaluation round: greedy accuracy and the judge meter."""
-    out = {"eval/accuracy": self.eval_accuracy(state.params)}
+    """The held-out metrics of an evaluation round: greedy accuracy and the judge meter (a
+    population's: member 0's)."""
+    out = {"eval/accuracy": None, **self.heldout(state.params)}
     if self.judge is not None and self.run.verifier is not None:
       r = self.run
+      if setup.population_size(r.cfg) > 1:
+        state = evaluate.member(state, 0)
       out.update(evaluate.judge_meter(
           r.model_config, state.params, self.eval_data, r.verifier, *self.judge, seed=r.cfg.seed,
           mesh=self.mesh, rules=self.rules,
@@ -251,7 +298,8 @@ def _prepare(cfg, workdir: Path) -> tuple[_Loop, rnd.TrainState]:
   sharding.check_model(mesh, run.model_config, cfg.data.batch_size)
   sharding.check_batch(mesh, cfg.eval.batch_size, "eval.batch_size")
   abstract = run.abstract_state()
-  state_sh = sharding.state_shardings(abstract, mesh, rules, run.model_config)
+  state_sh = sharding.state_shardings(abstract, mesh, rules, run.model_config,
+                                      population=setup.population_size(cfg))
   on_mesh = dict(mesh=mesh, rules=rules, state_shardings=state_sh)
   lens = setup.data_lengths(cfg)
   if run.verifier is None:
@@ -262,7 +310,8 @@ def _prepare(cfg, workdir: Path) -> tuple[_Loop, rnd.TrainState]:
       main_fn=run.round_fn(num_samples=NUM_SAMPLES, **on_mesh),
       sft_fn=run.round_fn(warmup=True, sft=True, **on_mesh) if run.sft_warmup_rounds else None,
       data_iter=pipeline.make_iterator(run.train_source(), tokenizer=run.tokenizer,
-                                       batch_size=cfg.data.batch_size, seed=cfg.seed, **lens),
+                                       batch_size=cfg.data.batch_size, seed=setup.data_seed(cfg),
+                                       **lens),
       eval_data=pipeline.eval_batches(run.task, "heldout", cfg.eval.num_examples,
                                       tokenizer=run.tokenizer, batch_size=cfg.eval.batch_size,
                                       **lens),
@@ -338,6 +387,7 @@ def _finish(loop: _Loop, state, metrics: dict, writer, stop: StopOnSignal, *, sy
   if synced and (r % cfg.eval.every_rounds == 0 or r == total):
     metrics.update(loop.evaluation(state, r))
   _check_updates(cfg, metrics, loop.workdir / "metrics.jsonl", writer, loop.ckpt)
+  _watch_consensus(loop, metrics)
   every = cfg.checkpoint.every_rounds
   saved = False
   if synced and ((every and (r % every == 0 or r == total)) or stopping):
@@ -367,11 +417,16 @@ def train_and_evaluate(cfg, workdir: str | Path) -> dict[str, float]:
   workdir = Path(workdir)
   _writable_workdir(workdir)
   _claim_workdir(cfg, workdir, jax.process_index() == 0)
+  if cfg.curriculum.max_digits:  # easy-to-hard self-labelling: its own loop (curriculum.py)
+    from selfplay_jax import curriculum  # pylint: disable=import-outside-toplevel
+    return curriculum.train(cfg, workdir)
   loop, state = _prepare(cfg, workdir)
   if loop.main_process:
     with _writing(workdir / "config.json"):
       (workdir / "config.json").write_text(loop.config_json)
-  first, total, warmup = int(state.round), loop.run.total_rounds, cfg.warmup.rounds
+  # A population's members all have completed the same rounds: member 0's count.
+  first = int(jax.device_get(state.round).reshape(-1)[0])
+  total, warmup = loop.run.total_rounds, cfg.warmup.rounds
   history: dict = {}
   pending, ready_since = None, time.perf_counter()
   bar = tqdm.tqdm(range(first, total), initial=first, total=total, desc="rounds",

@@ -50,7 +50,9 @@ def task_and_tok(request, tmp_path_factory):
 # collection order, so a long file collected last (alphabetically) would run alone at the end.
 HEAVY_FIRST = ("test_recipes.py", "test_self_rewarding.py", "test_train.py", "test_reliability.py",
                "test_resume_kill.py", "test_docs.py", "test_config_keys.py", "test_multihost.py",
-               "test_lora.py", "test_bring_your_own.py", "test_reward_fns.py")
+               "test_lora.py", "test_bring_your_own.py", "test_reward_fns.py",
+               "test_population.py", "test_curriculum.py", "test_bench_accelerator.py",
+               "test_label_free.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -74,7 +74,15 @@ TRAIN_RUNS = {
                         "algorithm.reward_weights=1,0.5"),
     # NaN losses in round 1: its updates are skipped and checked against optimizer.max_bad_updates.
     "configs/dpo.py": ("debug.nan_from_round=1", "debug.nan_to_round=1"),
-    "configs/spin.py": (),
+    # A population of two (members vmapped in one round, replay slot and all) on data.seed's order.
+    "configs/spin.py": ("population.size=2", "data.seed=5"),
+    # The easy-to-hard curriculum (its own loop: a population labelling longer additions by vote).
+    "configs/easy_to_hard.py": ("warmup.rounds=1", "warmup.num_minibatches=2",
+                                "curriculum.gold_max_digits=1", "curriculum.max_digits=2",
+                                "sampling.max_new_tokens=6", "algorithm.num_minibatches=2",
+                                "curriculum.replay_size=8"),
+    # The label-free majority vote, soft and with a threshold (the verifier read for monitoring).
+    "configs/ttrl.py": ("algorithm.majority_threshold=0.5", "algorithm.majority_soft=true"),
     "configs/self_rewarding.py": (),
     "configs/sharpen.py:mode=sft": (),
     "configs/sharpen.py:mode=rl": (),

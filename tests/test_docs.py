@@ -53,7 +53,8 @@ _TRACE = ["warmup.rounds=1", "rounds=1", "data.batch_size=2", "sampling.n=2",
 # (overrides, warm-up round?) whose rounds together write every key the code can write.
 _ROUND_KINDS = ([([f"algorithm.name={name}"], False) for name in registry.names()]
                 + [([f"algorithm.reward={r}"], False)
-                   for r in ("verifier", "judge", "likelihood", "math")]
+                   for r in ("verifier", "judge", "likelihood", "math", "majority",
+                             "self_certainty")]
                 + [(["algorithm.name=rloo", "algorithm.kl_coef=0.05"], False),
                    ([], True), (["algorithm.reward=judge"], True)])
 _METRIC_PREFIXES = ("train", "eval", "time", "judge")
@@ -479,7 +480,14 @@ def _with_tiny(argv: list[str]) -> list[str]:
   if len(cfg.model.layer_types) > cfg.model.num_layers:
     first = cfg.model.layer_types[:cfg.model.num_layers]
     argv.append("--config.model.layer_types=" + ",".join(first))
+  if cfg.curriculum.max_digits:  # easy-to-hard: short additions fit the tiny token budget
+    argv += [f"--config.{k}={v}" for k, v in CURRICULUM_TINY.items()]
   return argv
+
+
+CURRICULUM_TINY = {"curriculum.gold_max_digits": 1, "curriculum.max_digits": 2,
+                   "sampling.max_new_tokens": 6, "warmup.num_minibatches": 1,
+                   "curriculum.replay_size": 8}
 
 
 def _run_key(c: DocCommand) -> tuple:

@@ -125,6 +125,29 @@ def test_expected_score_is_the_mean_over_score_tokens():
     np.testing.assert_allclose(float(got[i]), (p * np.arange(6)).sum(), rtol=1e-4)
 
 
+def test_expected_scores_in_chunks_equal_the_unchunked_pass():
+  """`Judge.score(num_chunks=...)` (the Self-Rewarding scorer with `algorithm.num_minibatches`)
+  runs the judge forward over chunks of rows and gives each row the score of one pass over all."""
+  tok = _Tok()
+  judge = Judge.from_template("j{prompt}{response}s", tok, score_max=5)
+  cfg = CFG.replace(vocab_size=48)
+  params = models.init_params(cfg, jax.random.key(3))
+  rng = np.random.default_rng(0)
+  prompt = jnp.asarray(rng.integers(3, 40, (8, 4)), jnp.int32)
+  resp = jnp.asarray(rng.integers(3, 40, (8, 3)), jnp.int32)
+  args = (cfg, params, prompt, prompt != 0, resp, jnp.ones_like(resp, bool), jax.random.key(0))
+  whole = np.asarray(jax.jit(judge.score, static_argnums=0)(*args))
+  for chunks in (2, 4, 3):  # 3 does not divide 8 rows: one pass
+    got = np.asarray(jax.jit(judge.score, static_argnums=(0, 7))(*args, chunks))
+    np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6)
+  scorer = scoring.judge_scorer(judge, cfg, num_chunks=4)
+  rollout = sampling.Rollout(prompt_tokens=prompt, prompt_mask=prompt != 0, tokens=resp,
+                             logprobs=jnp.zeros(resp.shape), model_logprobs=jnp.zeros(resp.shape),
+                             mask=jnp.ones_like(resp, bool), lengths=jnp.full((8,), 3))
+  scores, _ = scorer(params, None, None, rollout, jax.random.key(0))
+  np.testing.assert_allclose(np.asarray(scores), whole, rtol=1e-6, atol=1e-6)
+
+
 def test_read_scores_after_the_marker():
   tok = _Tok()
   judge = Judge.from_template("{prompt}{response}", tok, score_marker="s:", num_samples=2)

@@ -196,6 +196,24 @@ def test_warmup_to_main_boundary_is_at_rounds_times_minibatches(ramp):
   assert sizes[warm - 1] != sizes[warm]
 
 
+def test_warmup_cosine_decay_to_final_learning_rate():
+  """warmup.final_learning_rate > 0: the warm-up rate follows lr_f + (lr_0 - lr_f)(1 + cos(pi t/T))/2
+  over its T steps (written out in NumPy), then the main rate."""
+  cfg = load("optimizer.name=sgd", "optimizer.grad_clip=0", "warmup.rounds=4",
+             "warmup.num_minibatches=2", "warmup.learning_rate=0.01",
+             "warmup.final_learning_rate=0.001", "optimizer.learning_rate=0.002")
+  tx = optim.build_optimizer(cfg)
+  p, g = {"w": jnp.ones((2,), jnp.float32)}, {"w": jnp.full((2,), 2.0, jnp.float32)}
+  state, sizes = tx.init(p), []
+  for _ in range(11):
+    u, state = tx.update(g, state, p)
+    sizes.append(float(-u["w"][0]) / 2.0)
+  t = np.arange(8)
+  want = 0.001 + (0.01 - 0.001) * 0.5 * (1 + np.cos(np.pi * t / 8))
+  np.testing.assert_allclose(sizes[:8], want, rtol=1e-5)
+  np.testing.assert_allclose(sizes[8:], 0.002, rtol=1e-6)
+
+
 @pytest.mark.parametrize("bad", ["sgdd", "AdamW", "momentum"])
 def test_unknown_name_is_one_config_error_naming_the_key(bad):
   cfg = config_lib.load_config(CONFIG, [f"optimizer.name={bad}"])

@@ -196,3 +196,75 @@ def test_restart_from_base_params(setup):
   state, _ = round_fn(state, batch)
   drift2 = np.abs(np.asarray(state.params["embedding"]) - np.asarray(params["embedding"])).max()
   assert drift2 < 1.5 * drift  # one round's worth of movement from base, not two
+
+
+def _pg_rows(setup, spec):
+  """One round's GRPO rows (old log-probs from the frozen pass) and the params that sampled them."""
+  cfg, params, batch, sc, _ = setup
+  verify = lambda tokens, mask, answer, answer_mask: (tokens[:, 0] % 2 == 0).astype(jnp.float32)
+  rollout, rewards, _ = rnd.sample_and_score(cfg, params, None, batch, jax.random.key(3), sc, verify)
+  rows, _, _ = rnd.build_rows(cfg, spec, batch, rollout, rewards, sampler_params=params,
+                              ref_params=params, replay=None, replay_moves=False)
+  return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [
+    PolicyGradient(group_size=G),
+    PolicyGradient(group_size=G, loss_type="dapo", clip_high=0.28, entropy_coef=0.01),
+], ids=["grpo", "dapo-entropy"])
+def test_old_logp_from_the_update_forward_gives_the_same_loss_and_grad(setup, spec):
+  """One update on freshly sampled rows: `old_logp` taken (stop-gradient) from the update's own
+  forward gives the loss, aux metrics and gradient of the frozen pass's `old_logp`."""
+  cfg, params = setup[0], setup[1]
+  rows = _pg_rows(setup, spec)
+  logp_fn = lambda p, mb: spec.forward(cfg, p, mb)
+
+  def loss_and_grad(minibatch, from_current):
+    def loss_fn(p):
+      out = logp_fn(p, minibatch)
+      r = minibatch if not from_current else {
+          **minibatch, "old_logp": jax.lax.stop_gradient(rnd._logp_of(out))}
+      return spec.loss(out, r)
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+  (loss_a, aux_a), grad_a = loss_and_grad(rows, False)
+  shortcut = {k: v for k, v in rows.items() if k != "old_logp"}
+  (loss_b, aux_b), grad_b = loss_and_grad(shortcut, True)
+  np.testing.assert_allclose(float(loss_a), float(loss_b), rtol=1e-6, atol=1e-7)
+  for k in aux_a:
+    np.testing.assert_allclose(float(aux_a[k]), float(aux_b[k]), rtol=1e-5, atol=1e-6)
+  _leaves_close(grad_a, grad_b, atol=1e-6)
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad_a)) > 1e-4  # not vacuous
+
+
+@pytest.mark.slow
+def test_one_update_round_skips_the_old_logp_forward(setup):
+  """With one update per round the round drops the frozen old-log-prob pass (XLA counts a whole
+  forward over the rows fewer FLOPs) and ends where the round with the pass ends; with two
+  minibatches the pass stays (the second update's ratio is not 1)."""
+  cfg, params, batch, sc, _ = setup
+  verify = lambda tokens, mask, answer, answer_mask: (tokens[:, 0] % 2 == 0).astype(jnp.float32)
+  spec, opt = PolicyGradient(group_size=G), optax.sgd(1e-2)
+
+  def run(reuse, minibatches=1):
+    fn = rnd.build_round_fn(cfg, spec, opt, sc, verify, num_minibatches=minibatches,
+                            reuse_old_logp=reuse)
+    state = rnd.init_state(params, opt, spec, jax.random.key(5))
+    flops = fn.lower(state, batch).compile().cost_analysis()
+    flops = flops[0] if isinstance(flops, list) else flops
+    new_state, metrics = fn(state, batch)
+    return float(flops["flops"]), new_state, metrics
+
+  flops_skip, state_skip, m_skip = run(True)
+  flops_full, state_full, m_full = run(False)
+  rows = sc.n * batch["prompt_tokens"].shape[0]
+  seq = batch["prompt_tokens"].shape[1] + sc.max_new_tokens - 1
+  forward = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) * rows * seq
+  assert flops_full - flops_skip > 0.5 * forward, (flops_full, flops_skip, forward)
+  np.testing.assert_allclose(float(m_skip["train/loss"]), float(m_full["train/loss"]), atol=1e-6)
+  _leaves_close(state_skip.params, state_full.params, atol=1e-6)
+  assert float(m_full["train/grad_norm"]) > 0
+  flops_two, _, _ = run(True, minibatches=2)
+  flops_two_full, _, _ = run(False, minibatches=2)
+  assert flops_two == pytest.approx(flops_two_full, rel=1e-3)

@@ -231,3 +231,34 @@ def test_mismatched_prompt_shapes(llama):
   with pytest.raises(ValueError, match="prompt_mask"):
     sample(config, params, np.zeros((2, 5), np.int32), np.ones((2, 4), bool), jax.random.key(0),
            SamplingConfig(max_new_tokens=2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
+def test_decode_loop_re_lays_out_no_weight(scan_layers):
+  """The compiled sampler's loops (prefill layer scan, decode steps) hold no copy or transpose of
+  a weight-sized array: before the fix XLA re-laid out every layer's o kernel ([heads, H, D] ->
+  [H, heads, D]) on every decode step. Unrolled, no transpose of a cache-sized array either (it
+  re-laid out each K cache for the attention dot every step). Copies of the cache buffers
+  themselves remain on XLA:CPU (docs/benchmarks.md, accelerator section)."""
+  from bench.profiling import loop_relayouts
+  config = models.ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2,
+                              num_heads=8, num_kv_heads=2, head_dim=32, bos_token_id=1,
+                              eos_token_ids=(2,), pad_token_id=0,
+                              scan_layers=scan_layers).validate()
+  params = models.init_params(config, jax.random.key(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, 250, (1, 16)), jnp.int32)
+  sc = SamplingConfig(max_new_tokens=8, temperature=0.0, eos_ids=(255,))
+  compiled = sample.lower(config, params, tokens, tokens > 0, jax.random.key(0), sc).compile()
+  relayouts = loop_relayouts(compiled.as_text())
+  assert any(r["op"] == "copy" for r in relayouts)  # the parser sees inside the loops
+  smallest_weight = 4 * 256 * 2 * 32  # k_kernel [D, kv_heads, H] in float32
+  assert [r for r in relayouts if r["bytes"] >= smallest_weight] == []
+  if not scan_layers:
+    cache = 4 * 2 * (16 + 8) * 32  # one layer's K (or V) cache [1, kv_heads, S, H] in float32
+    assert [r for r in relayouts if r["op"] == "transpose" and r["bytes"] >= cache] == []
+  # Same function as before: greedy completions are the teacher-forced forward's argmaxes.
+  out = compiled(params, tokens, tokens > 0, jax.random.key(0))
+  full = jnp.concatenate([tokens, out.tokens], axis=1)
+  logits = np.asarray(models.forward(config, params, full))[0, 15:-1]
+  np.testing.assert_array_equal(np.argmax(logits, -1), np.asarray(out.tokens)[0])

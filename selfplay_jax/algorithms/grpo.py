@@ -4,7 +4,8 @@ RL-sharpening: the same losses with the self-likelihood as reward).
 Rows are the round's rollouts (G = `group_size` contiguous samples per prompt). `lp_old` is the
 log-prob under the parameters that sampled the round, recomputed with a forward pass so that the
 first update's ratio is exactly 1; several updates per round (epochs x minibatches) then use
-clipped importance ratios. All of the family's log-probs (training, old, reference) are taken
+clipped importance ratios. With one update per round the round skips that pass and the update
+reads `old_logp` from its own forward (`round.train_steps(fresh_rows=...)`), the same loss. All of the family's log-probs (training, old, reference) are taken
 under logits / `temperature`, the sampling temperature (TRL's GRPO).
 """
 

@@ -26,8 +26,11 @@ from selfplay_jax.algorithms.spec import REFERENCES, Spec
 from selfplay_jax.errors import ConfigError
 
 # What scores a round's samples (algorithm.reward); math and python: host-side Python reward
-# functions (scoring/python_rewards.py), python implied by algorithm.reward_fn(s).
-REWARDS = ("verifier", "judge", "likelihood", "math", "python")
+# functions (scoring/python_rewards.py), python implied by algorithm.reward_fn(s); majority and
+# self_certainty: label-free rewards (scoring/label_free.py, TTRL / SRT and INTUITOR).
+REWARDS = ("verifier", "judge", "likelihood", "math", "python", "majority", "self_certainty")
+# Rewards chosen in place of the verifier's (the algorithm must sample and read rewards).
+SCORED_REWARDS = ("judge", "likelihood", "math", "python", "majority", "self_certainty")
 Passes = list[tuple[str, int, int]]  # (what, sequences, length) of a round's forward passes
 
 

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
 import numpy as np
 
 from selfplay_jax import tokenizers
@@ -34,8 +35,8 @@ from selfplay_jax.data.encoding import (EncodingError, build_tokenizer,  # noqa:
                                         check_tokenizer, encode_examples)
 from selfplay_jax.scoring.verifiers import Verifier, make_answer_verifier  # noqa: F401 (re-exported)
 
-__all__ = ["ANSWER_MARKER", "DIGITS", "SPLITS", "Task", "ArithmeticTask", "SortTask", "TASKS",
-           "get_task", "build_tokenizer", "check_tokenizer", "encode_examples",
+__all__ = ["ANSWER_MARKER", "DIGITS", "SPLITS", "Task", "ArithmeticTask", "SortTask",
+           "AdditionTask", "TASKS", "get_task", "build_tokenizer", "check_tokenizer", "encode_examples",
            "make_answer_verifier", "extract_answer", "wrong_response"]
 
 ANSWER_MARKER = "####"
@@ -277,6 +278,86 @@ class ArithmeticTask(Task):
     return sum(n * (n + 1) // 2 if op == "-" else n * n for op in self.operations)
 
 
+# ---- addition by length (easy-to-hard) -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AdditionTask(Task):
+  """`a+b` with both operands of exactly `num_digits` digits (1 digit: 0..9), written least
+  significant digit first and zero-padded to `width` digits (the answer to `width + 1`):
+
+    num_digits=3, width=6:  123+456  ->  prompt "321000+654000="  response "####9750000"
+
+  Every length is written at the same positions, so one length-agnostic digit-by-digit procedure
+  (Lee et al. 2025 also reverse the digits) solves every length up to `width`: the format the
+  easy-to-hard curriculum (`curriculum.*`) extends from short to long operands. `width=0` means
+  `num_digits`. `plausible` is the length filter of self-labelling: a sum of two n-digit numbers
+  has at most n + 1 digits, so every answer digit past the first n + 1 must be 0.
+  """
+
+  name: ClassVar[str] = "addition"
+  symbols: ClassVar[tuple[str, ...]] = DIGITS + (ANSWER_MARKER, "+", "=")
+  num_digits: int = 3
+  width: int = 0
+  heldout_fraction: float = 0.1
+
+  def __post_init__(self):
+    if not isinstance(self.num_digits, int) or not 1 <= self.num_digits <= 32:
+      raise ValueError(f"num_digits must be an int in [1, 32], got {self.num_digits!r}")
+    if not isinstance(self.width, int) or not (self.width == 0 or
+                                               self.num_digits <= self.width <= 32):
+      raise ValueError(f"width must be 0 or an int in [num_digits={self.num_digits}, 32], got "
+                       f"{self.width!r}")
+    if not 0.0 < self.heldout_fraction < 1.0:
+      raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+  @property
+  def padded_width(self) -> int:
+    return self.width or self.num_digits
+
+  def with_digits(self, num_digits: int) -> "AdditionTask":
+    """The same format (width, split) at another operand length: a curriculum's next level."""
+    return dataclasses.replace(self, num_digits=num_digits, width=self.padded_width)
+
+  def _sample(self, rng):
+    lo = 0 if self.num_digits == 1 else 10**(self.num_digits - 1)
+    return tuple(int(x) for x in rng.integers(lo, 10**self.num_digits, size=2))
+
+  def _key(self, problem):
+    return f"+:{min(problem)}:{max(problem)}"
+
+  def _render(self, problem):
+    a, b = problem
+    w = self.padded_width
+    rev = lambda x, n: f"{x:0{n}d}"[::-1]
+    answer = rev(a + b, w + 1)
+    return {"prompt": f"{rev(a, w)}+{rev(b, w)}=", "response": f"{ANSWER_MARKER}{answer}",
+            "answer": answer}
+
+  def _num_problems(self):
+    count = 10 if self.num_digits == 1 else 9 * 10**(self.num_digits - 1)
+    return count * count
+
+  def corpus(self, num: int = 1000) -> list[str]:
+    # every length up to the width, so the tokenizer does not depend on the curriculum's level
+    levels = [self.with_digits(n) for n in range(1, self.padded_width + 1)]
+    texts = [e["prompt"] + e["response"] for i in range(num)
+             for e in [levels[i % len(levels)].example("train", i)]]
+    return texts + [" ".join(self.symbols)]
+
+  def plausible(self, answers: Any, zero_id: int, num_digits: int | None = None) -> Any:
+    """The length filter, jittable: `answers` [B, A] from `verifiers.extract_answers` (answer
+    tokens left-aligned, then `verifiers.PAD_ANSWER`) -> bool [B]: exactly `width + 1` digit
+    tokens, every one past the first `num_digits + 1` (default: this task's) the digit 0."""
+    n = self.num_digits if num_digits is None else num_digits
+    w = self.padded_width + 1
+    a = answers.shape[1]
+    j = jnp.arange(a)
+    length = (answers >= 0).sum(axis=1)
+    past = (j[None] >= n + 1) & (j[None] < w)
+    return (length == w) & ~(past & (answers != zero_id)).any(axis=1)
+
+
 # ---- sort ------------------------------------------------------------------------------------
 
 
@@ -324,7 +405,7 @@ class SortTask(Task):
 from selfplay_jax.data.countdown import CountdownTask  # noqa: E402
 
 TASKS: dict[str, type[Task]] = {"arithmetic": ArithmeticTask, "sort": SortTask,
-                                "countdown": CountdownTask}
+                                "countdown": CountdownTask, "addition": AdditionTask}
 
 
 def get_task(name: str, **kwargs: Any) -> Task:

@@ -160,34 +160,52 @@ class Attention(nn.Module):
     k = apply_rope(k, cos, sin).transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
 
-    if kv is not None and layer_index is None:  # decode: write new keys/values, attend over all slots
-      k_cache, v_cache = kv
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), write_index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), write_index, axis=2)
-      new_kv = (k, v)
-    elif kv is not None:  # the same on the stacked cache: write in place, then read this layer
-      zero = jnp.zeros((), jnp.int32)
-      start = (zero, jnp.asarray(layer_index, jnp.int32), zero, jnp.asarray(write_index, jnp.int32), zero)
-      new_kv = tuple(jax.lax.dynamic_update_slice(cache, new[:, None].astype(cache.dtype), start)
-                     for cache, new in zip(kv, (k, v)))
-      k, v = (jax.lax.dynamic_index_in_dim(cache, layer_index, axis=1, keepdims=False)
-              for cache in new_kv)
-    else:
-      new_kv = None
-
     b, t = q.shape[:2]
+    if kv is not None:
+      # Decode / prefill: attend over the cache as it was (a loop-carried buffer with a fixed
+      # layout, so XLA fits the attention dot to it) plus the new keys and values, and write those
+      # into the cache for the next steps (`_write_cache`, below). Attending over the updated
+      # cache instead let XLA:CPU pick a transposed layout for it and re-lay out the whole K
+      # cache on every decode step (tests/test_sampling.py checks the decode loop's HLO).
+      start = jnp.clip(jnp.asarray(write_index, jnp.int32), 0, mask_BxTxS.shape[-1] - t)
+      if layer_index is None:
+        old = kv
+      else:  # the stacked cache [B, L, K, S, H]: this layer's slots
+        old = tuple(jax.lax.dynamic_index_in_dim(cache, jnp.asarray(layer_index, jnp.int32), axis=1,
+                                                 keepdims=False) for cache in kv)
+      slots = jnp.arange(mask_BxTxS.shape[-1])
+      stale = (slots >= start) & (slots < start + t)  # the slots being written: old contents
+      parts = [(old[0], old[1], mask_BxTxS & ~stale),
+               (k.astype(old[0].dtype), v.astype(old[1].dtype),  # as the cache holds them
+                jax.lax.dynamic_slice_in_dim(mask_BxTxS, start, t, axis=2))]
+    else:
+      parts = [(k, v, mask_BxTxS)]
+
     q = q.reshape(b, t, kvh, h // kvh, hd)
-    logits = jnp.einsum("btkgh,bksh->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
+    logits = jnp.concatenate(
+        [jnp.einsum("btkgh,bksh->bkgts", q, pk.astype(dt), preferred_element_type=jnp.float32)
+         for pk, _, _ in parts], axis=-1)
+    mask = jnp.concatenate([pm for _, _, pm in parts], axis=-1)
     logits = logits * c.attn_scale
     if c.attn_logit_softcap:
       logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-    logits = jnp.where(mask_BxTxS[:, None, None], logits, _NEG_INF)
+    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bksh->btkgh", probs, v.astype(dt)).reshape(b, t, h, hd)
+    # The output projection is one 2-D matmul [B * T, heads * H] @ [heads * H, D] on the o kernel
+    # viewed as [heads * H, D] (a reshape, no copy); the attention output is transposed to
+    # [B, T, heads, H] first (activations only). An einsum "btnh,nhd->btd" on the 3-D kernel made
+    # XLA:CPU re-lay out the whole kernel, and computing the attention output directly in
+    # [B, T, ...] order the V cache, on every decode step (tests/test_sampling.py checks the
+    # decode loop's HLO for both).
+    bounds = np.cumsum([pk.shape[2] for pk, _, _ in parts])[:-1].tolist()
+    out = sum(jnp.einsum("bkgts,bksh->bkgth", pp, pv.astype(dt))
+              for pp, (_, pv, _) in zip(jnp.split(probs, bounds, axis=-1), parts))
+    new_kv = None if kv is None else _write_cache(kv, (k, v), start, layer_index)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
     out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads",
                                            "head_dim"))
     wo = _param(self, "o_kernel", _KERNEL_INIT, (h, hd, d), ("heads", "head_dim", "embed"), pdt)
-    y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+    y = (out.reshape(b * t, h * hd) @ wo.astype(dt).reshape(h * hd, d)).reshape(b, t, d)
     if c.o_bias:
       y = y + _param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), pdt).astype(dt)
     delta = _lora(self, "o", out, (h, hd), ("heads", "head_dim"), (d,), ("embed",),
@@ -195,6 +213,18 @@ class Attention(nn.Module):
     if delta is not None:
       y = y + delta
     return y, new_kv
+
+
+def _write_cache(kv, new, start, layer_index):
+  """`new` (k, v) [B, K, T, H] written into the cache `kv` at slot `start` (this layer's slots of a
+  stacked cache [B, L, K, S, H] when `layer_index` is given)."""
+  if layer_index is None:
+    return tuple(jax.lax.dynamic_update_slice_in_dim(cache, x.astype(cache.dtype), start, axis=2)
+                 for cache, x in zip(kv, new))
+  zero = jnp.zeros((), jnp.int32)
+  index = (zero, jnp.asarray(layer_index, jnp.int32), zero, start, zero)
+  return tuple(jax.lax.dynamic_update_slice(cache, x[:, None].astype(cache.dtype), index)
+               for cache, x in zip(kv, new))
 
 
 class MLP(nn.Module):

@@ -61,6 +61,29 @@ def completion_logprobs_and_entropy(config: ModelConfig, params, rows: Rows,
   return target, entropy
 
 
+def completion_self_certainty(config: ModelConfig, params, rows: Rows,
+                              vocab_size: int | None = None, num_chunks: int = 1) -> jax.Array:
+  """Self-certainty (INTUITOR, Zhao et al. 2025) at each completion position: float32 [R, N],
+  `KL(U || p) = −log V − (1/V) Σ_{j<V} log p_j`, p = softmax(logits) (T = 1) given the prefix,
+  U uniform over the first `vocab_size` = V ids (None: all of the model's rows). With a padded
+  embedding, pass the tokenizer's real vocabulary: U then covers only ids a token can have, while
+  p stays the whole softmax the sampler draws from. Computed as `logsumexp(logits) − mean_{j<V}
+  logits_j − log V`, so no [R, N, V] array beyond the logits exists. `num_chunks`: as
+  `completion_logprobs` (rows j, j + num_chunks, ... per chunk, one chunk's logits at a time)."""
+  r = rows["tokens"].shape[0]
+  if num_chunks > 1 and r % num_chunks == 0:
+    chunked = {k: rows[k].reshape((r // num_chunks, num_chunks) + rows[k].shape[1:]).swapaxes(0, 1)
+               for k in _KEYS}
+    out = jax.lax.map(lambda chunk: completion_self_certainty(config, params, chunk, vocab_size),
+                      chunked)
+    return out.swapaxes(0, 1).reshape((r,) + out.shape[2:])
+  logits = _completion_logits(config, params, rows, 1.0)
+  v = logits.shape[-1] if vocab_size is None else vocab_size
+  if not 0 < v <= logits.shape[-1]:
+    raise ValueError(f"vocab_size {v} must be in [1, {logits.shape[-1]}] (the model's rows)")
+  return jax.nn.logsumexp(logits, axis=-1) - jnp.mean(logits[..., :v], axis=-1) - jnp.log(v)
+
+
 def _completion_logits(config: ModelConfig, params, rows: Rows, temperature: float) -> jax.Array:
   """float32 logits / T [R, N, V] scoring each completion token (position t scores token t)."""
   prompt_len = rows["prompt_tokens"].shape[1]

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from selfplay_jax import sampling
 from selfplay_jax.rows import left_pack, left_pad_to, right_pack  # noqa: F401 (re-exported)
+from selfplay_jax.rows import map_chunks
 from selfplay_jax.models import decoder
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.config import ModelConfig
@@ -272,13 +273,19 @@ class Judge:
     return jnp.nanmean(per_sample, axis=1)  # NaN where no judgement was valid
 
   def score(self, config: ModelConfig, params, prompt_tokens, prompt_mask, tokens, mask,
-            rng) -> jax.Array:
-    """Scores of responses [R, N] to prompts [R, P] under `params` as the judge: float32 [R]."""
+            rng, num_chunks: int = 1) -> jax.Array:
+    """Scores of responses [R, N] to prompts [R, P] under `params` as the judge: float32 [R].
+
+    `num_chunks` > 1 (when it divides R): the expected-score forward runs over that many chunks
+    of rows in sequence (`rows.map_chunks`, as the round's frozen passes), so only one chunk's
+    [rows, judge prompt, vocab] logits exist at a time; the scores are the same. Sampled
+    judgements are drawn over all rows at once (the sampler holds one step's logits)."""
     params = jax.lax.stop_gradient(params)
     judge_tokens, judge_mask = self.prompts(prompt_tokens, prompt_mask, tokens, mask)
     if self.num_samples:
       return self.sampled_scores(config, params, judge_tokens, judge_mask, rng)
-    return self.expected_scores(config, params, judge_tokens, judge_mask)
+    return map_chunks(lambda r: self.expected_scores(config, params, r["tokens"], r["mask"]),
+                      {"tokens": judge_tokens, "mask": judge_mask}, num_chunks)
 
 
 def ranking_agreement(scores: jax.Array, verified: jax.Array, group_size: int) -> jax.Array:

@@ -55,15 +55,8 @@ def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Seq
     tokens, mask, gold, gold_mask = verifier_inputs(completion_BxN, completion_mask_BxN,
                                                     answer_BxA, answer_mask_BxA, max_answer_len)
     n, a = tokens.shape[1], gold.shape[1]
-    pos_N = jnp.arange(n)
-    has_eos, end_B = completion_end(tokens, mask, eos)
-    is_marker = (tokens == marker_id) & mask & (pos_N[None] < end_B[:, None])
-    has_marker = is_marker.any(axis=1)
-    start_B = jnp.argmax(is_marker, axis=1) + 1
-    region = (pos_N[None] >= start_B[:, None]) & (pos_N[None] < end_B[:, None])
-    length_B = end_B - start_B
-    complete = has_eos & has_marker & ~(region & ~mask).any(axis=1) & (length_B > 0)
-
+    span = answer_span(tokens, mask, marker_id, eos)
+    start_B, length_B, complete = span["start"], span["length"], span["complete"]
     gold_len_B = gold_mask.sum(axis=1)
     gold_start_B = jnp.argmax(gold_mask, axis=1)
     j_A = jnp.arange(a)
@@ -73,10 +66,48 @@ def make_answer_verifier(marker_id: int, eos_ids: Sequence[int], answer_ids: Seq
     correct = complete & (length_B == gold_len_B) & same & (gold_len_B > 0)
     if format_reward == 0.0:
       return correct.astype(jnp.float32)
-    well_formed = complete & ~(region & ~jnp.isin(tokens, allowed)).any(axis=1)
+    well_formed = complete & ~(span["region"] & ~jnp.isin(tokens, allowed)).any(axis=1)
     return jnp.where(correct, 1.0, jnp.where(well_formed, format_reward, 0.0)).astype(jnp.float32)
 
   return verify
+
+
+def answer_span(tokens: jax.Array, mask: jax.Array, marker_id: int, eos: jax.Array) -> dict:
+  """Where each completion's answer is: the tokens after its first `marker_id`, up to its first
+  stop token (`eos`, ids). Returns `start` [B], `length` [B], `region` [B, N] (the answer's
+  positions) and `complete` [B] (marker and stop token present, every answer token masked, the
+  answer non-empty): what `make_answer_verifier` and `extract_answers` read."""
+  n = tokens.shape[1]
+  pos_N = jnp.arange(n)
+  has_eos, end_B = completion_end(tokens, mask, eos)
+  is_marker = (tokens == marker_id) & mask & (pos_N[None] < end_B[:, None])
+  has_marker = is_marker.any(axis=1)
+  start_B = jnp.argmax(is_marker, axis=1) + 1
+  region = (pos_N[None] >= start_B[:, None]) & (pos_N[None] < end_B[:, None])
+  length_B = end_B - start_B
+  complete = has_eos & has_marker & ~(region & ~mask).any(axis=1) & (length_B > 0)
+  return {"start": start_B, "length": length_B, "region": region, "complete": complete}
+
+
+PAD_ANSWER = -1  # fills `extract_answers`' rows past each answer's end
+
+
+def extract_answers(tokens: jax.Array, mask: jax.Array, marker_id: int, eos_ids: Sequence[int],
+                    width: int) -> tuple[jax.Array, jax.Array]:
+  """Each completion's answer as a fixed-width row, for comparing answers with one another
+  (majority votes) without a gold answer: `(answers [B, width] int32, valid [B] bool)`, the
+  answer's tokens left-aligned and `PAD_ANSWER` after them. Valid = a complete answer (marker,
+  non-empty answer, stop token: `answer_span`) of at most `width` tokens; an invalid row is all
+  `PAD_ANSWER`, so it never equals a valid one."""
+  tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool)
+  eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+  span = answer_span(tokens, mask, marker_id, eos)
+  valid = span["complete"] & (span["length"] <= width)
+  j = jnp.arange(width)
+  got = jnp.take_along_axis(tokens, jnp.clip(span["start"][:, None] + j, 0, tokens.shape[1] - 1),
+                            axis=1)
+  keep = valid[:, None] & (j[None] < span["length"][:, None])
+  return jnp.where(keep, got, PAD_ANSWER), valid
 
 
 def final_answer(answer: str, marker: str | None) -> str:
