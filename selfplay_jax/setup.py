@@ -386,11 +386,7 @@ def initial_state(cfg, mc: models.ModelConfig, spec: Spec, optimizer: optax.Grad
   extend = option(spec, "init_params") or (lambda params: params)  # e.g. PPO's value head
   make = lambda params: rnd.init_state(extend(params), optimizer, spec, state_rng, replay)
   if cfg.model.hf_path and pretrained:
-    loaded, params = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
-                                        param_dtype=mc.param_dtype, scan_layers=mc.scan_layers)
-    if loaded.replace(remat=mc.remat) != lora.base_config(mc):
-      raise ConfigError(f"model.hf_path: {cfg.model.hf_path} config.json does not match the run's "
-                        "model config")
+    params = _pretrained_weights(cfg, mc)
     if lora.enabled(mc):  # fresh adapters (B = 0) on the checkpoint's weights
       params = lora.join(jax.device_get(lora.new_adapters(mc, lora.adapter_rng(init_rng))), params)
     if shardings is None:
@@ -402,6 +398,16 @@ def initial_state(cfg, mc: models.ModelConfig, spec: Spec, optimizer: optax.Grad
   if shardings is None:
     return make(models.init_params(mc, init_rng))
   return jax.jit(lambda: make(models.init_params(mc, init_rng)), out_shardings=shardings)()
+
+
+def _pretrained_weights(cfg, mc: models.ModelConfig):
+  """The `model.hf_path` checkpoint's weights (host arrays), checked to match the run's model."""
+  loaded, params = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
+                                      param_dtype=mc.param_dtype, scan_layers=mc.scan_layers)
+  if loaded.replace(remat=mc.remat) != lora.base_config(mc):
+    raise ConfigError(f"model.hf_path: {cfg.model.hf_path} config.json does not match the run's "
+                      "model config")
+  return params
 
 
 def _population_state(cfg, mc: models.ModelConfig, spec: Spec,
@@ -423,11 +429,7 @@ def _population_state(cfg, mc: models.ModelConfig, spec: Spec,
 
   weights = None
   if cfg.model.hf_path and pretrained:
-    loaded, weights = hf.load_pretrained(cfg.model.hf_path, dtype=mc.dtype,
-                                         param_dtype=mc.param_dtype, scan_layers=mc.scan_layers)
-    if loaded.replace(remat=mc.remat) != lora.base_config(mc):
-      raise ConfigError(f"model.hf_path: {cfg.model.hf_path} config.json does not match the run's "
-                        "model config")
+    weights = _pretrained_weights(cfg, mc)
   make = lambda seeds, weights: jax.vmap(member, in_axes=(0, None))(seeds, weights)
   if shardings is None:
     return make(jnp.asarray(seeds), weights)
