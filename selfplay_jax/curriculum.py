@@ -270,33 +270,16 @@ def label_and_train(st: _Static, optimizer, verify, state: CurriculumState, gold
 # ---- evaluation at every length -----------------------------------------------------------------
 
 
-def _eval_step(st: _Static, verify, params, batch):
-  """Greedy held-out answers of every member on one batch: (correct answers summed over the
-  members, the vote's correct answers, valid examples)."""
-  tokens, mask = evaluate.population_greedy(
-      st.model_config, params, batch["prompt_tokens"], batch["prompt_mask"],
-      eos_ids=st.sampling_config.eos_ids, max_new_tokens=st.sampling_config.max_new_tokens)
-  valid = batch["valid"].astype(jnp.float32)
-  each = jax.vmap(lambda t, m: verify(t, m, batch["answer_tokens"], batch["answer_mask"]))(
-      tokens, mask)  # [K, B]
-  greedy = dataclasses.replace(st, sampling_config=dataclasses.replace(st.sampling_config, n=1))
-  label, label_mask, _, _ = _vote(greedy, tokens, mask, batch["prompt_tokens"].shape[0])
-  vote = verify(label, label_mask, batch["answer_tokens"], batch["answer_mask"])
-  return {"members": jnp.sum(each.mean(0) * valid), "vote": jnp.sum(vote * valid),
-          "total": jnp.sum(valid)}
-
-
 def _length_eval(loop: "_Loop", params) -> dict[str, float]:
   """`eval/accuracy@{d}` (mean over members) and `eval/accuracy_vote@{d}` for every length d;
   `eval/accuracy` is the accuracy at `curriculum.max_digits` (what checkpoint retention ranks)."""
-  out = {}
+  st, out = loop.static, {}
   for d, batches in loop.eval_data.items():
-    sums = {"members": 0.0, "vote": 0.0, "total": 0.0}
-    for b in batches:
-      for k, v in jax.device_get(loop.eval_fn(params, b)).items():
-        sums[k] += float(v)
-    out[f"eval/accuracy@{d}"] = sums["members"] / max(sums["total"], 1.0)
-    out[f"eval/accuracy_vote@{d}"] = sums["vote"] / max(sums["total"], 1.0)
+    acc = evaluate.population_accuracy(
+        st.model_config, params, batches, loop.main_args[1], st.sampling_config.eos_ids,
+        st.sampling_config.max_new_tokens, marker_id=st.marker_id, width=st.answer_width)
+    out[f"eval/accuracy@{d}"] = acc["eval/accuracy"]  # the members' mean
+    out[f"eval/accuracy_vote@{d}"] = acc["eval/accuracy_vote"]
   out["eval/accuracy"] = out[f"eval/accuracy@{loop.cfg.curriculum.max_digits}"]
   return out
 
@@ -311,7 +294,6 @@ class _Loop:
   static: _Static
   warm_fn: Any
   main_fn: Any
-  eval_fn: Any
   eval_data: dict
   ckpt: checkpoint.Checkpointer
   config_json: str
@@ -359,7 +341,6 @@ def _build(cfg, workdir: Path, *, resume: bool = True, step: int | None = None
       warm_fn=jax.jit(functools.partial(warmup_round, st, optimizer), donate_argnums=0),
       main_fn=jax.jit(functools.partial(label_and_train, st, optimizer, verify),
                       donate_argnums=0),
-      eval_fn=jax.jit(functools.partial(_eval_step, st, verify)),
       eval_data=eval_data, ckpt=checkpoint.Checkpointer(str(workdir), keep=cfg.checkpoint.keep),
       config_json=config_lib.to_json(cfg), main_args=(optimizer, verify))
   state = _initial_state(cfg, mc, optimizer, st)
