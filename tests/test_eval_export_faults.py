@@ -108,7 +108,11 @@ def test_unreadable_newest_checkpoint_is_named_without_tensorstore_internals(run
   assert "round: 2" in res.stdout
   _no_traceback(res)
   assert "Event loop is closed" not in res.stderr
-  [line] = [l for l in res.stderr.splitlines() if "unreadable" in l]
+  # "is unreadable (": pytest's tmp_path is named after this test, so a bare "unreadable" also
+  # matches any other line that mentions the workdir.
+  lines = [l for l in res.stderr.splitlines() if "is unreadable (" in l]
+  assert len(lines) == 1, res.stderr[-3000:]
+  [line] = lines
   assert f"checkpoint step 3 in {workdir}/checkpoints is unreadable ({damaged}: " in line, line
   assert "trying the previous step" in line
   for internal in ("tensorstore_spec", "OCDBT", "zarr", "OUT_OF_RANGE"):
