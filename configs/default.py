@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.optimizer.name = "adamw"  # adamw | adam | sgd | lion | adafactor (optax, selfplay_jax/optim.py)
   cfg.optimizer.learning_rate = 3e-4  # self-improvement learning rate (warm-up: warmup.*)
   cfg.optimizer.warmup_steps = 0  # linear warmup (optimizer steps)
+  cfg.optimizer.final_learning_rate = 0.0  # cosine-decay learning_rate to this by the last round; 0 = constant
   cfg.optimizer.weight_decay = 0.0  # decoupled weight decay
   cfg.optimizer.grad_clip = 1.0  # global-norm clipping threshold; 0 = off
   cfg.optimizer.b1 = 0.9  # Adam first-moment decay

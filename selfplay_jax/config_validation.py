@@ -61,6 +61,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("sampling.n", int, _positive, "must be >= 1"),
     ("optimizer.name", str, lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
     ("optimizer.learning_rate", float, lambda v: v > 0, "must be > 0"),
+    ("optimizer.final_learning_rate", float, _non_negative, "must be >= 0 (0 = constant)"),
     ("optimizer.warmup_steps", int, _non_negative, "must be >= 0"),
     ("optimizer.weight_decay", float, _non_negative, "must be >= 0"),
     ("optimizer.grad_clip", float, _non_negative, "must be >= 0 (0 = off)"),
@@ -268,11 +269,13 @@ def _validate_curriculum(cfg: ml_collections.ConfigDict) -> None:
   if cfg.data.batch_size % cfg.algorithm.num_minibatches:
     raise ConfigError(f"algorithm.num_minibatches: {cfg.algorithm.num_minibatches} does not divide"
                       f" data.batch_size={cfg.data.batch_size}")
-  if cfg.sampling.max_new_tokens < c.max_digits + 4:
+  w = c.max_digits + 1  # curriculum.SPARE_DIGITS
+  need = (w if cfg.data.step_by_step else 0) + w + 3
+  if cfg.sampling.max_new_tokens < need:
     raise ConfigError(f"sampling.max_new_tokens: {cfg.sampling.max_new_tokens} cannot hold a "
-                      f"response of curriculum.max_digits={c.max_digits} digits (needs "
-                      f"{c.max_digits + 4}: the marker, max_digits + 2 digits (one spare zero), "
-                      "the stop token)")
+                      f"response of curriculum.max_digits={c.max_digits} digits (needs {need}: "
+                      + (f"{w} carries (data.step_by_step), " if cfg.data.step_by_step else "")
+                      + "the marker, max_digits + 2 digits (one spare zero), the stop token)")
 
 
 def _validate_population(cfg: ml_collections.ConfigDict) -> None:

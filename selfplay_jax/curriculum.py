@@ -92,7 +92,8 @@ def _width(cfg) -> int:
 
 def _task(cfg, digits: int) -> tasks.AdditionTask:
   """`data.task` (validated to be `addition`) at operand length `digits`."""
-  return tasks.get_task(cfg.data.task, num_digits=digits, width=_width(cfg))
+  return tasks.get_task(cfg.data.task, num_digits=digits, width=_width(cfg),
+                        carries=cfg.data.step_by_step)
 
 
 def _lengths(cfg) -> dict[str, int]:

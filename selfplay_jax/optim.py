@@ -10,7 +10,10 @@ Every optimizer follows one learning-rate schedule over both phases, so a run ha
                                                       cosine decay from it to that value)
   after that                                          optimizer.learning_rate, reached by a linear
                                                       ramp from 0 over optimizer.warmup_steps
-                                                      (0 = no ramp)
+                                                      (0 = no ramp); with
+                                                      optimizer.final_learning_rate > 0, then a
+                                                      cosine decay from it to that value by the
+                                                      run's last round (`main_steps(cfg)`)
 
 With `optimizer.grad_clip > 0`, `optax.clip_by_global_norm(grad_clip)` comes first in the chain.
 
@@ -42,18 +45,35 @@ import optax
 
 from selfplay_jax.errors import ConfigError
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "learning_rate_schedule"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "learning_rate_schedule", "main_steps"]
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
+
+
+def main_steps(cfg) -> int:
+  """Optimizer steps of the run's `rounds` self-improvement rounds: `algorithm.num_minibatches`
+  per round (times `algorithm.num_epochs`, except in the easy-to-hard curriculum, whose rounds
+  make one pass). The horizon of `optimizer.final_learning_rate`'s decay."""
+  per_round = cfg.algorithm.num_minibatches
+  if not cfg.curriculum.max_digits:
+    per_round *= cfg.algorithm.num_epochs
+  return cfg.rounds * per_round
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
   """`warmup.learning_rate` for the warm-up SFT steps (cosine-decayed to
   `warmup.final_learning_rate` when that is > 0), then `optimizer.learning_rate` (after
-  `optimizer.warmup_steps` of linear ramp from 0) for self-improvement."""
+  `optimizer.warmup_steps` of linear ramp from 0) for self-improvement, cosine-decayed to
+  `optimizer.final_learning_rate` by the last round when that is > 0."""
   o, w = cfg.optimizer, cfg.warmup
-  main = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps) if o.warmup_steps else (
-      optax.constant_schedule(o.learning_rate))
+  if o.final_learning_rate:
+    decay = max(main_steps(cfg) - o.warmup_steps, 1)
+    main = optax.warmup_cosine_decay_schedule(
+        0.0, o.learning_rate, o.warmup_steps, o.warmup_steps + decay, o.final_learning_rate)
+  elif o.warmup_steps:
+    main = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+  else:
+    main = optax.constant_schedule(o.learning_rate)
   warm_steps = w.rounds * w.num_minibatches
   warm = (optax.cosine_decay_schedule(w.learning_rate, max(warm_steps, 1),
                                       alpha=w.final_learning_rate / w.learning_rate)

@@ -272,7 +272,8 @@ def _build_task(cfg) -> tasks.Task:
               "sort": dict(length=cfg.data.difficulty),
               "countdown": dict(num_numbers=cfg.data.difficulty),
               "addition": dict(num_digits=cfg.data.difficulty,
-                               width=max(cfg.curriculum.max_digits, cfg.data.difficulty)),
+                               width=max(cfg.curriculum.max_digits, cfg.data.difficulty),
+                               carries=cfg.data.step_by_step),
               }.get(cfg.data.task, {})
     if cfg.data.max_value:  # 0 = the task's own default range
       kwargs[tasks.TASKS[cfg.data.task].value_range_field] = cfg.data.max_value

@@ -19,7 +19,7 @@ OVERRIDES = ["curriculum.gold_max_digits=2", "curriculum.max_digits=4", "populat
              "algorithm.num_minibatches=2", "curriculum.replay_size=16", "eval.every_rounds=2",
              "eval.num_examples=8", "eval.batch_size=8", "model.hidden_size=32",
              "model.intermediate_size=64", "model.num_layers=1", "progress_bar=false",
-             "sampling.max_new_tokens=8", "population.vote_threshold=0.5",
+             "sampling.max_new_tokens=13", "population.vote_threshold=0.5",
              "curriculum.advance_threshold=0.01", "metrics.plot_every_rounds=0"]
 
 
@@ -42,6 +42,23 @@ def test_addition_format_and_split():
   assert not keys("train") & keys("heldout")
   with pytest.raises(ValueError, match="width"):
     tasks.get_task("addition", num_digits=4, width=3)
+
+
+def test_carries_scratchpad_matches_column_addition():
+  """data.step_by_step: the carry out of every position, least significant first, then the same
+  answer; checked against schoolbook column addition on random problems of every length."""
+  for n in range(1, 7):
+    task = tasks.get_task("addition", num_digits=n, width=7, carries=True)
+    for ex in task.examples("train", num=40):
+      a, b = (int(x[::-1]) for x in ex["prompt"][:-1].split("+"))
+      carry, want = 0, ""
+      for i in range(7):
+        carry = (a // 10**i % 10 + b // 10**i % 10 + carry) // 10
+        want += str(carry)
+      assert ex["response"] == want + "####" + ex["answer"]
+      assert ex["answer"] == f"{a + b:08d}"[::-1]
+      assert len(ex["response"]) - 3 + 1 == task.response_len  # "####" is one token
+  assert tasks.get_task("addition", num_digits=2, width=3).response_len == 1 + 4 + 1
 
 
 def test_length_filter_matches_numpy():
@@ -110,6 +127,9 @@ def test_config_errors_name_the_key():
     _cfg("algorithm.name=grpo")
   with pytest.raises(ConfigError, match="sampling.max_new_tokens"):
     _cfg("sampling.max_new_tokens=5")
+  with pytest.raises(ConfigError, match=r"sampling.max_new_tokens: 12 .*needs 13: 5 carries"):
+    _cfg("sampling.max_new_tokens=12")  # the carries (data.step_by_step) need room too
+  _cfg("sampling.max_new_tokens=8", "data.step_by_step=false")
 
 
 def test_gold_rows_never_longer_than_gold_max_digits(tmp_path):

@@ -214,6 +214,39 @@ def test_warmup_cosine_decay_to_final_learning_rate():
   np.testing.assert_allclose(sizes[8:], 0.002, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ramp", [0, 2])
+def test_main_phase_cosine_decay_to_final_learning_rate(ramp):
+  """optimizer.final_learning_rate > 0: after the warm-up (and the optimizer.warmup_steps ramp),
+  the rate follows lr_f + (lr_0 - lr_f)(1 + cos(pi t/T))/2 over the run's remaining T steps
+  (rounds x num_epochs x num_minibatches), written out in NumPy, then stays at lr_f."""
+  cfg = load("optimizer.name=sgd", "optimizer.grad_clip=0", "warmup.rounds=2",
+             "warmup.num_minibatches=1", "warmup.learning_rate=0.01",
+             "optimizer.learning_rate=0.004", "optimizer.final_learning_rate=0.0005",
+             f"optimizer.warmup_steps={ramp}", "rounds=3", "algorithm.num_minibatches=2",
+             "algorithm.num_epochs=2")
+  assert optim.main_steps(cfg) == 12
+  tx = optim.build_optimizer(cfg)
+  p, g = {"w": jnp.ones((2,), jnp.float32)}, {"w": jnp.full((2,), 2.0, jnp.float32)}
+  state, sizes = tx.init(p), []
+  for _ in range(2 + 12 + 3):
+    u, state = tx.update(g, state, p)
+    sizes.append(float(-u["w"][0]) / 2.0)
+  np.testing.assert_allclose(sizes[:2], 0.01, rtol=1e-6)
+  main = np.asarray(sizes[2:])
+  np.testing.assert_allclose(main[:ramp], 0.004 * np.arange(ramp) / max(ramp, 1), atol=1e-9)
+  t, big_t = np.arange(12 - ramp), 12 - ramp
+  want = 0.0005 + (0.004 - 0.0005) * 0.5 * (1 + np.cos(np.pi * t / big_t))
+  np.testing.assert_allclose(main[ramp:12], want, rtol=1e-5)
+  np.testing.assert_allclose(main[12:], 0.0005, rtol=1e-5)
+
+
+def test_curriculum_decay_horizon_is_one_pass_per_round():
+  cfg = config_lib.load_config("configs/easy_to_hard.py", [
+      "rounds=5", "algorithm.num_minibatches=4", "algorithm.num_epochs=3"])
+  config_validation.validate(cfg)
+  assert optim.main_steps(cfg) == 20
+
+
 @pytest.mark.parametrize("bad", ["sgdd", "AdamW", "momentum"])
 def test_unknown_name_is_one_config_error_naming_the_key(bad):
   cfg = config_lib.load_config(CONFIG, [f"optimizer.name={bad}"])

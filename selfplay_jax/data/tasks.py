@@ -293,12 +293,20 @@ class AdditionTask(Task):
   easy-to-hard curriculum (`curriculum.*`) extends from short to long operands. `width=0` means
   `num_digits`. `plausible` is the length filter of self-labelling: a sum of two n-digit numbers
   has at most n + 1 digits, so every answer digit past the first n + 1 must be 0.
+
+  `carries=True` writes the carry out of each position (least significant first, `width` digits
+  0/1) before the marker, a scratchpad that makes every answer digit a function of its two operand
+  digits and one carry already written, at fixed offsets:
+
+    num_digits=3, width=6, carries:  "321000+654000="  ->  "000000####9750000"
+                                     "987000+654000="  ->  "111000####5421000"  (789+456=1245)
   """
 
   name: ClassVar[str] = "addition"
   symbols: ClassVar[tuple[str, ...]] = DIGITS + (ANSWER_MARKER, "+", "=")
   num_digits: int = 3
   width: int = 0
+  carries: bool = False
   heldout_fraction: float = 0.1
 
   def __post_init__(self):
@@ -331,8 +339,17 @@ class AdditionTask(Task):
     w = self.padded_width
     rev = lambda x, n: f"{x:0{n}d}"[::-1]
     answer = rev(a + b, w + 1)
-    return {"prompt": f"{rev(a, w)}+{rev(b, w)}=", "response": f"{ANSWER_MARKER}{answer}",
+    work = "".join(str((a % 10**(i + 1) + b % 10**(i + 1)) // 10**(i + 1)) for i in range(w)) \
+        if self.carries else ""
+    return {"prompt": f"{rev(a, w)}+{rev(b, w)}=", "response": f"{work}{ANSWER_MARKER}{answer}",
             "answer": answer}
+
+  @property
+  def response_len(self) -> int:
+    """Tokens of every response, the stop token included: the carries (with `carries`), the
+    marker, `width + 1` answer digits."""
+    w = self.padded_width
+    return (w if self.carries else 0) + 1 + (w + 1) + 1
 
   def _num_problems(self):
     count = 10 if self.num_digits == 1 else 9 * 10**(self.num_digits - 1)
