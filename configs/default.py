@@ -162,7 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.data.batch_size = 64  # prompts per round (global, across all devices)
   cfg.data.difficulty = 2  # arithmetic: digits per operand; sort: list length; countdown: numbers (2-4)
   cfg.data.max_value = 0  # sort: largest list value (9); countdown: numbers from 1..N (12); 0 = default
-  cfg.data.step_by_step = True  # arithmetic: digit-wise worked answer before the final one
+  cfg.data.step_by_step = True  # arithmetic: digit-wise worked answer first; addition: the carries first
   cfg.data.max_prompt_len = 16  # prompt length after padding/truncation (tokens)
   cfg.data.max_response_len = 32  # gold response length incl. EOS (tokens)
   cfg.data.max_answer_len = 8  # answer length for the verifier (tokens)

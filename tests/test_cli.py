@@ -59,6 +59,7 @@ def test_unknown_command():
   assert result.returncode == 2 and "error: unknown command 'fly'" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_default_config_outside_repo(tmp_path):
   workdir = tmp_path / "run"  # given relative to the working directory, as a user would
   result = cli("train", "--config.model.num_layers=1", "--config.warmup.rounds=2", "--config.rounds=1",
@@ -79,6 +80,7 @@ def test_console_script_installed():
   assert result.returncode == 0 and "train" in result.stdout
 
 
+@pytest.mark.slow
 def test_train_reports_too_narrow_token_widths_by_key(tmp_path):
   result = cli("train", "--config.data.max_answer_len=1", "--config.warmup.rounds=1",
                "--config.rounds=1", f"--workdir={tmp_path / 'run'}")
@@ -185,6 +187,7 @@ def test_jsonl_prompts_over_the_limit_are_counted_with_limit_and_lengths(tmp_pat
   assert f"prompt_too_long=60 (longest {longest + 1} tokens with BOS > data.max_prompt_len=8)" in error
 
 
+@pytest.mark.slow
 def test_eval_path_equal_to_the_training_file_warns_that_held_out_leaks(tmp_path, jsonl_files):
   _, model_file, rows = jsonl_files
   data = _write_rows(tmp_path / "data.jsonl", rows)
@@ -201,6 +204,7 @@ def test_eval_path_equal_to_the_training_file_warns_that_held_out_leaks(tmp_path
 # ---- architecture overrides that model.hf_path makes ineffective --------------------------------
 
 
+@pytest.mark.slow
 def test_architecture_overrides_with_hf_path_are_named_once(tmp_path):
   import transformers  # pylint: disable=import-outside-toplevel
   transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,

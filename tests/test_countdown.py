@@ -346,6 +346,7 @@ def test_verifier_edge_cases_and_format_reward(tok):
 # ---- configured through setup ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_setup_builds_countdown_and_a_jitted_round_runs(tmp_path):
   p, r, a = WIDTHS[3]
   cfg = config_lib.load_config(str(config_lib.default_config_path()), [

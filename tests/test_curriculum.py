@@ -128,7 +128,7 @@ def test_config_errors_name_the_key():
   with pytest.raises(ConfigError, match="sampling.max_new_tokens"):
     _cfg("sampling.max_new_tokens=5")
   with pytest.raises(ConfigError, match=r"sampling.max_new_tokens: 12 .*needs 13: 5 carries"):
-    _cfg("sampling.max_new_tokens=12")  # the carries (data.step_by_step) need room too
+    _cfg("sampling.max_new_tokens=12", "data.step_by_step=true")  # the carries need room too
   _cfg("sampling.max_new_tokens=8", "data.step_by_step=false")
 
 
@@ -142,6 +142,7 @@ def test_gold_rows_never_longer_than_gold_max_digits(tmp_path):
       assert len(a.rstrip("0") or "0") <= 2 and len(c.rstrip("0") or "0") <= 2
 
 
+@pytest.mark.slow
 def test_answers_never_reach_training(tmp_path):
   """The labelling round with the unlabelled problems' answers scrambled trains exactly the same
   parameters: only the monitoring metrics read them."""

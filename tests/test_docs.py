@@ -73,6 +73,7 @@ def _documented(key: str, text: str) -> bool:
   return f"`{key}`" in text
 
 
+@pytest.mark.slow
 def test_every_metric_key_is_documented(tmp_path):
   text = METRICS_DOC.read_text()
   written: dict[str, str] = {}

@@ -44,6 +44,7 @@ def _numpy_pass_rate(mc, params, batches, sc, seed):
   return solved / total
 
 
+@pytest.mark.slow
 def test_pass_at_k_counts_each_example_once(tiny):
   mc, params, batches, tok = tiny
   sc = sampling.SamplingConfig(max_new_tokens=3, temperature=1.0, n=2, eos_ids=tuple(tok.eos_ids))
@@ -101,6 +102,7 @@ def _numpy_judge_meter(mc, params, batches, judge, sc, seed, judge_params=None):
 
 
 @pytest.mark.parametrize("num_samples", [0, 2])  # expected score in one pass / sampled judgements
+@pytest.mark.slow
 def test_judge_meter_matches_numpy(tmp_path, num_samples):
   task = tasks.get_task("arithmetic", num_digits=1)
   tok = tasks.build_tokenizer(task, tmp_path, extra_symbols=judge_lib.JUDGE_SYMBOLS)

@@ -210,6 +210,7 @@ def _self_likelihood(logprobs, mask):
   return np.array([lp[m].mean() for lp, m in zip(np.asarray(logprobs, np.float64), mask)])
 
 
+@pytest.mark.slow
 def test_sample_and_score_logs_the_gap_meter_only_with_a_scorer_and_a_verifier(tiny):
   cfg, params, batch, sc, scorer = tiny
   run = lambda verifier, scorer: jax.jit(lambda p, b, k: rnd.sample_and_score(
@@ -227,6 +228,7 @@ def test_sample_and_score_logs_the_gap_meter_only_with_a_scorer_and_a_verifier(t
     assert not set(GAP_KEYS) & set(run(verifier, s)[2])
 
 
+@pytest.mark.slow
 def test_jitted_round_reports_the_gap_meter_from_its_own_samples(tiny):
   """One fused round with the policy as its own judge and a verifier: its `judge/*` metrics equal
   the NumPy values from its sample dump (all rows: tokens, lengths, the judge's scores as rewards),

@@ -59,6 +59,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_cli(model_dir):
   path, _ = model_dir
   res = _cli(f"--model={path}", "--prompt=w5 w17 w33", "--max_new_tokens=5")

@@ -57,6 +57,7 @@ def test_response_first_template_swaps_the_fields():
     assert not np.any(np.asarray(mask[i])[:-len(row)])
 
 
+@pytest.mark.slow
 def test_rationale_training_rows_write_the_gold_solution_then_the_score():
   tok = _Tok()
   v = tok.vocab
@@ -125,6 +126,7 @@ def test_expected_score_is_the_mean_over_score_tokens():
     np.testing.assert_allclose(float(got[i]), (p * np.arange(6)).sum(), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_expected_scores_in_chunks_equal_the_unchunked_pass():
   """`Judge.score(num_chunks=...)` (the Self-Rewarding scorer with `algorithm.num_minibatches`)
   runs the judge forward over chunks of rows and gives each row the score of one pass over all."""
@@ -193,6 +195,7 @@ def _judge_sequence(tok, prompt_row, response_row, response_mask_row, before, mi
   return [tok.bos_id] + tok.encode(before) + prompt + tok.encode(middle) + response + tok.encode(after)
 
 
+@pytest.mark.slow
 def test_sampled_score_is_the_mean_of_the_judgements_read_back():
   """Sampled judging (`num_samples=3`, no marker: a judgement's score is its first token) equals
   judgements drawn by the sampler from hand-built judge prompts and read in Python: the mean of

@@ -195,6 +195,7 @@ def _np_self_certainty(cfg, params, rows, v):
 
 
 @pytest.mark.parametrize("vocab", [None, 33])
+@pytest.mark.slow
 def test_self_certainty_matches_numpy_from_logits(tiny_model, vocab):
   cfg, params = tiny_model
   rng = np.random.default_rng(0)

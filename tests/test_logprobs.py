@@ -4,6 +4,7 @@ the model's logits, for left-padded prompts, pair rows and chunked passes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from selfplay_jax import models
 from selfplay_jax.models.logprobs import completion_logprobs
@@ -44,6 +45,7 @@ def test_left_padded_prompts_give_the_log_probs_of_the_unpadded_rows():
     np.testing.assert_allclose(np.asarray(got[i]), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_completion_logprobs_of_pairs_equal_those_of_single_rows():
   params = models.init_params(CFG, jax.random.key(0))
   rng = np.random.default_rng(0)

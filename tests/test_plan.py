@@ -125,6 +125,7 @@ def cli(*args):
                         env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_json_and_text():
   result = cli(f"--config={RECIPE}:model=llama3_8b,algorithm=grpo,hardware=v5e_64", "--json")
   assert result.returncode == 0, result.stderr

@@ -134,6 +134,7 @@ def _tree_equal(a, b):
 
 
 @pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.slow
 def test_spin_reference_is_the_previous_iterate(every):
   spec = Preference(name="spin", pairs="gold_vs_sample", reference="previous",
                     reference_every=every, sample_from="reference", replay=True)
@@ -164,6 +165,7 @@ def test_spin_reference_is_the_previous_iterate(every):
                                     np.asarray(batches[(r // every) * every - 1]["response_tokens"]))
 
 
+@pytest.mark.slow
 def test_sampling_from_the_reference_uses_the_reference_params():
   """With sample_from="reference", the round's samples come from ref_params, not params."""
   spec = Preference(name="spin", pairs="gold_vs_sample", reference="previous",
@@ -197,6 +199,7 @@ def test_judge_sft_rows_mix_gold_and_judged_samples():
   np.testing.assert_array_equal(rows["tokens"][2:, 0], [tok.vocab[s] for s in "5550"])
 
 
+@pytest.mark.slow
 def test_rationale_judge_sft_rows_solve_each_rows_own_prompt():
   """Each judged sample's rationale is the gold response of its own prompt (samples are grouped
   by prompt), and the SFT rows are padded to the judge rows' width."""

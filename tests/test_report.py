@@ -37,6 +37,7 @@ def _finite_points(lines, key):
   return sum(1 for m in lines if isinstance(m.get(key), (int, float)) and math.isfinite(m[key]))
 
 
+@pytest.mark.slow
 def test_plot_is_a_png_with_the_expected_series(run):
   workdir, lines = run
   image = Image.open(workdir / "plots" / "metrics.png")
@@ -74,6 +75,7 @@ def _tfrecords(path):
   return out
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_every_logged_number(run):
   workdir, lines = run
   files = list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -158,6 +160,7 @@ class _Page(html.parser.HTMLParser):
       self.pre += data
 
 
+@pytest.mark.slow
 def test_report_command_writes_one_self_contained_page(run, tmp_path):
   workdir, lines = run
   out = tmp_path / "report.html"

@@ -38,6 +38,7 @@ def _leaves_close(a, b, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
+@pytest.mark.slow
 def test_round_is_one_program_traced_once(setup):
   cfg, params, batch, sc, verify = setup
   spec = PolicyGradient(group_size=G, kl_coef=0.05)
@@ -69,6 +70,7 @@ def test_round_is_one_program_traced_once(setup):
     SFT(),
     RestEM(group_size=G, threshold=0.0),
 ], ids=lambda s: f"{s.name}-{getattr(s, 'advantage', '')}")
+@pytest.mark.slow
 def test_fused_round_equals_separate_pieces(setup, spec):
   """The fused round gives the same result as sample / verify / build / update jitted separately."""
   cfg, params, batch, sc, _ = setup
@@ -131,6 +133,7 @@ class _PoisonedSFT(SFT):
     return rows
 
 
+@pytest.mark.slow
 def test_non_finite_update_is_skipped_and_counted(setup):
   cfg, params, batch, sc, verify = setup
   spec, opt = _PoisonedSFT(), optax.adam(1e-2)
@@ -154,6 +157,7 @@ def test_non_finite_update_is_skipped_and_counted(setup):
 
 @pytest.mark.parametrize("first, last, poisoned", [(2, 3, [False, True, True, False]),
                                                    (3, 0, [False, False, True, True])])
+@pytest.mark.slow
 def test_nan_injection_poisons_exactly_the_configured_rounds(setup, first, last, poisoned):
   """`nan_rounds` (debug.nan_*) NaNs every update of rounds first..last; the guard skips them all,
   and the consecutive count is the number of minibatch updates since the last good one."""
@@ -174,6 +178,7 @@ def test_nan_injection_poisons_exactly_the_configured_rounds(setup, first, last,
       _leaves_close(state.params, before, atol=0)
 
 
+@pytest.mark.slow
 def test_previous_iterate_reference_moves(setup):
   cfg, params, batch, sc, verify = setup
   spec = dataclasses.replace(PolicyGradient(group_size=G, kl_coef=0.1), reference="previous")
@@ -184,6 +189,7 @@ def test_previous_iterate_reference_moves(setup):
   _leaves_close(state.ref_params, state.params, atol=0)
 
 
+@pytest.mark.slow
 def test_restart_from_base_params(setup):
   """ReST-EM restart: each round's updates start from the initial params, not the last iterate."""
   cfg, params, batch, sc, verify = setup

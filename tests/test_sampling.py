@@ -51,6 +51,7 @@ def _compare(ours: Rollout, ref: np.ndarray):
   assert np.asarray(ours.mask).sum(axis=1).tolist() == lengths.tolist()
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(family):
   model, config, params = family
   tokens, mask = _prompts(config.vocab_size)
@@ -163,6 +164,7 @@ def test_chi_square_detects_wrong_temperature(llama):
   assert scipy.stats.chisquare(obs, exp).pvalue < 1e-6
 
 
+@pytest.mark.slow
 def test_logprobs_equal_a_separate_forward(llama):
   config, params = llama
   tokens, mask = _prompts(config.vocab_size, seed=4)
@@ -188,6 +190,7 @@ def test_logprobs_equal_a_separate_forward(llama):
   np.testing.assert_array_equal(np.asarray(out.prompt_tokens)[1::2], tokens)
 
 
+@pytest.mark.slow
 def test_runs_inside_a_larger_jit(llama):
   config, params = llama
   tokens, mask = _prompts(config.vocab_size, seed=5)

@@ -113,6 +113,7 @@ def test_scan_logits_equal_unrolled_and_transformers(hf_dirs, name):
 
 
 @pytest.mark.parametrize("name", ["gemma3_text"])
+@pytest.mark.slow
 def test_scan_decode_and_greedy_generations_equal_unrolled(hf_dirs, name):
   """Prefill + one-token steps over the stacked cache reproduce the forward logits, and greedy
   sampling (the sampler's while loop over the cache) gives the unrolled model's tokens."""
@@ -178,6 +179,7 @@ def _loss_and_grad(config, params, tokens):
   return jax.value_and_grad(loss)
 
 
+@pytest.mark.slow
 def test_remat_policies_give_the_same_loss_and_gradients_with_and_without_scan(gemma2):
   config, params = gemma2
   tokens = jnp.asarray(padded_batch(config.vocab_size)[0])
@@ -196,6 +198,7 @@ def test_remat_policies_give_the_same_loss_and_gradients_with_and_without_scan(g
                  grad, want_grad)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_float32_params_is_close_to_float32(gemma2):
   config, params = gemma2
   want, mask = _forward(config, params)

@@ -250,6 +250,7 @@ def test_study_script_runs_at_smoke_size(tmp_path, monkeypatch):
   assert abs(float(jnp.mean(scores == 0.0)) - 0.3) < 0.03
 
 
+@pytest.mark.slow
 def test_judge_trains_only_in_the_last_warmup_judge_rounds(tmp_path):
   """warmup.judge_rounds=1 of warmup.rounds=3: rounds 1-2 are plain SFT (no judge rows, no
   sampling), round 3 also trains the judge; the self-improvement round follows."""

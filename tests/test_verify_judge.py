@@ -94,6 +94,7 @@ HAND = [  # (numbers, target, response, ends with EOS, the trace written by hand
 ]
 
 
+@pytest.mark.slow
 def test_trace_of_hand_built_responses(tok):
   trace = C.CountdownTask(num_numbers=3).make_trace_fn(tok)
   assert trace is C.CountdownTask(num_numbers=3).make_trace_fn(tok)  # one stable object
@@ -159,6 +160,7 @@ def _host_check(trace, response, numbers, target) -> None:
     assert int(answer[2]) == target, trace
 
 
+@pytest.mark.slow
 def test_trace_verdict_agrees_with_the_verifier(tok):
   rng = np.random.default_rng(1)
   ids = [tok.piece_to_id(s) for s in T.DIGITS + ("####", "+", "-", "*", "/", "=", ",", C.SPACE)]
@@ -238,6 +240,7 @@ def test_verify_judge_config_and_errors(tmp_path):
   assert setup.build_warmup_spec(solve, tok, task).trace is None
 
 
+@pytest.mark.slow
 def test_verify_judge_sft_rows_teach_trace_then_verdict(tmp_path):
   """JudgeSFT rows: prompt = the judge template "{prompt}{response}<verify>", completion = the
   trace of the judged response + <score> + the verifier's score + EOS, the verdict mask on the
