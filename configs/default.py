@@ -179,6 +179,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.curriculum.length_filter = True  # drop labels whose answer is longer than a sum of the length can be
   cfg.curriculum.gold_fraction = 0.25  # share of each step's rows that are gold (short) problems; the rest replay labels
   cfg.curriculum.replay_size = 4096  # self-labelled rows kept (a ring buffer in the state)
+  cfg.curriculum.split_labels = False  # member k replays only its 1/K share of the labels (less alike errors)
 
   cfg.metrics = ml_collections.ConfigDict()
   cfg.metrics.plot_every_rounds = 1  # redraw plots/metrics.png every N rounds (and at the end); 0 = off

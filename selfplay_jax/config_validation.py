@@ -170,6 +170,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("curriculum.gold_max_digits", int, _positive, "must be >= 1"),
     ("curriculum.advance_threshold", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("curriculum.length_filter", bool, None, ""),
+    ("curriculum.split_labels", bool, None, ""),
     ("curriculum.gold_fraction", float, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("curriculum.replay_size", int, _positive, "must be >= 1"),
     ("debug.kill_at_round", int, _non_negative, "must be >= 0 (0 = off)"),

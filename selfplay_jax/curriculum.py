@@ -140,6 +140,7 @@ class _Static:
   vote_threshold: float
   advance_threshold: float
   length_filter: bool
+  split_labels: bool  # member k replays only the buffer slots s with s % population == k
   rows: int  # SFT rows per round (data.batch_size), split into the round's optimizer steps
   gold_rows: int  # of which gold rows in a labelling round (curriculum.gold_fraction of them)
   steps: int  # optimizer steps per labelling round (algorithm.num_minibatches)
@@ -176,10 +177,13 @@ def _write_replay(replay: Rows, next_index, rows: Rows, accept):
   return out, next_index + accept.sum().astype(next_index.dtype)
 
 
-def _replay_sample(replay: Rows, rng, num: int) -> Rows:
+def _replay_sample(replay: Rows, rng, num: int, share: tuple | None = None) -> Rows:
   """`num` rows drawn uniformly (with replacement) from the buffer's valid rows; while it is
-  empty, rows with an all-False mask (they add nothing to the loss)."""
+  empty, rows with an all-False mask (they add nothing to the loss). `share=(k, K)`: only the
+  slots s with s % K == k (member k's share of the labels, `curriculum.split_labels`)."""
   valid = replay["valid"]
+  if share is not None:
+    valid = valid & (jnp.arange(valid.shape[0]) % share[1] == share[0])
   weights = jnp.where(valid.any(), valid.astype(jnp.float32), 1.0)
   idx = jax.random.choice(rng, valid.shape[0], (num,), p=weights / weights.sum())
   rows = {k: replay[k][idx] for k in ("prompt_tokens", "prompt_mask", "tokens", "mask")}
@@ -191,14 +195,16 @@ def _train_members(st: _Static, optimizer, members: rnd.TrainState, gold: Rows,
                    replay: Rows | None, steps: int):
   """`steps` SFT steps per member, vmapped over the population, on `st.rows` rows: its own gold
   rows (`gold` [K, ...]) plus, with a `replay` buffer, `st.rows − st.gold_rows` rows drawn from it (each member
-  its own draw), shuffled into `steps` minibatches."""
+  its own draw; with `st.split_labels`, from its own share of the buffer), shuffled into `steps`
+  minibatches."""
   logp_fn = lambda p, rows: completion_logprobs(st.model_config, p, rows)
 
-  def one(member: rnd.TrainState, gold: Rows):
+  def one(member: rnd.TrainState, gold: Rows, index):
     rng, k_replay, k_shuffle = jax.random.split(member.rng, 3)
     rows = gold
     if replay is not None:
-      drawn = _replay_sample(replay, k_replay, st.rows - st.gold_rows)
+      share = (index, st.population) if st.split_labels else None
+      drawn = _replay_sample(replay, k_replay, st.rows - st.gold_rows, share)
       rows = jax.tree.map(lambda g, r: jnp.concatenate([g, r]), gold, drawn)
     params, opt_state, bad, metrics = rnd.train_steps(
         SFT(), optimizer, logp_fn, member.params, member.opt_state, member.bad_updates, rows,
@@ -206,7 +212,7 @@ def _train_members(st: _Static, optimizer, members: rnd.TrainState, gold: Rows,
     return member.replace(params=params, opt_state=opt_state, bad_updates=bad,
                           step=member.step + steps, round=member.round + 1, rng=rng), metrics
 
-  return jax.vmap(one)(members, gold)
+  return jax.vmap(one)(members, gold, jnp.arange(st.population))
 
 
 def _mean_metrics(metrics: dict) -> dict:
@@ -309,6 +315,7 @@ def _static(cfg, tok, mc) -> _Static:
       zero_id=tok.piece_to_id("0"), answer_width=_width(cfg) + 1, max_digits=c.max_digits,
       vote_threshold=float(cfg.population.vote_threshold),
       advance_threshold=float(c.advance_threshold), length_filter=bool(c.length_filter),
+      split_labels=bool(c.split_labels),
       rows=cfg.data.batch_size, gold_rows=int(round(c.gold_fraction * cfg.data.batch_size)),
       steps=cfg.algorithm.num_minibatches, warm_steps=cfg.warmup.num_minibatches, population=setup.population_size(cfg),
       width=_width(cfg))

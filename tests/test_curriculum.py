@@ -20,7 +20,8 @@ OVERRIDES = ["curriculum.gold_max_digits=2", "curriculum.max_digits=4", "populat
              "eval.num_examples=8", "eval.batch_size=8", "model.hidden_size=32",
              "model.intermediate_size=64", "model.num_layers=1", "progress_bar=false",
              "sampling.max_new_tokens=13", "population.vote_threshold=0.5",
-             "curriculum.advance_threshold=0.01", "metrics.plot_every_rounds=0"]
+             "curriculum.advance_threshold=0.01", "metrics.plot_every_rounds=0",
+             "curriculum.split_labels=true"]
 
 
 def _cfg(*extra):
@@ -101,10 +102,28 @@ def test_replay_ring_buffer_matches_numpy():
     np.testing.assert_array_equal(np.asarray(replay["valid"]), ref_valid)
 
 
+def test_split_labels_draw_only_the_members_share_of_the_buffer():
+  """curriculum.split_labels: member k of K replays only slots s with s % K == k (and valid ones);
+  without it, every valid slot is drawn."""
+  cap, k_of = 12, 3
+  valid = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0], bool)
+  replay = {"prompt_tokens": jnp.arange(cap)[:, None], "prompt_mask": jnp.ones((cap, 1), bool),
+            "tokens": jnp.arange(cap)[:, None], "mask": jnp.ones((cap, 1), bool),
+            "valid": jnp.asarray(valid)}
+  for member in range(k_of):
+    rows = curriculum._replay_sample(replay, jax.random.key(member), 400, (member, k_of))
+    drawn = set(np.asarray(rows["tokens"][:, 0]).tolist())
+    assert drawn == {s for s in range(cap) if valid[s] and s % k_of == member}
+    assert np.asarray(rows["mask"]).all()
+  rows = curriculum._replay_sample(replay, jax.random.key(9), 400)
+  assert set(np.asarray(rows["tokens"][:, 0]).tolist()) == set(np.flatnonzero(valid).tolist())
+
+
 def test_vote_picks_the_majority_completion():
   st = curriculum._Static(model_config=None, sampling_config=curriculum.sampling.SamplingConfig(
       max_new_tokens=4, n=2, eos_ids=(1,)), marker_id=9, zero_id=0, answer_width=3, max_digits=4,
-      vote_threshold=0.5, advance_threshold=0.5, length_filter=True, rows=2, gold_rows=1,
+      vote_threshold=0.5, advance_threshold=0.5, length_filter=True, split_labels=False, rows=2,
+      gold_rows=1,
       steps=1, warm_steps=1, population=2, width=4)
   # 2 members x (2 prompts x 2 samples): prompt 0's voters say 5,6 | 6,6 -> 6 (member 0's 2nd
   # sample first); prompt 1's say 7,8 | 8,7 -> a tie, the first voter (7) wins
