@@ -129,7 +129,9 @@ def _train(cfg, workdir: str | None) -> int:
   if "eval/accuracy_after_warmup" in history:
     print(f"held-out accuracy after warm-up: {history['eval/accuracy_after_warmup']:.1%}")
   if "eval/accuracy" in history:
-    print(f"held-out accuracy after round {history['round']}: {history['eval/accuracy']:.1%}")
+    vote = (f" (members' mean); the population's vote: {history['eval/accuracy_vote']:.1%}"
+            if "eval/accuracy_vote" in history else "")
+    print(f"held-out accuracy after round {history['round']}: {history['eval/accuracy']:.1%}{vote}")
   print(f"metrics: {Path(workdir) / 'metrics.jsonl'}; checkpoints: {Path(workdir) / 'checkpoints'}")
   return 0
 

@@ -288,6 +288,7 @@ def _length_eval(loop: "_Loop", params) -> dict[str, float]:
     out[f"eval/accuracy@{d}"] = acc["eval/accuracy"]  # the members' mean
     out[f"eval/accuracy_vote@{d}"] = acc["eval/accuracy_vote"]
   out["eval/accuracy"] = out[f"eval/accuracy@{loop.cfg.curriculum.max_digits}"]
+  out["eval/accuracy_vote"] = out[f"eval/accuracy_vote@{loop.cfg.curriculum.max_digits}"]
   return out
 
 

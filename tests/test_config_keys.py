@@ -81,7 +81,7 @@ TRAIN_RUNS = {
                                 "curriculum.gold_max_digits=1", "curriculum.max_digits=2",
                                 "sampling.max_new_tokens=9", "algorithm.num_minibatches=2",
                                 "curriculum.replay_size=8", "optimizer.final_learning_rate=1e-5",
-                                "curriculum.split_labels=true"),
+                                "population.size=2", "data.step_by_step=true"),
     # The label-free majority vote, soft and with a threshold (the verifier read for monitoring).
     "configs/ttrl.py": ("algorithm.majority_threshold=0.5", "algorithm.majority_soft=true"),
     "configs/self_rewarding.py": (),

@@ -488,7 +488,7 @@ def _with_tiny(argv: list[str]) -> list[str]:
 
 CURRICULUM_TINY = {"curriculum.gold_max_digits": 1, "curriculum.max_digits": 2,
                    "sampling.max_new_tokens": 9, "warmup.num_minibatches": 1,
-                   "curriculum.replay_size": 8}
+                   "curriculum.replay_size": 8, "population.size": 2}
 
 
 def _run_key(c: DocCommand) -> tuple:
