@@ -270,8 +270,8 @@ def _validate_curriculum(cfg: ml_collections.ConfigDict) -> None:
   if cfg.data.batch_size % cfg.algorithm.num_minibatches:
     raise ConfigError(f"algorithm.num_minibatches: {cfg.algorithm.num_minibatches} does not divide"
                       f" data.batch_size={cfg.data.batch_size}")
-  w = c.max_digits + 1  # curriculum.SPARE_DIGITS
-  need = (w if cfg.data.step_by_step else 0) + w + 3
+  w = c.max_digits + 1  # curriculum.SPARE_DIGITS: the curriculum's operand width
+  need = tasks.AdditionTask(num_digits=1, width=w, carries=cfg.data.step_by_step).response_len
   if cfg.sampling.max_new_tokens < need:
     raise ConfigError(f"sampling.max_new_tokens: {cfg.sampling.max_new_tokens} cannot hold a "
                       f"response of curriculum.max_digits={c.max_digits} digits (needs {need}: "
