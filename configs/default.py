@@ -145,6 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.judge.loss_weight = 1.0  # warm-up loss = NLL(gold) + NLL(rationales) + this * NLL(verdicts)
   cfg.judge.model = "policy"  # who judges: the sampling policy | the reference (frozen: the warmed-up policy)
   cfg.judge.balance = False  # warm-up judge rows: weigh correct and wrong judged responses equally
+  cfg.judge.hard_negatives = False  # warm-up judge rows: also each gold response made wrong (countdown)
 
   cfg.data = ml_collections.ConfigDict()
   cfg.data.task = arg.task  # arithmetic | sort | countdown, a .jsonl file, or file.py:factory

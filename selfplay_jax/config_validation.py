@@ -114,6 +114,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("judge.train_in_warmup", bool, None, ""),
     ("judge.loss_weight", float, _non_negative, "must be >= 0"),
     ("judge.balance", bool, None, ""),
+    ("judge.hard_negatives", bool, None, ""),
     ("judge.model", str, lambda v: v in ("policy", "reference"), "must be 'policy' or 'reference'"),
     ("algorithm.advantage", str, lambda v: v in ("",) + losses.ADVANTAGES,
      f"must be '' (the algorithm's own) or one of {losses.ADVANTAGES}"),
@@ -463,6 +464,9 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     if registry.build_spec(cfg).reference == "none":
       raise ConfigError(f"judge.model: 'reference' needs reference params, and {a.name} keeps "
                         "none; leave it 'policy'")
+  if cfg.judge.hard_negatives and not (setup.uses_judge(cfg) and cfg.judge.train_in_warmup):
+    raise ConfigError("judge.hard_negatives: True adds rows to the warm-up's judge training, and "
+                      "this run trains no judge (algorithm.reward=judge, judge.train_in_warmup)")
   if cfg.warmup.judge_rounds > cfg.warmup.rounds:
     raise ConfigError(f"warmup.judge_rounds: {cfg.warmup.judge_rounds} exceeds warmup.rounds="
                       f"{cfg.warmup.rounds} (the judge trains in the last judge_rounds of them)")

@@ -136,6 +136,21 @@ def build_trace(cfg, tok, task=None):
   return trace
 
 
+def build_corruption(cfg, tok, task=None):
+  """The task's hard-negative maker (`Task.make_corrupt_fn`) with `judge.hard_negatives`, else
+  None. `task` None: built from `cfg`."""
+  if not cfg.judge.hard_negatives:
+    return None
+  if task is None and not is_jsonl_data(cfg):
+    task = _build_task(cfg)
+  make = getattr(task, "make_corrupt_fn", None)
+  corrupt = make(tok) if make is not None else None
+  if corrupt is None:
+    raise ConfigError(f"judge.hard_negatives: data.task={cfg.data.task!r} cannot make wrong "
+                      "responses from gold ones (Task.make_corrupt_fn; countdown can)")
+  return corrupt
+
+
 def build_judge(cfg, tok, task=None) -> scoring.Judge:
   """The self-critique judge of `cfg.judge` (template "" = the built-in task template, or the
   additive 5-point rubric for a natural-language tokenizer; with `judge.rationale` their
@@ -241,7 +256,8 @@ def build_warmup_spec(cfg, tok, task=None) -> Spec:
   from `cfg`)."""
   if uses_judge(cfg) and cfg.judge.train_in_warmup:
     return JudgeSFT(build_judge(cfg, tok, task), judge_weight=cfg.judge.loss_weight,
-                    trace=build_trace(cfg, tok, task), balance=cfg.judge.balance)
+                    trace=build_trace(cfg, tok, task), balance=cfg.judge.balance,
+                    corrupt=build_corruption(cfg, tok, task))
   return SFT()
 
 

@@ -319,3 +319,85 @@ def test_verify_judge_warmup_and_self_rewarding_round_run(tmp_path):
   assert scores.shape == (rows,)
   assert np.isin(scores[~np.isnan(scores)], np.arange(6)).all()  # one judgement: a whole score
   assert float(metrics["judge/valid_fraction"]) == pytest.approx(np.mean(~np.isnan(scores)))
+
+
+# ---- hard negatives (judge.hard_negatives) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_hard_negatives_are_wrong_gold_responses_one_token_apart(tok, n):
+  """The corruption of 1500 gold responses: the reference checker rejects every one; exactly one
+  token changed, a step's operator (the claim and the target kept) or a digit of a step's claim;
+  both kinds about half the time; no leading zero written; the same key gives the same rows."""
+  task = C.CountdownTask(num_numbers=n)
+  corrupt = jax.jit(task.make_corrupt_fn(tok))
+  examples = [task.example("train", i) for i in range(1500)]
+  toks, mask, _, _ = _encode(tok, [(*_problem(e), e["response"], True) for e in examples])
+  out = np.asarray(corrupt(toks, mask, jax.random.key(7)))
+  np.testing.assert_array_equal(out, corrupt(toks, mask, jax.random.key(7)))
+  assert (out != np.asarray(corrupt(toks, mask, jax.random.key(8)))).any()
+  kinds = collections.Counter()
+  for e, row, before, m in zip(examples, out, toks, mask):
+    numbers, target = _problem(e)
+    changed = np.flatnonzero(row != before)
+    assert len(changed) == 1 and m[changed[0]]
+    text = _text(tok, row, m & ~np.isin(row, tok.eos_ids))
+    assert not C.check_solution(numbers, target, text), (e["response"], text)
+    gold_steps, bad_steps = e["response"].split(" ")[:-1], text.split(" ")[:-1]
+    assert text.split(" ")[-1] == e["response"].split(" ")[-1]  # "####target" kept
+    k = next(i for i, (g, s) in enumerate(zip(gold_steps, bad_steps)) if g != s)
+    (ga, gop, gb, gc), (sa, sop, sb, sc) = (re.fullmatch(r"(\d+)([-+*/])(\d+)=(\d+)", s).groups()
+                                            for s in (gold_steps[k], bad_steps[k]))
+    if gop != sop:
+      assert (ga, gb, gc) == (sa, sb, sc)
+      kinds["operator"] += 1
+    else:
+      assert (ga, gop, gb) == (sa, sop, sb) and gc != sc
+      assert sc == "0" or not sc.startswith("0")  # no leading zero
+      kinds["claim"] += 1
+  assert 0.4 < kinds["operator"] / len(examples) < 0.6, kinds
+
+
+def test_hard_negatives_leave_a_response_without_a_step_alone(tok):
+  corrupt = jax.jit(C.CountdownTask(num_numbers=3).make_corrupt_fn(tok))
+  rows = [((3, 7, 12), 57, "####57", True), ((3, 7, 12), 57, "12+7=", True),
+          ((3, 7, 12), 57, "", False)]
+  toks, mask, _, _ = _encode(tok, rows)
+  np.testing.assert_array_equal(corrupt(toks, mask, jax.random.key(0)), toks)
+
+
+def test_hard_negative_judge_rows(tmp_path):
+  """With judge.hard_negatives the warm-up rows add, after the gold and sampled judge rows, each
+  gold response corrupted (one token changed), taught as wrong: its trace ends <no>, score 0."""
+  cfg = _cfg("judge.hard_negatives=True")
+  task, tok = setup.task_and_tokenizer(cfg, tmp_path)
+  spec = setup.build_warmup_spec(cfg, tok, task)
+  assert spec.corrupt is task.make_corrupt_fn(tok) and setup.build_warmup_spec(cfg, tok) == spec
+  examples = task.examples("train", num=2)
+  batch = T.encode_examples(examples, tok, PL, RL, AL)
+  toks = np.repeat(np.asarray(batch["response_tokens"]), 2, 0)
+  mask = np.repeat(np.asarray(batch["response_mask"]), 2, 0)
+  z = jnp.zeros(toks.shape, jnp.float32)
+  ro = sampling.Rollout(prompt_tokens=jnp.repeat(batch["prompt_tokens"], 2, 0),
+                        prompt_mask=jnp.repeat(batch["prompt_mask"], 2, 0),
+                        tokens=jnp.asarray(toks), logprobs=z, model_logprobs=z,
+                        mask=jnp.asarray(mask), lengths=jnp.asarray(mask.sum(1)))
+  rows = jax.jit(lambda b, r: spec.build(b, r, jnp.ones((4,)), None))(batch, ro)
+  np.testing.assert_array_equal(rows["is_judge"], [0, 0] + [1] * 8)
+  np.testing.assert_array_equal(rows["judge_correct"], [0, 0] + [1] * 6 + [0, 0])
+  scores = np.asarray(spec.judge.read_scores(rows["tokens"][2:], rows["mask"][2:]))
+  np.testing.assert_array_equal(scores, [5] * 6 + [0, 0])
+  bos = tok.id_to_piece(tok.bos_id)
+  for r, e in zip((8, 9), examples):
+    prompt = _text(tok, rows["prompt_tokens"][r], rows["prompt_mask"][r])
+    assert prompt.startswith(f"{bos}{e['prompt']}") and prompt.endswith("<verify>")
+    response = prompt[len(bos) + len(e["prompt"]):-len("<verify>")]
+    assert response != e["response"] and len(tok.encode(response)) == len(tok.encode(e["response"]))
+    assert not C.check_solution(*_problem(e), response)
+    completion = _text(tok, rows["tokens"][r], rows["mask"][r])
+    assert completion.endswith(f"{NO}<score>0{tok.id_to_piece(tok.eos_id)}"), completion
+  with pytest.raises(ConfigError, match=r"judge.hard_negatives: .*'arithmetic'"):
+    setup.build_warmup_spec(_cfg("data.task=arithmetic", "data.difficulty=2", "judge.trace=solve",
+                                 "judge.max_new_tokens=31", "judge.hard_negatives=True"), tok)
+  with pytest.raises(ConfigError, match=r"judge.hard_negatives: True .*trains no judge"):
+    _cfg("judge.hard_negatives=True", "judge.train_in_warmup=False")

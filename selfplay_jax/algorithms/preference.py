@@ -15,6 +15,7 @@ forward pass over the flattened rows. Where the pairs come from (`pairs`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,14 @@ class Preference:
     return mean(loss_p), metrics
 
 
+def _round_key(rollout) -> jax.Array:
+  """A PRNG key hashed from the round's sampled tokens (a spec's build gets no key): each round
+  draws other hard negatives, and a resumed round, which samples the same tokens, the same ones."""
+  t = rollout.tokens.astype(jnp.uint32)
+  pos = jnp.arange(t.size, dtype=jnp.uint32).reshape(t.shape)
+  return jax.random.fold_in(jax.random.key(0), jnp.sum(t * (pos * jnp.uint32(2654435761) + 1)))
+
+
 def mismatched_rows(rows: Rows, group_size: int) -> Rows:
   """Each completion under the prompt `group_size` rows earlier (the previous prompt's group,
   cyclically): KTO's mismatched (prompt, completion) pairs for its KL reference point z0. TRL
@@ -263,6 +272,9 @@ class JudgeSFT:
   restart_from_base: bool = False
   trace: object = None  # Task.make_trace_fn(tokenizer) (one stable function), or None = solve
   balance: bool = False  # weigh correct and wrong judged responses equally (judge.balance)
+  # Task.make_corrupt_fn(tokenizer), or None: judge rows also take each gold response corrupted
+  # into a wrong one (judge.hard_negatives), drawn afresh each round
+  corrupt: object = None
 
   def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
     j = self.judge
@@ -282,6 +294,9 @@ class JudgeSFT:
                                              jnp.repeat(batch["answer_mask"], k, axis=0),
                                              rows["tokens"], rows["mask"])
     parts = ((gold, gold_score, rationale(gold, 1)), (sampled, sample_score, rationale(sampled, n)))
+    if self.corrupt is not None:  # hard negatives: the gold responses made wrong, labelled so
+      bad = {**gold, "tokens": self.corrupt(gold["tokens"], gold["mask"], _round_key(rollout))}
+      parts += ((bad, jnp.full_like(gold_score, lo), rationale(bad, 1)),)
     completion = max(gold["tokens"].shape[1],
                      j.completion_width(max(r[0].shape[1] for _, _, r in parts)))
     judged = [j.training_rows(r["prompt_tokens"], r["prompt_mask"], r["tokens"], r["mask"], s,
@@ -293,12 +308,12 @@ class JudgeSFT:
            "tokens": pad_right(gold["tokens"], completion, j.pad_id),
            "mask": pad_right(gold["mask"], completion)}
     sft["verdict"] = jnp.zeros_like(sft["mask"])
-    rows = concat_rows(sft, concat_rows(*judged))
+    rows = functools.reduce(concat_rows, judged, sft)
     n_sft = sft["tokens"].shape[0]
     rows["is_judge"] = jnp.arange(rows["tokens"].shape[0]) >= n_sft
     # what each judge row teaches: the judged response is correct (gold, verified samples) or not
-    rows["judge_correct"] = jnp.concatenate([jnp.zeros((n_sft,), bool), gold_score >= hi,
-                                             sample_score >= hi])
+    rows["judge_correct"] = jnp.concatenate([jnp.zeros((n_sft,), bool)] +
+                                            [s >= hi for _, s, _ in parts])
     return rows
 
   def loss(self, logp_BxT, rows: Rows):

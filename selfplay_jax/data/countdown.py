@@ -70,12 +70,13 @@ from selfplay_jax.data import tasks
 from selfplay_jax.data.encoding import check_tokenizer
 from selfplay_jax.scoring.verifiers import Verifier
 from selfplay_jax.data.countdown_tokens import (CHECK_FAIL, CHECK_OK, MAX_DIGITS,  # noqa: F401
-                                               MAX_VALUE, OPS, SPACE, make_countdown_trace,
+                                               MAX_VALUE, OPS, SPACE,
+                                               make_countdown_corruption, make_countdown_trace,
                                                make_countdown_verifier, trace_width)
 
 __all__ = ["CHECK_FAIL", "CHECK_OK", "MAX_VALUE", "OPS", "CountdownTask", "all_solutions",
-           "check_solution", "gold_solution", "make_countdown_trace", "make_countdown_verifier",
-           "num_problems", "problem_targets", "reachable_targets", "render_steps", "trace_width"]
+           "check_solution", "gold_solution", "make_countdown_corruption", "make_countdown_trace",
+           "make_countdown_verifier", "num_problems", "problem_targets", "reachable_targets", "render_steps", "trace_width"]
 
 Step = tuple[int, str, int, int]  # a, op, b, c
 
@@ -321,6 +322,17 @@ class CountdownTask(tasks.Task):
     per (setting, tokenizer), so specs that hold it compare equal across builds."""
     check_tokenizer(self, tokenizer)
     return _cached_trace(self.num_numbers, tokenizer)
+
+  def make_corrupt_fn(self, tokenizer: tokenizers.Tokenizer):
+    """Hard negatives: one step's claimed result changed (`make_countdown_corruption`); one
+    object per tokenizer, so specs that hold it compare equal across builds."""
+    check_tokenizer(self, tokenizer)
+    return _cached_corruption(tokenizer)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_corruption(tokenizer: tokenizers.Tokenizer):
+  return make_countdown_corruption(tokenizer)
 
 
 @functools.lru_cache(maxsize=16)

@@ -314,3 +314,70 @@ def make_countdown_trace(tokenizer: tokenizers.Tokenizer, num_numbers: int):
 
   trace.width = width
   return trace
+
+
+
+def make_countdown_corruption(tokenizer: tokenizers.Tokenizer):
+  """A pure, jittable `corrupt(response_BxN, response_mask_BxN, key)` -> response_BxN: each
+  response with one step made wrong, so the verifier rejects it (a hard negative for judge
+  training, `judge.hard_negatives`). Half the rows (drawn per row) get a step's operator changed
+  to one whose result differs from the claim (or is no value of the task), the claim kept:
+
+    "12+7=19 19*3=57 ####57"  ->  "12+7=19 19+3=57 ####57"
+
+  the policy's own kind of mistake (a wrong step that still writes the target), where copying
+  the claim or the target is not the recomputation; the other half get one digit of a step's
+  claimed result changed ("12+7=39 19*3=57 ####57"), where copying the claim is not either. The
+  step (operator) or digit is drawn uniformly from the response's complete steps, the new digit
+  from the other nine (one that would write a leading zero is moved to 1-9). A response with no
+  complete step is returned unchanged."""
+  table = jnp.asarray(_class_table(tokenizer))
+  eos = jnp.asarray(list(tokenizer.eos_ids) or [-1], jnp.int32)
+  digit_ids = jnp.asarray([tokenizer.piece_to_id(d) for d in tasks.DIGITS], jnp.int32)
+  op_ids = jnp.asarray([tokenizer.piece_to_id(o) for o in OPS], jnp.int32)  # classes 10..13
+  classify = functools.partial(_classify, table)
+
+  def pick(key, where_BxN):
+    """One-hot of a uniform choice among each row's True positions (all False if none)."""
+    u = jnp.where(where_BxN, jax.random.uniform(key, where_BxN.shape), -1.0)
+    return (jnp.arange(u.shape[1])[None] == jnp.argmax(u, axis=1)[:, None]) & where_BxN
+
+  def corrupt(response_BxN, response_mask_BxN, key):
+    tokens, mask = jnp.asarray(response_BxN, jnp.int32), jnp.asarray(response_mask_BxN, bool)
+    b, n = tokens.shape
+    cls = classify(tokens)
+    _, end_B = completion_end(tokens, mask, eos)
+    active = (jnp.arange(n)[None] < end_B[:, None]) & mask
+    *_, (_, is_sep, _, _, a, _, bb, c, in_c) = _check_steps(cls, active,
+                                                             jnp.full((b, 1), -1, jnp.int32))
+    k_kind, k_pos, k_val, k_op = jax.random.split(key, 4)
+    # each position's step: the values at the space that completes it (n: none completes it)
+    sep_at = jnp.where(is_sep & active, jnp.arange(n)[None], n)
+    next_sep = jax.lax.cummin(sep_at, axis=1, reverse=True)
+    complete = next_sep < n
+    digit = cls <= 9
+    claim = in_c & digit & active & complete
+    is_op = (cls >= _PLUS) & (cls <= _DIV) & active & complete & ~in_c
+    # operator change: among the three others, one whose value is not the claim
+    at_op = pick(k_pos, is_op)
+    step = lambda x: jnp.take_along_axis(x, jnp.clip(next_sep, 0, n - 1), axis=1)
+    sel = lambda x: jnp.sum(jnp.where(at_op, step(x), 0), axis=1)  # [B], at the chosen operator
+    sa, sb, sc, sop = sel(a), sel(bb), sel(c), jnp.sum(jnp.where(at_op, cls, 0), axis=1)
+    alt = _PLUS + (sop[:, None] - _PLUS + jnp.arange(1, 4)[None]) % 4  # [B, 3] op classes
+    value, valid = _recompute(sa[:, None], alt, sb[:, None])
+    wrong = ~valid | (value != sc[:, None])  # always one: + and - differ unless b = 0, / by 0
+    u = jnp.where(wrong, jax.random.uniform(k_op, wrong.shape), -1.0)
+    new_op = op_ids[jnp.take_along_axis(alt, jnp.argmax(u, axis=1)[:, None], axis=1)[:, 0] - _PLUS]
+    # claim digit change
+    at_digit = pick(k_pos, claim)
+    old = jnp.where(digit, cls, 0)
+    new = (old + jax.random.randint(k_val, (b, n), 1, 10)) % 10
+    prev_eq = jnp.pad(cls[:, :-1] == _EQ, ((0, 0), (1, 0)))
+    next_digit = jnp.pad(digit[:, 1:], ((0, 0), (0, 1)))
+    lead = prev_eq & next_digit  # the first digit of a number with more than one
+    new = jnp.where(lead & (new == 0), old % 9 + 1, new)
+    by_op = jax.random.bernoulli(k_kind, 0.5, (b,))[:, None]
+    out = jnp.where(at_digit & ~by_op, digit_ids[new], tokens)
+    return jnp.where(at_op & by_op, new_op[:, None], out)
+
+  return corrupt

@@ -157,6 +157,14 @@ class Task(abc.ABC):
     del tokenizer
     return None
 
+  def make_corrupt_fn(self, tokenizer: tokenizers.Tokenizer) -> Any:
+    """Hard negatives for judge training (`judge.hard_negatives`), or None (the default): this
+    task has none. A jittable `corrupt(response [R, N], response_mask, key) -> response [R, N]`
+    that turns a correct response into a wrong one of the kind the policy writes (countdown: one
+    step's claimed result changed, `countdown.make_countdown_corruption`); the mask is kept."""
+    del tokenizer
+    return None
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskSource:
