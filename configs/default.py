@@ -119,6 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.ref_sync_alpha = 0.6  # ... ref <- alpha * policy + (1 - alpha) * ref (TRL default 0.6)
   cfg.algorithm.desirable_weight = 1.0  # kto: weight of desirable examples' losses
   cfg.algorithm.undesirable_weight = 1.0  # kto: weight of undesirable examples' losses
+  cfg.algorithm.reward_threshold = 1.0  # rest_em: keep samples whose reward >= this (1 = verified; reward=judge: a score)
   cfg.algorithm.kto_threshold = 1.0  # kto: a sample is desirable iff its reward >= this (1 = verified correct)
 
   # PPO with a value head (algorithm.name=ppo, configs/ppo.py; docs/algorithms.md, "PPO with a

@@ -101,6 +101,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("algorithm.ref_sync_alpha", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("algorithm.desirable_weight", float, _non_negative, "must be >= 0"),
     ("algorithm.undesirable_weight", float, _non_negative, "must be >= 0"),
+    ("algorithm.reward_threshold", float, None, ""),
     ("algorithm.kto_threshold", float, None, ""),
     ("judge.template", str, None, ""),
     ("judge.score_min", int, None, ""),  # the scale is checked by judge.check_score_range

@@ -187,7 +187,7 @@ def _sft(cfg) -> Spec:
 def _rest_em(cfg) -> Spec:
   a = cfg.algorithm
   return RestEM(name=a.name, group_size=cfg.sampling.n, restart_from_base=a.restart_from_base,
-                max_per_prompt=a.max_per_prompt,
+                max_per_prompt=a.max_per_prompt, threshold=a.reward_threshold,
                 select="best" if a.name == "sharpen_sft" else "threshold")
 
 
