@@ -64,5 +64,5 @@ def generate_text(model_dir: str | os.PathLike, prompts: Sequence[str],
   for i, prompt in enumerate(prompts):
     rows = range(i * sc.n, (i + 1) * sc.n)
     ids = [np.asarray(out.tokens[r, :out.lengths[r]]).tolist() for r in rows]
-    results.append(Generation(prompt, [tok.decode(x) for x in ids], ids, seconds))
+    results.append(Generation(prompt, [tok.decode(x, strict=False) for x in ids], ids, seconds))
   return results

@@ -106,12 +106,16 @@ class Tokenizer(abc.ABC):
       ids = ids + [self.eos_id]
     return ids
 
-  def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = True) -> str:
+  def decode(self, ids: Sequence[int] | np.ndarray, skip_special: bool = True,
+             strict: bool = True) -> str:
     """Detokenizes a 1-D sequence of ids (list, numpy or jax array).
 
     Pad ids are always dropped (unless pad doubles as an EOS id and `skip_special=False`).
     With `skip_special`, BOS / EOS / end-of-turn and other control ids are dropped too.
-    Decoding does not stop at EOS: truncate first if that is wanted.
+    Decoding does not stop at EOS: truncate first if that is wanted. An id outside the
+    vocabulary raises TokenizerError, or with `strict=False` is written as `<id N>`: what a model
+    whose embedding has more rows than the tokenizer has ids (padded, or trained with extra
+    symbols) may sample, shown instead of stopping the program that logs it.
     """
     arr = np.asarray(ids)
     if arr.ndim != 1:
@@ -125,10 +129,20 @@ class Tokenizer(abc.ABC):
       if self.bos_id is not None:
         drop.add(self.bos_id)
     id_list = [i for i in id_list if i not in drop]
-    for i in id_list:
-      if not 0 <= i < self.vocab_size:
-        raise TokenizerError(f"token id {i} is out of range for vocab_size {self.vocab_size}")
-    return self._decode(id_list, skip_special)
+    outside = [not 0 <= i < self.vocab_size for i in id_list]
+    if any(outside) and strict:
+      i = id_list[outside.index(True)]
+      raise TokenizerError(f"token id {i} is out of range for vocab_size {self.vocab_size}")
+    if not any(outside):
+      return self._decode(id_list, skip_special)
+    text, run = [], []
+    for i, out in zip(id_list, outside):
+      if out:
+        text += [self._decode(run, skip_special), f"<id {i}>"] if run else [f"<id {i}>"]
+        run = []
+      else:
+        run.append(i)
+    return "".join(text + ([self._decode(run, skip_special)] if run else []))
 
   def encode_batch(self, texts: Sequence[str], max_len: int, add_bos: bool = True,
                    add_eos: bool = False, pad_left: bool = True) -> tuple[np.ndarray, np.ndarray]:

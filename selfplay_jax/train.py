@@ -78,8 +78,8 @@ def _write_samples(path: Path, tok, samples: dict, limit: int = NUM_SAMPLES,
     prompt = samples["samples/prompt_tokens"][i][samples["samples/prompt_mask"][i]]
     completion = samples["samples/tokens"][i][:samples["samples/lengths"][i]]
     reward = samples.get("samples/rewards")
-    rows.append({"prompt": tok.decode(prompt, skip_special=not chat),
-                 "completion": tok.decode(completion),
+    rows.append({"prompt": tok.decode(prompt, skip_special=not chat, strict=False),
+                 "completion": tok.decode(completion, strict=False),
                  # NaN (an unscorable sample) -> null: the file stays strict JSON
                  "reward": None if reward is None or not np.isfinite(reward[i]) else float(reward[i])})
   with _writing(path):

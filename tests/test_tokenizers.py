@@ -278,3 +278,35 @@ def test_encode_batch_and_decode_errors(sp_model):
     tok.decode(np.zeros((2, 2), np.int32))
   empty_tok, empty_mask = tok.encode_batch([], 4)
   assert empty_tok.shape == empty_mask.shape == (0, 4)
+
+
+def test_lenient_decode_marks_ids_past_the_vocabulary(sp_model, hf_dir):
+  """strict=False (sample logs, `generate`): ids a padded or larger model embedding can sample
+  are written as <id N> between the decoded runs around them; in-range ids decode as before."""
+  for tok in (sp_model[0], load_tokenizer(hf_dir)):
+    ids = tok.encode("the cat sat" if tok is not sp_model[0] else "3+4=7", add_bos=False)
+    v = tok.vocab_size
+    assert tok.decode(ids, strict=False) == tok.decode(ids)
+    mixed = ids[:2] + [v, v + 5] + ids[2:]
+    assert tok.decode(mixed, strict=False) == \
+        f"{tok.decode(ids[:2])}<id {v}><id {v + 5}>{tok.decode(ids[2:])}"
+    assert tok.decode([v + 1], strict=False) == f"<id {v + 1}>"
+    with pytest.raises(ValueError, match=f"token id {v} is out of range"):
+      tok.decode(mixed)
+
+
+def test_sample_log_shows_ids_past_the_tokenizer(sp_model, tmp_path):
+  """A run's samples.jsonl: a completion with an id the tokenizer lacks (a model exported with
+  extra judge symbols, loaded with the task's own tokenizer) is logged, not a crash mid-run."""
+  import json as json_lib
+  from selfplay_jax import train
+  tok = sp_model[0]
+  ids = tok.encode("3+4=7", add_bos=False)
+  comp = np.asarray([ids + [tok.vocab_size] + [tok.eos_id]])
+  samples = {"samples/tokens": comp, "samples/lengths": np.asarray([comp.shape[1]]),
+             "samples/prompt_tokens": np.asarray([ids]),
+             "samples/prompt_mask": np.ones((1, len(ids)), bool),
+             "samples/rewards": np.asarray([0.0])}
+  train._write_samples(tmp_path / "s.jsonl", tok, samples)
+  row = json_lib.loads((tmp_path / "s.jsonl").read_text())
+  assert row["completion"] == f"3+4=7<id {tok.vocab_size}>" and row["prompt"] == "3+4=7"
