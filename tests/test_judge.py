@@ -283,7 +283,7 @@ def test_rationale_judge_config(tmp_path):
 
 def test_judge_model_reference_needs_a_judge_and_a_kept_reference():
   """`judge.model=reference` keeps GRPO's frozen reference even without a KL term (it judges),
-  and is refused, naming the key, where there is no judge or no reference to judge with."""
+  and ReST-EM's (which keeps none otherwise); it is refused, naming the key, where there is no judge or no reference to judge with."""
   load = lambda path, *o: config_lib.load_config(path, ["judge.model=reference", *o])
   cfg = load("configs/grpo.py", "algorithm.reward=judge", "algorithm.kl_coef=0.0")
   config_validation.validate(cfg)
@@ -291,7 +291,13 @@ def test_judge_model_reference_needs_a_judge_and_a_kept_reference():
   config_validation.validate(load("configs/self_rewarding.py"))
   with pytest.raises(config_lib.ConfigError, match=r"judge.model: .*no judge"):
     config_validation.validate(load("configs/grpo.py"))
-  with pytest.raises(config_lib.ConfigError, match=r"judge.model: .*rest_em keeps none"):
-    config_validation.validate(load("configs/rest_em.py", "algorithm.reward=judge"))
+  # ReST-EM keeps the frozen copy only to judge with (its loss reads no reference)
+  cfg = load("configs/rest_em.py", "algorithm.reward=judge")
+  config_validation.validate(cfg)
+  assert setup.build_spec(cfg).reference == "frozen"
+  assert setup.build_spec(config_lib.load_config(
+      "configs/rest_em.py", ["algorithm.reward=judge"])).reference == "none"
+  with pytest.raises(config_lib.ConfigError, match=r"judge.model: .*awr keeps none"):
+    config_validation.validate(load("examples/extending/config.py", "algorithm.reward=judge"))
   with pytest.raises(config_lib.ConfigError, match=r"judge.model: must be"):
     config_validation.validate(config_lib.load_config("configs/grpo.py", ["judge.model=critic"]))

@@ -186,9 +186,11 @@ def _sft(cfg) -> Spec:
 
 def _rest_em(cfg) -> Spec:
   a = cfg.algorithm
+  # judge.model=reference: a frozen copy of the warmed-up policy judges the samples
   return RestEM(name=a.name, group_size=cfg.sampling.n, restart_from_base=a.restart_from_base,
                 max_per_prompt=a.max_per_prompt, threshold=a.reward_threshold,
-                select="best" if a.name == "sharpen_sft" else "threshold")
+                select="best" if a.name == "sharpen_sft" else "threshold",
+                reference="frozen" if cfg.judge.model == "reference" else "none")
 
 
 def _policy_gradient(loss_type: str, advantage: str, *, dynamic_filter: bool = False,
