@@ -477,6 +477,19 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     ranged = sorted(name for name, c in tasks.TASKS.items() if c.value_range_field)
     raise ConfigError(f"data.max_value: {cfg.data.task} has no value range to set (only "
                       f"{', '.join(ranged)} have; leave it 0)")
+  if cfg.judge.hard_negatives and (cfg.data.task.endswith(".jsonl") or (
+      task_cls is not None and task_cls.make_corrupt_fn is tasks.Task.make_corrupt_fn)):
+    makers = sorted(n for n, c in tasks.TASKS.items()
+                    if c.make_corrupt_fn is not tasks.Task.make_corrupt_fn)
+    raise ConfigError(f"judge.hard_negatives: data.task={cfg.data.task!r} cannot make wrong "
+                      f"responses from gold ones (Task.make_corrupt_fn; {', '.join(makers)} can)")
+  if cfg.algorithm.reward_threshold != 1.0:
+    if a.name != "rest_em":
+      raise ConfigError(f"algorithm.reward_threshold: {a.name} keeps no samples by a threshold "
+                        "(only rest_em does); leave it 1.0")
+    if cfg.algorithm.reward_threshold > 1.0 and setup.reward_kind(cfg) == "verifier":
+      raise ConfigError(f"algorithm.reward_threshold: {cfg.algorithm.reward_threshold} is above "
+                        "the verifier's reward of 1, so no sample would be kept")
   if cfg.data.prompt_format == "chat" and not cfg.data.task.endswith(".jsonl"):
     raise ConfigError(f"data.prompt_format: 'chat' renders JSONL prompts with the tokenizer's chat "
                       f"template, and data.task={cfg.data.task!r} is not a .jsonl file (a task "

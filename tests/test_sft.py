@@ -29,7 +29,8 @@ def test_reward_threshold_sets_what_rest_em_keeps():
   threshold of 5, only the samples every judgement gave full marks are kept (NaN never)."""
   from selfplay_jax import config_lib, config_validation
   from selfplay_jax.algorithms import registry
-  cfg = config_lib.load_config("configs/rest_em.py", ["algorithm.reward_threshold=5.0"])
+  cfg = config_lib.load_config("configs/rest_em.py", ["algorithm.reward_threshold=5.0",
+                                                      "algorithm.reward=judge"])
   config_validation.validate(cfg)
   spec = registry.build_spec(cfg)
   assert spec.threshold == 5.0 and spec.select == "threshold"
@@ -46,3 +47,12 @@ def test_reward_threshold_sets_what_rest_em_keeps():
   scores[0] = 5.0
   kept = spec.build({}, ro, jnp.asarray(scores), None)
   np.testing.assert_array_equal(kept["mask"].any(1), scores >= 5.0)
+  # refused where it would be ignored, or would keep nothing
+  import pytest
+  from selfplay_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match=r"algorithm.reward_threshold: grpo keeps no samples"):
+    config_validation.validate(config_lib.load_config("configs/grpo.py",
+                                                      ["algorithm.reward_threshold=0.5"]))
+  with pytest.raises(ConfigError, match=r"algorithm.reward_threshold: 5.0 is above the verifier"):
+    config_validation.validate(config_lib.load_config("configs/rest_em.py",
+                                                      ["algorithm.reward_threshold=5.0"]))

@@ -310,3 +310,13 @@ def test_sample_log_shows_ids_past_the_tokenizer(sp_model, tmp_path):
   train._write_samples(tmp_path / "s.jsonl", tok, samples)
   row = json_lib.loads((tmp_path / "s.jsonl").read_text())
   assert row["completion"] == f"3+4=7<id {tok.vocab_size}>" and row["prompt"] == "3+4=7"
+
+
+def test_reward_functions_read_ids_past_the_tokenizer_as_text(sp_model):
+  """Python rewards and the math check read a completion with an id the tokenizer lacks as text
+  with `<id N>` in it (so it scores wrong), instead of stopping the round."""
+  from selfplay_jax.scoring import python_rewards
+  tok = sp_model[0]
+  ids = tok.encode("3+4=7", add_bos=False)
+  text = python_rewards.completion_text(tok, ids + [tok.vocab_size, tok.eos_id, 5])
+  assert text == f"3+4=7<id {tok.vocab_size}>"

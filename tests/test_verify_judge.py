@@ -396,8 +396,11 @@ def test_hard_negative_judge_rows(tmp_path):
     assert not C.check_solution(*_problem(e), response)
     completion = _text(tok, rows["tokens"][r], rows["mask"][r])
     assert completion.endswith(f"{NO}<score>0{tok.id_to_piece(tok.eos_id)}"), completion
+  arith = ["data.task=arithmetic", "data.difficulty=2", "judge.trace=solve",
+           "judge.max_new_tokens=31", "judge.hard_negatives=True"]
+  with pytest.raises(ConfigError, match=r"judge.hard_negatives: .*'arithmetic' .*countdown can"):
+    _cfg(*arith)  # refused by validation, before anything runs
   with pytest.raises(ConfigError, match=r"judge.hard_negatives: .*'arithmetic'"):
-    setup.build_warmup_spec(_cfg("data.task=arithmetic", "data.difficulty=2", "judge.trace=solve",
-                                 "judge.max_new_tokens=31", "judge.hard_negatives=True"), tok)
+    setup.build_warmup_spec(config_lib.load_config("configs/self_rewarding.py", VERIFY + arith), tok)
   with pytest.raises(ConfigError, match=r"judge.hard_negatives: True .*trains no judge"):
     _cfg("judge.hard_negatives=True", "judge.train_in_warmup=False")

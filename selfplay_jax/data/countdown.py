@@ -324,8 +324,9 @@ class CountdownTask(tasks.Task):
     return _cached_trace(self.num_numbers, tokenizer)
 
   def make_corrupt_fn(self, tokenizer: tokenizers.Tokenizer):
-    """Hard negatives: one step's claimed result changed (`make_countdown_corruption`); one
-    object per tokenizer, so specs that hold it compare equal across builds."""
+    """Hard negatives: one step's operator or one digit of its claimed result changed
+    (`make_countdown_corruption`); one object per tokenizer, so specs that hold it compare equal
+    across builds."""
     check_tokenizer(self, tokenizer)
     return _cached_corruption(tokenizer)
 

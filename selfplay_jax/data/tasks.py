@@ -161,7 +161,8 @@ class Task(abc.ABC):
     """Hard negatives for judge training (`judge.hard_negatives`), or None (the default): this
     task has none. A jittable `corrupt(response [R, N], response_mask, key) -> response [R, N]`
     that turns a correct response into a wrong one of the kind the policy writes (countdown: one
-    step's claimed result changed, `countdown.make_countdown_corruption`); the mask is kept."""
+    step's operator or one digit of its claimed result changed,
+    `countdown.make_countdown_corruption`); the mask is kept."""
     del tokenizer
     return None
 

@@ -157,7 +157,7 @@ class HostRewards:
     ids = [int(t) for t in np.asarray(tokens)[np.asarray(mask, bool)]]
     if ids and self.tokenizer.bos_id is not None and ids[0] == self.tokenizer.bos_id:
       ids = ids[1:]  # the BOS `encode_examples` adds
-    return self.tokenizer.decode(ids, skip_special=False)
+    return self.tokenizer.decode(ids, skip_special=False, strict=False)
 
   def decode_completion(self, tokens: np.ndarray, length: int) -> str:
     return completion_text(self.tokenizer, np.asarray(tokens)[:int(length)])
@@ -255,11 +255,12 @@ class HostRewards:
 
 def completion_text(tokenizer, ids) -> str:
   """A completion's text as reward functions and the math verifier read it: the tokens up to and
-  excluding the first stop token, special tokens skipped."""
+  excluding the first stop token, special tokens skipped; an id past the tokenizer's vocabulary (a
+  model with more embedding rows) reads as `<id N>`, so such a completion simply scores wrong."""
   ids = [int(t) for t in ids]
   eos = set(tokenizer.eos_ids)
   end = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-  return tokenizer.decode(ids[:end], skip_special=True)
+  return tokenizer.decode(ids[:end], skip_special=True, strict=False)
 
 
 def on_each_device(local, args, num_outputs: int):
