@@ -120,15 +120,21 @@ def sampling_config(cfg, tok=None, n: int | None = None) -> sampling.SamplingCon
 # ---- scoring --------------------------------------------------------------------------------------
 
 
+def _task_fn(cfg, tok, task, method: str):
+  """`task.<method>(tok)` (`Task.make_trace_fn`, `Task.make_corrupt_fn`), or None where the task
+  has none; `task` None: built from `cfg` (JSONL data has neither)."""
+  if task is None and not is_jsonl_data(cfg):
+    task = _build_task(cfg)
+  make = getattr(task, method, None)
+  return make(tok) if make is not None else None
+
+
 def build_trace(cfg, tok, task=None):
   """The task's verification trace (`Task.make_trace_fn`) a judge with `judge.trace=verify`
   writes, else None. `task` None: built from `cfg` (a JSONL file has no trace)."""
   if cfg.judge.trace != "verify":
     return None
-  if task is None and not is_jsonl_data(cfg):
-    task = _build_task(cfg)
-  make = getattr(task, "make_trace_fn", None)
-  trace = make(tok) if make is not None else None
+  trace = _task_fn(cfg, tok, task, "make_trace_fn")
   if trace is None:
     raise ConfigError(f"judge.trace: 'verify' needs a task that writes a verification trace of a "
                       f"response (Task.make_trace_fn); data.task={cfg.data.task!r} has none (use "
@@ -141,10 +147,7 @@ def build_corruption(cfg, tok, task=None):
   None. `task` None: built from `cfg`."""
   if not cfg.judge.hard_negatives:
     return None
-  if task is None and not is_jsonl_data(cfg):
-    task = _build_task(cfg)
-  make = getattr(task, "make_corrupt_fn", None)
-  corrupt = make(tok) if make is not None else None
+  corrupt = _task_fn(cfg, tok, task, "make_corrupt_fn")
   if corrupt is None:
     raise ConfigError(f"judge.hard_negatives: data.task={cfg.data.task!r} cannot make wrong "
                       "responses from gold ones (Task.make_corrupt_fn; countdown can)")

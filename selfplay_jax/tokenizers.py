@@ -26,6 +26,7 @@ This module imports nothing else from `selfplay_jax` but `chat` (templates).
 from __future__ import annotations
 
 import abc
+import itertools
 import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -129,20 +130,16 @@ class Tokenizer(abc.ABC):
       if self.bos_id is not None:
         drop.add(self.bos_id)
     id_list = [i for i in id_list if i not in drop]
-    outside = [not 0 <= i < self.vocab_size for i in id_list]
-    if any(outside) and strict:
-      i = id_list[outside.index(True)]
-      raise TokenizerError(f"token id {i} is out of range for vocab_size {self.vocab_size}")
-    if not any(outside):
+    outside = lambda i: not 0 <= i < self.vocab_size
+    bad = next((i for i in id_list if outside(i)), None)
+    if bad is None:
       return self._decode(id_list, skip_special)
-    text, run = [], []
-    for i, out in zip(id_list, outside):
-      if out:
-        text += [self._decode(run, skip_special), f"<id {i}>"] if run else [f"<id {i}>"]
-        run = []
-      else:
-        run.append(i)
-    return "".join(text + ([self._decode(run, skip_special)] if run else []))
+    if strict:
+      raise TokenizerError(f"token id {bad} is out of range for vocab_size {self.vocab_size}")
+    # runs of in-vocabulary ids decoded as usual, each id outside written as <id N>
+    return "".join("".join(f"<id {i}>" for i in run) if out
+                   else self._decode(list(run), skip_special)
+                   for out, run in itertools.groupby(id_list, key=outside))
 
   def encode_batch(self, texts: Sequence[str], max_len: int, add_bos: bool = True,
                    add_eos: bool = False, pad_left: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,8 @@ from selfplay_jax.data.countdown_tokens import (CHECK_FAIL, CHECK_OK, MAX_DIGITS
 
 __all__ = ["CHECK_FAIL", "CHECK_OK", "MAX_VALUE", "OPS", "CountdownTask", "all_solutions",
            "check_solution", "gold_solution", "make_countdown_corruption", "make_countdown_trace",
-           "make_countdown_verifier", "num_problems", "problem_targets", "reachable_targets", "render_steps", "trace_width"]
+           "make_countdown_verifier", "num_problems", "problem_targets", "reachable_targets",
+           "render_steps", "trace_width"]
 
 Step = tuple[int, str, int, int]  # a, op, b, c
 

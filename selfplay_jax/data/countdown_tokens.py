@@ -316,7 +316,6 @@ def make_countdown_trace(tokenizer: tokenizers.Tokenizer, num_numbers: int):
   return trace
 
 
-
 def make_countdown_corruption(tokenizer: tokenizers.Tokenizer):
   """A pure, jittable `corrupt(response_BxN, response_mask_BxN, key)` -> response_BxN: each
   response with one step made wrong, so the verifier rejects it (a hard negative for judge
@@ -366,8 +365,7 @@ def make_countdown_corruption(tokenizer: tokenizers.Tokenizer):
     alt = _PLUS + (sop[:, None] - _PLUS + jnp.arange(1, 4)[None]) % 4  # [B, 3] op classes
     value, valid = _recompute(sa[:, None], alt, sb[:, None])
     wrong = ~valid | (value != sc[:, None])  # always one: + and - differ unless b = 0, / by 0
-    u = jnp.where(wrong, jax.random.uniform(k_op, wrong.shape), -1.0)
-    new_op = op_ids[jnp.take_along_axis(alt, jnp.argmax(u, axis=1)[:, None], axis=1)[:, 0] - _PLUS]
+    new_op = op_ids[jnp.sum(jnp.where(pick(k_op, wrong), alt, 0), axis=1) - _PLUS]
     # claim digit change
     at_digit = pick(k_pos, claim)
     old = jnp.where(digit, cls, 0)
