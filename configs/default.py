@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.sampling.top_k = 0  # keep the k most likely tokens; 0 = off
   cfg.sampling.top_p = 1.0  # nucleus mass in (0, 1]; 1 = off
   cfg.sampling.n = 8  # completions per prompt (the GRPO group size)
+  cfg.sampling.auto_temperature = ""  # B-STaR: temperatures, e.g. "0.5,0.7,0.9,1.1"; each round samples at all, keeps the best-balanced; "" = off
 
   cfg.optimizer = ml_collections.ConfigDict()
   cfg.optimizer.name = "adamw"  # adamw | adam | sgd | lion | adafactor (optax, selfplay_jax/optim.py)
@@ -119,7 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.ref_sync_alpha = 0.6  # ... ref <- alpha * policy + (1 - alpha) * ref (TRL default 0.6)
   cfg.algorithm.desirable_weight = 1.0  # kto: weight of desirable examples' losses
   cfg.algorithm.undesirable_weight = 1.0  # kto: weight of undesirable examples' losses
-  cfg.algorithm.reward_threshold = 1.0  # rest_em: keep samples whose reward >= this (1 = verified; reward=judge: a score)
+  cfg.algorithm.reward_threshold = 1.0  # rest_em: keep samples whose reward >= this (1 = verified; reward=judge: a score); B-STaR monitor's selection
+  cfg.algorithm.auto_threshold = ""  # rest_em (B-STaR): thresholds, e.g. "1,2,3,4"; each round keeps the best-balanced; "" = off
+  cfg.algorithm.balance_n_star = 8  # B-STaR monitor (bstar/*): distinct correct samples per prompt that count as full exploration
   cfg.algorithm.kto_threshold = 1.0  # kto: a sample is desirable iff its reward >= this (1 = verified correct)
 
   # PPO with a value head (algorithm.name=ppo, configs/ppo.py; docs/algorithms.md, "PPO with a
@@ -130,6 +133,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.vf_coef = 0.1  # ppo: weight of the value loss (TRL default)
   cfg.algorithm.value_warmup_rounds = 0  # ppo: first N rounds train only the value head / critic
   cfg.algorithm.separate_critic = False  # ppo: values from a critic trunk copied from the policy
+
+  # SCoRe, two attempts per episode (algorithm.name=score | score_sft, configs/score.py;
+  # docs/algorithms.md, "SCoRe").
+  cfg.algorithm.score_stage1_rounds = 20  # score: first N rounds train attempt 2 only, attempt 1 held by score_kl_first
+  cfg.algorithm.score_kl_first = 1.0  # score: stage I KL weight on attempt 1 (strong; kl_coef elsewhere)
+  cfg.algorithm.score_bonus = 2.0  # score: stage II bonus alpha, attempt 2's reward + alpha * (r2 - r1)
+  cfg.algorithm.correction_prompt = ""  # score: the instruction after attempt 1; "" = the task's answer marker (JSONL: SCoRe's text)
 
   # The policy as its own judge (algorithm.reward=judge; self_rewarding's default).
   cfg.judge = ml_collections.ConfigDict()

@@ -59,6 +59,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("sampling.top_k", int, _non_negative, "must be >= 0 (0 = off)"),
     ("sampling.top_p", float, lambda v: 0 < v <= 1, "must be in (0, 1]"),
     ("sampling.n", int, _positive, "must be >= 1"),
+    ("sampling.auto_temperature", str, None, ""),
     ("optimizer.name", str, lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
     ("optimizer.learning_rate", float, lambda v: v > 0, "must be > 0"),
     ("optimizer.final_learning_rate", float, _non_negative, "must be >= 0 (0 = constant)"),
@@ -103,6 +104,12 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("algorithm.undesirable_weight", float, _non_negative, "must be >= 0"),
     ("algorithm.reward_threshold", float, None, ""),
     ("algorithm.kto_threshold", float, None, ""),
+    ("algorithm.auto_threshold", str, None, ""),
+    ("algorithm.score_stage1_rounds", int, _non_negative, "must be >= 0"),
+    ("algorithm.score_kl_first", float, _non_negative, "must be >= 0"),
+    ("algorithm.score_bonus", float, _non_negative, "must be >= 0"),
+    ("algorithm.correction_prompt", str, None, ""),
+    ("algorithm.balance_n_star", int, _positive, "must be >= 1"),
     ("judge.template", str, None, ""),
     ("judge.score_min", int, None, ""),  # the scale is checked by judge.check_score_range
     ("judge.score_max", int, None, ""),
@@ -406,6 +413,42 @@ def _validate_majority(cfg: ml_collections.ConfigDict) -> None:
                       f"with {cfg.sampling.n} every valid answer is its own majority (use >= 2)")
 
 
+def _validate_balance(cfg: ml_collections.ConfigDict, entry: registry.Algorithm | None) -> None:
+  """B-STaR's per-round grids (`sampling.auto_temperature`, `algorithm.auto_threshold`)."""
+  a = cfg.algorithm
+  temps = registry.parse_floats("sampling.auto_temperature", cfg.sampling.auto_temperature)
+  taus = registry.parse_floats("algorithm.auto_threshold", a.auto_threshold)
+  for key, grid in (("sampling.auto_temperature", temps), ("algorithm.auto_threshold", taus)):
+    if len(grid) == 1:
+      raise ConfigError(f"{key}: one value ({grid[0]}) leaves nothing to choose; give two or more "
+                        "comma-separated values, or leave it '' and set the value itself")
+    if len(set(grid)) != len(grid):
+      raise ConfigError(f"{key}: {config_lib.get_key(cfg, key)!r} lists a value twice")
+  if temps:
+    if any(t <= 0 for t in temps):
+      raise ConfigError(f"sampling.auto_temperature: every temperature must be > 0, got "
+                        f"{cfg.sampling.auto_temperature!r}")
+    if cfg.sampling.temperature == 0:
+      raise ConfigError("sampling.auto_temperature: sampling.temperature is 0 (greedy), and a "
+                        "temperature grid samples; set sampling.temperature > 0")
+    if entry is not None and not entry.samples:
+      raise ConfigError(f"sampling.auto_temperature: {a.name} does not sample; leave it ''")
+    spec = registry.build_spec(cfg)
+    if getattr(spec, "temperature", None) is not None:
+      raise ConfigError(f"sampling.auto_temperature: {a.name} trains log-probs at the sampling "
+                        "temperature (logits / T), so a temperature chosen each round would make "
+                        "its ratios off-policy; use it with rest_em, SFT-style or preference "
+                        "algorithms")
+  if taus:
+    if a.name != "rest_em":
+      raise ConfigError(f"algorithm.auto_threshold: {a.name} keeps no samples by a threshold "
+                        "(only rest_em does); leave it ''")
+    if a.reward_threshold != 1.0:
+      raise ConfigError(f"algorithm.reward_threshold: {a.reward_threshold} is replaced each round "
+                        f"by the choice from algorithm.auto_threshold={a.auto_threshold!r}; leave "
+                        "reward_threshold 1.0")
+
+
 def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -> None:
   """Settings that are fine alone but impossible together."""
   a = cfg.algorithm
@@ -483,10 +526,16 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
                     if c.make_corrupt_fn is not tasks.Task.make_corrupt_fn)
     raise ConfigError(f"judge.hard_negatives: data.task={cfg.data.task!r} cannot make wrong "
                       f"responses from gold ones (Task.make_corrupt_fn; {', '.join(makers)} can)")
+  _validate_balance(cfg, entry)
+  if a.name in ("score", "score_sft") and not a.spec and (a.reward not in ("", "verifier")
+                                                          or a.reward_fn or a.reward_fns):
+    raise ConfigError(f"algorithm.reward: {a.name} rewards both attempts with the task verifier "
+                      "(its deltas compare the two verdicts); leave the reward keys empty")
   if cfg.algorithm.reward_threshold != 1.0:
-    if a.name != "rest_em":
-      raise ConfigError(f"algorithm.reward_threshold: {a.name} keeps no samples by a threshold "
-                        "(only rest_em does); leave it 1.0")
+    if entry is not None and not entry.samples:
+      raise ConfigError(f"algorithm.reward_threshold: {a.name} does not sample, so nothing is "
+                        "selected by a threshold (rest_em keeps, and the B-STaR monitor counts, "
+                        "samples with reward >= it); leave it 1.0")
     if cfg.algorithm.reward_threshold > 1.0 and setup.reward_kind(cfg) == "verifier":
       raise ConfigError(f"algorithm.reward_threshold: {cfg.algorithm.reward_threshold} is above "
                         "the verifier's reward of 1, so no sample would be kept")

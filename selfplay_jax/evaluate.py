@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from selfplay_jax import checkpoint, run_config, sampling, setup, sharding
 from selfplay_jax import round as rnd
+from selfplay_jax.algorithms.spec import option
 from selfplay_jax.data import pipeline
 from selfplay_jax.errors import CheckpointNotFoundError, ConfigError
 from selfplay_jax.models import lora
@@ -239,12 +240,40 @@ def vote_marker(run) -> int | None:
     return None
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
+def _two_attempts_solved(mc, params, batch, verify, sc: sampling.SamplingConfig, correction,
+                         pad_id):
+  """Greedy two-attempt counts of one batch (global sums): each verdict and each change."""
+  _, rewards, _ = rnd.two_attempts(mc, params, batch, jax.random.key(0), sc, verify, correction,
+                                   pad_id)
+  valid = batch["valid"].astype(jnp.float32)
+  means = rnd.attempt_metrics(rewards[:, 0], rewards[:, 1], "eval", valid)
+  return {**{k: v * jnp.sum(valid) for k, v in means.items()}, "total": jnp.sum(valid)}
+
+
+def two_attempt_accuracy(run, params, batches, mesh=None, rules=None) -> dict[str, float]:
+  """SCoRe's held-out metrics (greedy, both attempts): `eval/accuracy@t1`, `eval/accuracy@t2`,
+  `eval/delta_i2c`, `eval/delta_c2i`; `eval/accuracy` is the first attempt's (one answer, as
+  every other method is measured)."""
+  sc = sampling.SamplingConfig(max_new_tokens=run.cfg.sampling.max_new_tokens, temperature=0.0,
+                               eos_ids=tuple(run.tokenizer.eos_ids))
+  correction, pad_id = option(run.spec, "correction"), option(run.spec, "pad_id")
+  sums = _batch_sums(lambda b, rng: _two_attempts_solved(run.model_config, params, b,
+                                                         run.verifier, sc, correction, pad_id),
+                     batches, 0, mesh, rules)
+  total = max(sums.pop("total"), 1.0)
+  out = {k: v / total for k, v in sums.items()}
+  return {"eval/accuracy": out["eval/accuracy@t1"], **out}
+
+
 def heldout_accuracy(run, params, batches, mesh=None, rules=None) -> dict[str, float]:
   """`eval/accuracy` of a run's params (greedy): a single model's, or with `population.size` > 1
   the members' (`population_accuracy`: per member, mean, vote). Empty without a verifier."""
   if run.verifier is None:
     return {}
   mc, eos, n_new = run.model_config, run.tokenizer.eos_ids, run.cfg.sampling.max_new_tokens
+  if option(run.spec, "attempts") == 2 and setup.population_size(run.cfg) == 1:
+    return two_attempt_accuracy(run, params, batches, mesh=mesh, rules=rules)
   if setup.population_size(run.cfg) == 1:
     return {"eval/accuracy": greedy_accuracy(mc, params, batches, run.verifier, eos, n_new,
                                              mesh=mesh, rules=rules)}

@@ -55,6 +55,13 @@ PANELS: tuple[tuple[str, tuple[tuple[str, str], ...], str | None], ...] = (
                        ("judge/corr_likelihood", "corr(score, self-lik.)"),
                        ("eval/gv_gap", "held-out gap"),
                        ("eval/judge_agreement", "held-out agreement")), None),
+    ("exploration / exploitation", (("bstar/balance", "balance score"),
+                                    ("bstar/pass_at_n", "pass@n"),
+                                    ("bstar/precision", "selection precision"),
+                                    ("bstar/selected_fraction", "selected share")), None),
+    ("distinct correct per prompt", (("bstar/distinct_correct", "samples"),), None),
+    ("B-STaR choice", (("bstar/temperature", "temperature"),
+                       ("bstar/threshold", "reward threshold")), None),
     ("completion length", (("train/completion_len", "tokens"),), None),
     ("round time", (("time/round_s", "seconds"),), None),
 )

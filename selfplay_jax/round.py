@@ -18,6 +18,7 @@ and evaluate; nothing here touches the host.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -27,13 +28,15 @@ import optax
 
 from selfplay_jax import sampling, sharding
 from selfplay_jax.algorithms import losses
+from selfplay_jax.algorithms.score import TwoAttempts
 from selfplay_jax.algorithms.spec import LogProbs, Spec, option
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models import lora
 from selfplay_jax.models.config import ModelConfig
 from selfplay_jax.models.logprobs import completion_logprobs
-from selfplay_jax.rows import Rows, concat_rows, map_chunks, repeat_rows
+from selfplay_jax.rows import Rows, concat_rows, left_pack, map_chunks, repeat_rows
 from selfplay_jax.scoring import label_free
+from selfplay_jax.scoring import bstar
 from selfplay_jax.scoring.judge import gap_meter, ranking_agreement
 from selfplay_jax.scoring.verifiers import Verifier
 
@@ -110,36 +113,76 @@ def _select(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def _tile_batch(batch: Rows, copies: int) -> Rows:
+  """The batch's rows `copies` times over, copy after copy (a temperature grid's prompts)."""
+  return jax.tree.map(lambda x: jnp.concatenate([x] * copies, axis=0), batch)
+
+
+def _take_block(tree, index, copies: int):
+  """Block `index` of `copies` equal blocks of rows (the leading axis), for every array leaf."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(
+      x.reshape((copies, x.shape[0] // copies) + x.shape[1:]), index, keepdims=False), tree)
+
+
 def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows, rng,
                      sampling_config: sampling.SamplingConfig, verifier: Verifier | None,
-                     scorer: Scorer | None = None, num_samples: int = 0):
+                     scorer: Scorer | None = None, num_samples: int = 0,
+                     balance: bstar.Balance | None = None):
   """Samples `sampling_config.n` completions per prompt with `params` and scores them.
 
   Rewards are the `scorer`'s (judge, self-likelihood, your own) when given, else the verifier's
-  (None when there is neither). The verifier also gives `train/accuracy`, and with a scorer
-  `train/judge_agreement` and the generation-verification gap meter (`judge/gv_gap`,
+  (None when there is neither). The verifier also gives `train/accuracy`, the B-STaR monitor
+  (`bstar/*`: `scoring.bstar.monitor_metrics`, selection `reward >= balance.threshold`), and with a
+  scorer `train/judge_agreement` and the generation-verification gap meter (`judge/gv_gap`,
   `judge/corr_correct`, `judge/corr_likelihood`: `scoring.judge.gap_meter`); with a majority-vote
   scorer, `train/label_accuracy` from its private winner indices (`label_free.WINNER_KEY`: the
-  scorer never sees the verifier, the verifier is read for this metric only). Returns
-  (rollout, rewards [R] or None, metrics); with `num_samples > 0` the metrics carry the first rows
-  under `samples/*` (for sample dumps).
+  scorer never sees the verifier, the verifier is read for this metric only).
+
+  With `balance.temperatures` (B-STaR's per-round choice) the batch is sampled once at each
+  temperature (the prompts tiled, one sampler call) and scored, and the block with the highest
+  mean balance score is kept (`bstar.choose`; `bstar/temperature` logs it, the scorer's own
+  metrics are over every block); with `balance.thresholds` the threshold τ is chosen with it and
+  the rewards handed on are `1[reward >= τ]` (NaN stays NaN: ReST-EM then keeps the selected
+  samples). Returns (rollout, rewards [R] or None, metrics); with `num_samples > 0` the metrics
+  carry the first rows under `samples/*` (for sample dumps).
   """
   sc = sampling_config
+  balance = balance or bstar.Balance()
+  copies = max(len(balance.temperatures), 1)
   k_score = jax.random.fold_in(rng, 1)
   metrics: dict[str, jax.Array] = {}
-  rollout = sampling.sample(model_config, params, batch["prompt_tokens"], batch["prompt_mask"],
-                            rng, sc)
+  tiled = batch if copies == 1 else _tile_batch(batch, copies)
+  temperature = None if copies == 1 else jnp.repeat(
+      jnp.asarray(balance.temperatures, jnp.float32), jax.tree.leaves(batch)[0].shape[0])
+  rollout = sampling.sample(model_config, params, tiled["prompt_tokens"], tiled["prompt_mask"],
+                            rng, sc, temperature=temperature)
   verified = None
   if verifier is not None:
-    answers = repeat_rows({"tokens": batch["answer_tokens"], "mask": batch["answer_mask"]}, sc.n)
+    answers = repeat_rows({"tokens": tiled["answer_tokens"], "mask": tiled["answer_mask"]}, sc.n)
     verified = verifier(rollout.tokens, rollout.mask, answers["tokens"], answers["mask"])
-    metrics["train/accuracy"] = jnp.mean((verified >= 1.0).astype(jnp.float32))
-  rewards = verified
+  rewards, private = verified, {}
   if scorer is not None:
-    rewards, score_metrics = scorer(params, ref_params, batch, rollout, k_score)
+    rewards, score_metrics = scorer(params, ref_params, tiled, rollout, k_score)
     # Keys starting with "_" are the scorer's private outputs: read here, never logged.
     private = {k: score_metrics.pop(k) for k in list(score_metrics) if k.startswith("_")}
     metrics.update(score_metrics)
+  threshold = None
+  if balance.temperatures or balance.thresholds:  # validation: these need the verifier
+    per_block = lambda x: x.reshape((copies, -1) + x.shape[1:])
+    index, threshold, _ = bstar.choose(per_block(rewards), per_block(verified),
+                                       per_block(rollout.tokens), sc.n, balance)
+    if copies > 1:
+      rollout, rewards, verified, private = _take_block(
+          (rollout, rewards, verified, private), index, copies)
+      metrics["bstar/temperature"] = jnp.asarray(balance.temperatures, jnp.float32)[index]
+    if balance.thresholds:
+      metrics["bstar/threshold"] = threshold
+  if verified is not None:
+    metrics["train/accuracy"] = jnp.mean((verified >= 1.0).astype(jnp.float32))
+    if rewards is not None:
+      metrics.update(bstar.monitor_metrics(rewards, verified, rollout.tokens, sc.n, balance,
+                                           threshold))
+  if scorer is not None:
     winner = private.get(label_free.WINNER_KEY)  # a majority vote's winners (label-free rewards)
     if winner is not None and verified is not None:
       metrics["train/label_accuracy"] = label_free.label_accuracy(winner, verified, sc.n)
@@ -163,7 +206,61 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
     metrics["samples/lengths"] = rollout.lengths[:k]
     if rewards is not None:
       metrics["samples/rewards"] = rewards[:k]
+  if balance.thresholds:  # what ReST-EM keeps: the chosen selection, as a 0 / 1 reward
+    rewards = jnp.where(jnp.isnan(rewards), jnp.nan, (rewards >= threshold).astype(jnp.float32))
   return rollout, rewards, metrics
+
+
+def correction_prompts(first: sampling.Rollout, correction: tuple[int, ...], eos_ids,
+                       pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """The second attempt's prompts `x · y1 · c`, left-padded [R, P + N + len(c)]: each first
+  attempt's prompt, its completion without the stop token, then the correction instruction."""
+  keep = first.mask & ~jnp.isin(first.tokens, jnp.asarray(eos_ids, jnp.int32))
+  c = jnp.broadcast_to(jnp.asarray(correction, jnp.int32), (first.num_rows, len(correction)))
+  tokens = jnp.concatenate([first.prompt_tokens, first.tokens, c], axis=1)
+  mask = jnp.concatenate([first.prompt_mask, keep, jnp.ones(c.shape, bool)], axis=1)
+  return left_pack(tokens, mask, pad_id)
+
+
+def two_attempts(model_config: ModelConfig, params, batch: Rows, rng,
+                 sampling_config: sampling.SamplingConfig, verifier: Verifier,
+                 correction: tuple[int, ...], pad_id: int = 0):
+  """SCoRe's episode (`algorithms/score.py`): `sampling_config.n` first attempts per prompt, then
+  one second attempt per first, prompted with `correction_prompts`; both verified. Returns
+  (`TwoAttempts`, rewards [R, 2], metrics): `train/accuracy@t1`, `train/accuracy@t2`,
+  `train/delta_i2c` / `train/delta_c2i` (shares of episodes that go wrong → right / right →
+  wrong), and the usual length and entropy means over both attempts."""
+  sc = sampling_config
+  k1, k2 = jax.random.split(rng)
+  first = sampling.sample(model_config, params, batch["prompt_tokens"], batch["prompt_mask"], k1,
+                          sc)
+  eos = sc.eos_ids or model_config.eos_token_ids
+  prompts, mask = correction_prompts(first, correction, eos, pad_id)
+  second = sampling.sample(model_config, params, prompts, mask, k2,
+                           dataclasses.replace(sc, n=1))
+  answers = repeat_rows({"tokens": batch["answer_tokens"], "mask": batch["answer_mask"]}, sc.n)
+  verify = lambda out: verifier(out.tokens, out.mask, answers["tokens"], answers["mask"])
+  r1, r2 = verify(first), verify(second)
+  metrics = attempt_metrics(r1, r2, "train")
+  rewards = jnp.stack([r1, r2], axis=1)
+  metrics["train/accuracy"] = metrics["train/accuracy@t1"]
+  metrics["train/reward_mean"] = jnp.nanmean(rewards)
+  metrics["train/reward_std"] = jnp.nanstd(rewards)
+  both = lambda f: jnp.concatenate([f(first), f(second)])
+  metrics["train/completion_len"] = jnp.mean(both(lambda o: o.lengths).astype(jnp.float32))
+  metrics["train/entropy"] = losses.masked_mean(both(lambda o: o.entropy),
+                                                both(lambda o: o.mask))
+  return TwoAttempts(first=first, second=second), rewards, metrics
+
+
+def attempt_metrics(r1, r2, prefix: str, weight=None) -> dict[str, jax.Array]:
+  """`<prefix>/accuracy@t1`, `@t2`, `delta_i2c`, `delta_c2i`: means over episodes (weighted by
+  `weight`, e.g. held-out padding 0) of the two verdicts and of their changes."""
+  c1, c2 = r1 >= 1.0, r2 >= 1.0
+  w = jnp.ones(c1.shape, jnp.float32) if weight is None else weight.astype(jnp.float32)
+  mean = lambda x: jnp.sum(x.astype(jnp.float32) * w) / jnp.maximum(jnp.sum(w), 1.0)
+  return {f"{prefix}/accuracy@t1": mean(c1), f"{prefix}/accuracy@t2": mean(c2),
+          f"{prefix}/delta_i2c": mean(~c1 & c2), f"{prefix}/delta_c2i": mean(c1 & ~c2)}
 
 
 def build_rows(model_config: ModelConfig, spec: Spec, batch: Rows, rollout, rewards, *,
@@ -286,7 +383,8 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
                    state_shardings=None, batch_shardings=None, num_samples: int = 0,
                    nan_rounds: tuple[int, int] | None = None, mesh=None, rules=None,
                    jit: bool = True, phase_start: int = 0, population: int = 1,
-                   population_axis=None, reuse_old_logp: bool = True):
+                   population_axis=None, reuse_old_logp: bool = True,
+                   balance: bstar.Balance | None = None):
   """Returns `round_fn(state, batch) -> (state, metrics)`, jitted once with the state donated.
 
   `batch` holds the data pipeline's arrays: prompt_tokens/mask, response_tokens/mask (gold),
@@ -321,6 +419,9 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
   reads `old_logp` from its own forward and the frozen old-log-prob pass is skipped
   (`train_steps(fresh_rows=...)`); off, it always runs (the benchmarks' before / after).
 
+  `balance`: the B-STaR monitor's n* and selection threshold, and the temperature / threshold
+  grids chosen from each round (`sample_and_score`, `scoring.bstar`); None = the monitor only.
+
   `population` > 1: the state holds that many members stacked on a leading axis, and the round is
   `population_round` of the single-member round (`jax.vmap` over the members, the batch shared,
   `spmd_axis_name=population_axis`: the mesh axes the members are sharded over, or None) inside
@@ -345,11 +446,17 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     sampler = reference if sample_from == "reference" else state.params
     metrics: dict[str, jax.Array] = {}
     rollout, rewards = None, None
-    if spec.samples:
+    phase_round = state.round + 1 - phase_start  # 1-based round of this phase
+    if option(spec, "needs_round"):  # e.g. SCoRe's stage: the phase's round, one per prompt
+      batch = {**batch, "phase_round": jnp.full(batch["prompt_tokens"].shape[:1], phase_round)}
+    if spec.samples and option(spec, "attempts") == 2:
+      rollout, rewards, metrics = two_attempts(
+          model_config, sampler, batch, k_sample, sampling_config, verifier,
+          option(spec, "correction"), option(spec, "pad_id"))
+    elif spec.samples:
       rollout, rewards, metrics = sample_and_score(
           model_config, sampler, reference, batch, k_sample, sampling_config, verifier,
-          scorer, num_samples)
-    phase_round = state.round + 1 - phase_start  # 1-based round of this phase
+          scorer, num_samples, balance)
     moves = phase_round % reference_every == 0  # does a "previous" reference move now?
     rows, replay, row_metrics = build_rows(
         model_config, spec, batch, rollout, rewards, sampler_params=sampler,

@@ -81,9 +81,12 @@ class Rollout:
     return self.tokens.shape[0]
 
 
-def process_logits(logits_BxV: jax.Array, sc: SamplingConfig) -> jax.Array:
-  """Temperature, top-k and top-p applied to float32 logits (removed tokens get -inf)."""
-  logits = logits_BxV.astype(jnp.float32) / sc.temperature
+def process_logits(logits_BxV: jax.Array, sc: SamplingConfig,
+                   temperature_B: jax.Array | None = None) -> jax.Array:
+  """Temperature, top-k and top-p applied to float32 logits (removed tokens get -inf).
+  `temperature_B`: a temperature per row instead of `sc.temperature`."""
+  t = sc.temperature if temperature_B is None else temperature_B[:, None]
+  logits = logits_BxV.astype(jnp.float32) / t
   if sc.top_k and sc.top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, sc.top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -101,11 +104,15 @@ def _take(logp_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0]
 
 
-def _entropy(logits_BxV: jax.Array, model_logp_BxV: jax.Array, temperature: float) -> jax.Array:
+def _entropy(logits_BxV: jax.Array, model_logp_BxV: jax.Array, temperature) -> jax.Array:
   """Entropy of softmax(logits / T) per row, float32 (T = 0, greedy: the model's T = 1, whose
-  log-softmax `model_logp_BxV` the step has already computed)."""
-  logp = model_logp_BxV if temperature in (0, 1) else jax.nn.log_softmax(
-      logits_BxV.astype(jnp.float32) / temperature, axis=-1)
+  log-softmax `model_logp_BxV` the step has already computed). `temperature`: a float, or a
+  float32 [B] array of per-row temperatures."""
+  if isinstance(temperature, jax.Array):
+    logp = jax.nn.log_softmax(logits_BxV.astype(jnp.float32) / temperature[:, None], axis=-1)
+  else:
+    logp = model_logp_BxV if temperature in (0, 1) else jax.nn.log_softmax(
+        logits_BxV.astype(jnp.float32) / temperature, axis=-1)
   p = jnp.exp(logp)
   return -jnp.sum(p * jnp.where(p > 0, logp, 0.0), axis=-1)
 
@@ -141,9 +148,14 @@ def _repeat_rows(x: jax.Array, n: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, sampling_config: SamplingConfig
-           ) -> Rollout:
-  """Samples `n` completions per prompt. See the module docstring."""
+def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, sampling_config: SamplingConfig,
+           temperature: jax.Array | None = None) -> Rollout:
+  """Samples `n` completions per prompt. See the module docstring.
+
+  `temperature` (optional, float32 [batch]): each prompt's own sampling temperature (all `n` of
+  its samples), in place of `sampling_config.temperature`, which must then be > 0 (the greedy
+  path is chosen when the program is built). Top-k and top-p still apply.
+  """
   sc = sampling_config.validate()
   prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
   prompt_mask = jnp.asarray(prompt_mask, bool)
@@ -154,6 +166,13 @@ def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, samplin
   rows, steps = batch * sc.n, sc.max_new_tokens
   eos = jnp.asarray(sc.eos_ids or config.eos_token_ids or (-1,), jnp.int32)
   pad_id = sc.pad_id if sc.pad_id is not None else (config.pad_token_id or 0)
+  row_temperature = None
+  if temperature is not None:
+    if sc.greedy:
+      raise ValueError("sample(temperature=...) needs sampling_config.temperature > 0 (greedy "
+                       "decoding is fixed when the program is built)")
+    row_temperature = _repeat_rows(jnp.broadcast_to(
+        jnp.asarray(temperature, jnp.float32), (batch,)), sc.n)
 
   # Prefill each prompt once, then copy its cache for the n samples.
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
@@ -173,7 +192,7 @@ def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, samplin
       token = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
       sample_logp = jnp.zeros((rows,), jnp.float32)
     else:
-      processed = process_logits(s.logits, sc)
+      processed = process_logits(s.logits, sc, row_temperature)
       token = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
       sample_logp = _take(jax.nn.log_softmax(processed, axis=-1), token)
     active = ~s.done
@@ -183,7 +202,9 @@ def sample(config: ModelConfig, params, prompt_tokens, prompt_mask, rng, samplin
     logprobs = write(s.logprobs, jnp.where(active, sample_logp, 0.0))
     model_logprobs = write(s.model_logprobs, jnp.where(active, _take(model_logp, token), 0.0))
     entropy = write(s.entropy,
-                    jnp.where(active, _entropy(s.logits, model_logp, sc.temperature), 0.0))
+                    jnp.where(active, _entropy(s.logits, model_logp,
+                                                      sc.temperature if row_temperature is None
+                                                      else row_temperature), 0.0))
     done = s.done | jnp.isin(token, eos)
     logits, cache = decoder.decode(config, params, token[:, None], s.positions[:, None], s.cache,
                                    active[:, None])

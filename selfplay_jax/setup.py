@@ -36,7 +36,7 @@ from selfplay_jax.models import hf
 from selfplay_jax.models import lora
 from selfplay_jax import optim
 from selfplay_jax.scoring import judge as judge_lib
-from selfplay_jax.scoring import math_reward, python_rewards
+from selfplay_jax.scoring import bstar, math_reward, python_rewards
 
 __all__ = ["Run", "build", "data_seed", "population_size", "reward_kind", "uses_judge",
            "is_jsonl_data", "uses_pair_data",
@@ -531,13 +531,28 @@ class Run:
                                 self.optimizer,
                                 self.sampling, self.verifier,
                                 num_minibatches=cfg.warmup.num_minibatches,
-                                nan_rounds=nan_rounds, **self._population(on_mesh))
+                                nan_rounds=nan_rounds, balance=balance_config(cfg, grids=False),
+                                **self._population(on_mesh))
+    if option(self.spec, "attempts") == 2 and self.verifier is None:
+      raise ConfigError(f"algorithm.name: {self.spec.name} verifies both attempts, and "
+                        f"data.task={cfg.data.task!r} has no answers")
     return rnd.build_round_fn(self.model_config, self.spec, self.optimizer, self.sampling,
                               self.verifier, scorer=self.scorer,
                               num_epochs=cfg.algorithm.num_epochs,
                               num_minibatches=cfg.algorithm.num_minibatches,
                               num_samples=num_samples, nan_rounds=nan_rounds,
-                              phase_start=cfg.warmup.rounds, **self._population(on_mesh))
+                              phase_start=cfg.warmup.rounds, balance=self.balance(),
+                              **self._population(on_mesh))
+
+  def balance(self) -> bstar.Balance:
+    """The self-improvement rounds' B-STaR monitor and grids (`balance_config`); a grid needs the
+    verifier, which counts the correct samples."""
+    balance = balance_config(self.cfg)
+    if (balance.temperatures or balance.thresholds) and self.verifier is None:
+      key = "sampling.auto_temperature" if balance.temperatures else "algorithm.auto_threshold"
+      raise ConfigError(f"{key}: choosing by the balance score counts correct samples, and "
+                        f"data.task={self.cfg.data.task!r} has no answers to verify them")
+    return balance
 
   def _population(self, on_mesh: dict) -> dict:
     """`on_mesh` plus the population's size and the mesh axes its members are vmapped over
@@ -556,6 +571,45 @@ class Run:
     return self.task.source("train", data_seed(self.cfg))
 
 
+# SCoRe's correction instruction for JSONL data when `algorithm.correction_prompt` is "" (the
+# paper's, for MATH); built-in tasks use their answer marker, a symbol of their own tokenizer.
+CORRECTION_PROMPT = ("\n\nThere might be an error in the solution above because of lack of "
+                     "understanding of the question. Please correct the error, if any, and rewrite "
+                     "the solution.\n")
+
+
+def correction_tokens(cfg, tok: tokenizers.Tokenizer) -> tuple[int, ...]:
+  """The token ids of SCoRe's correction instruction (`algorithm.correction_prompt`, or the
+  default above / the task's answer marker)."""
+  text = cfg.algorithm.correction_prompt or (CORRECTION_PROMPT if is_jsonl_data(cfg)
+                                             else tasks.ANSWER_MARKER)
+  ids = tuple(tok.encode(text))
+  if not ids:
+    raise ConfigError(f"algorithm.correction_prompt: {text!r} encodes to no tokens")
+  return ids
+
+
+def run_spec(cfg, tok: tokenizers.Tokenizer) -> Spec:
+  """`build_spec(cfg)` with what needs the tokenizer filled in (SCoRe's correction tokens)."""
+  spec = build_spec(cfg)
+  if option(spec, "attempts") == 2 and not option(spec, "correction"):
+    spec = dataclasses.replace(spec, correction=correction_tokens(cfg, tok),
+                               pad_id=tok.pad_id or 0)
+  return spec
+
+
+def balance_config(cfg, grids: bool = True) -> bstar.Balance:
+  """The B-STaR monitor's n* and selection threshold, and (`grids`: the self-improvement rounds)
+  the temperature / threshold grids each round chooses from."""
+  a = cfg.algorithm
+  if not grids:
+    return bstar.Balance(n_star=a.balance_n_star, threshold=a.reward_threshold)
+  return bstar.Balance(
+      n_star=a.balance_n_star, threshold=a.reward_threshold,
+      temperatures=registry.parse_floats("sampling.auto_temperature", cfg.sampling.auto_temperature),
+      thresholds=registry.parse_floats("algorithm.auto_threshold", a.auto_threshold))
+
+
 def build_verifier(cfg, task, tok):
   """The held-out (and in-round monitoring) verifier: None when the data has no answers;
   math-verify's (`math_reward.make_verifier`) when the run's rewards use the built-in `math`
@@ -572,7 +626,7 @@ def build(cfg, workdir: str | Path) -> Run:
   """The run of `cfg` (the task tokenizer is built, or found cached, under `workdir`)."""
   task, tok = task_and_tokenizer(cfg, workdir)
   mc = model_config(cfg, tok)
-  return Run(cfg=cfg, task=task, tokenizer=tok, model_config=mc, spec=build_spec(cfg),
+  return Run(cfg=cfg, task=task, tokenizer=tok, model_config=mc, spec=run_spec(cfg, tok),
              warmup_spec=build_warmup_spec(cfg, tok, task), optimizer=build_optimizer(cfg),
              sampling=sampling_config(cfg, tok),
              verifier=build_verifier(cfg, task, tok),

@@ -31,7 +31,7 @@ def _cfg(name, *overrides, validate=True):
 def test_names_are_the_documented_methods_and_unknown_ones_are_refused():
   assert set(NAMES) == {"sft", "rest_em", "sharpen_sft", "grpo", "dr_grpo", "dapo", "rloo",
                         "reinforce_pp", "sharpen_rl", "dpo", "spin", "self_rewarding", "kto",
-                        "ppo"}
+                        "ppo", "score", "score_sft"}
   with pytest.raises(ConfigError, match=r"^algorithm.name: must be one of .*'grpo'.*got 'trpo'"):
     registry.get("trpo")
 

@@ -45,7 +45,10 @@ def test_plot_is_a_png_with_the_expected_series(run):
   series = json.loads(image.info["selfplay_jax:series"])
   shown = {s["key"]: s["points"] for s in series}
   expected = ["eval/accuracy", "train/reward_mean", "train/loss", "train/kl_ref",
-              "train/completion_len", "time/round_s"]
+              "train/completion_len", "time/round_s", "bstar/balance", "bstar/pass_at_n",
+              "bstar/selected_fraction", "bstar/distinct_correct"]
+  # Selection precision is NaN in a round that selected nothing: drawn when some round did.
+  expected += ["bstar/precision"] if _finite_points(lines, "bstar/precision") else []
   assert sorted(shown) == sorted(expected)  # no judge panel: this run has no judge
   for key in expected:  # every logged value is drawn
     assert shown[key] == _finite_points(lines, key) > 0, key

@@ -21,6 +21,7 @@ from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.grpo import PolicyGradient
 from selfplay_jax.algorithms.ppo import PPO
 from selfplay_jax.algorithms.preference import KTO, Preference
+from selfplay_jax.algorithms.score import SCoRe
 from selfplay_jax.algorithms.sft import SFT, RestEM
 from selfplay_jax.algorithms.spec import REFERENCES, Spec
 from selfplay_jax.errors import ConfigError
@@ -316,6 +317,34 @@ register(Algorithm("self_rewarding", _preference("best_vs_worst", "previous", "r
                    default_reward="judge", loss_types=_PREF, min_samples=2, iterates=True,
                    train_rows=_ONE_PAIR_PER_PROMPT, passes=_pair_passes))
 register(Algorithm("kto", _kto, ref_sync=True, passes=_kto_passes))
+
+
+# SCoRe (algorithms/score.py): two attempts per episode; its keys are the "SCoRe" block of
+# configs/default.py. The correction instruction's token ids are set by `setup` (it has the
+# tokenizer).
+def _score(cfg) -> Spec:
+  a = cfg.algorithm
+  return SCoRe(name=a.name, group_size=cfg.sampling.n,
+               objective="sft" if a.name == "score_sft" else "rl",
+               stage1_rounds=a.score_stage1_rounds, kl_first=a.score_kl_first, kl_coef=a.kl_coef,
+               bonus=a.score_bonus, temperature=cfg.sampling.temperature or 1.0,
+               clip_low=a.clip_low, clip_high=a.clip_high)
+
+
+def _score_passes(cfg, spec) -> Passes:
+  b, n, k = cfg.data.batch_size, cfg.sampling.n, cfg.algorithm.num_minibatches
+  width = cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens + len(cfg.algorithm.correction_prompt)
+  rows = b * n if spec.objective == "sft" else 2 * b * n
+  passes = [("training step", rows // k, width)]
+  if spec.objective == "rl":
+    passes.insert(0, ("old / reference log-prob pass (one chunk)", _chunk(cfg, rows), width))
+  return passes
+
+
+register(Algorithm("score", _score, min_samples=2, passes=_score_passes,
+                   train_rows=lambda cfg: (2 * cfg.data.batch_size * cfg.sampling.n,
+                                           "2 * data.batch_size * sampling.n (both attempts)")))
+register(Algorithm("score_sft", _score, passes=_score_passes))
 
 
 # PPO with a value head (algorithms/ppo.py): its keys are the "PPO" block of configs/default.py.

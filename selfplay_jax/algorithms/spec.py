@@ -63,6 +63,11 @@ class Spec(Protocol):
   #                         (PPO's separate critic copies the warmed-up policy trunk)
   #   temperature: float    the T of the frozen old / reference log-probs and of the default
   #                         training forward (logits / T; the PG family: sampling.temperature)
+  #   needs_round: bool     the round adds `batch["phase_round"]` (the phase's 1-based round,
+  #                         one per prompt) before `build` (SCoRe's stage)
+  #   attempts: int         2: the round samples a two-attempt episode (`round.two_attempts`),
+  #                         `build` gets a `TwoAttempts` and rewards [R, 2] (SCoRe)
+  #   correction / pad_id   with attempts=2: the correction instruction's token ids, the filler
 
   def build(self, batch: Rows, rollout: Any, rewards: jax.Array | None, logp: LogProbs) -> Rows:
     ...
@@ -74,7 +79,8 @@ class Spec(Protocol):
 OPTIONAL = {"sample_from": "policy", "reference_every": 1, "replay": False, "forward": None,
             "beta_schedule": (), "ref_sync_every": 0, "ref_sync_alpha": 0.0,
             "init_params": None, "after_warmup": None,  # PPO's value head (algorithms/ppo.py)
-            "temperature": 1.0}
+            "temperature": 1.0, "needs_round": False, "attempts": 1, "correction": (),
+            "pad_id": 0}
 
 
 def option(spec: Spec, name: str) -> Any:
