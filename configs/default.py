@@ -139,7 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.score_stage1_rounds = 20  # score: first N rounds train attempt 2 only, attempt 1 held by score_kl_first
   cfg.algorithm.score_kl_first = 1.0  # score: stage I KL weight on attempt 1 (strong; kl_coef elsewhere)
   cfg.algorithm.score_bonus = 2.0  # score: stage II bonus alpha, attempt 2's reward + alpha * (r2 - r1)
-  cfg.algorithm.correction_prompt = ""  # score: the instruction after attempt 1; "" = the task's answer marker (JSONL: SCoRe's text)
+  cfg.algorithm.score_warmup_episodes = "copy"  # score: warm-up rows of gold second attempts after a gold (copy) or half-corrupted (mixed) first; none
+  cfg.algorithm.correction_prompt = ""  # score: the instruction after attempt 1, "{prompt}" at its end asks again; "" = "{prompt}" (JSONL: SCoRe's text)
 
   # The policy as its own judge (algorithm.reward=judge; self_rewarding's default).
   cfg.judge = ml_collections.ConfigDict()

@@ -4,8 +4,8 @@ own first attempt. Countdown by default (a step-structured search problem with m
   selfplay-jax train --config=configs/score.py --workdir=runs/score
   selfplay-jax train --config=configs/score.py --config.algorithm.name=score_sft --workdir=runs/score_sft
 
-Each round: 4 first attempts per problem; each is followed by the correction instruction (the
-answer marker of the task's tokenizer) and a second attempt; the verifier scores both. Stage I
+Each round: 4 first attempts per problem; each is followed by the problem asked again (the
+built-in tasks' correction instruction, `{prompt}`) and a second attempt; the verifier scores both. Stage I
 (the first `algorithm.score_stage1_rounds` rounds) trains the second attempt while a strong KL
 (`algorithm.score_kl_first`) holds the first at the warmed-up policy; stage II trains both, the
 second with the progress bonus alpha * (r2 - r1) (`algorithm.score_bonus`). `score_sft` is the
@@ -32,5 +32,7 @@ def get_config(arg: str | None = None):
   cfg.warmup.num_minibatches = 2
   cfg.warmup.learning_rate = 1e-3
   cfg.eval.every_rounds = 20
+  if cfg.data.task == "countdown":  # the format, and half the first attempts shown wrong
+    cfg.algorithm.score_warmup_episodes = "mixed"
   cfg.rounds = 100
   return cfg

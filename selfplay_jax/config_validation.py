@@ -109,6 +109,8 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("algorithm.score_kl_first", float, _non_negative, "must be >= 0"),
     ("algorithm.score_bonus", float, _non_negative, "must be >= 0"),
     ("algorithm.correction_prompt", str, None, ""),
+    ("algorithm.score_warmup_episodes", str, lambda v: v in ("none", "copy", "mixed"),
+     "must be 'none', 'copy' or 'mixed'"),
     ("algorithm.balance_n_star", int, _positive, "must be >= 1"),
     ("judge.template", str, None, ""),
     ("judge.score_min", int, None, ""),  # the scale is checked by judge.check_score_range

@@ -240,12 +240,12 @@ def vote_marker(run) -> int | None:
     return None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6, 7))
 def _two_attempts_solved(mc, params, batch, verify, sc: sampling.SamplingConfig, correction,
-                         pad_id):
+                         pad_id, repeat_prompt):
   """Greedy two-attempt counts of one batch (global sums): each verdict and each change."""
   _, rewards, _ = rnd.two_attempts(mc, params, batch, jax.random.key(0), sc, verify, correction,
-                                   pad_id)
+                                   pad_id, repeat_prompt)
   valid = batch["valid"].astype(jnp.float32)
   means = rnd.attempt_metrics(rewards[:, 0], rewards[:, 1], "eval", valid)
   return {**{k: v * jnp.sum(valid) for k, v in means.items()}, "total": jnp.sum(valid)}
@@ -257,9 +257,9 @@ def two_attempt_accuracy(run, params, batches, mesh=None, rules=None) -> dict[st
   every other method is measured)."""
   sc = sampling.SamplingConfig(max_new_tokens=run.cfg.sampling.max_new_tokens, temperature=0.0,
                                eos_ids=tuple(run.tokenizer.eos_ids))
-  correction, pad_id = option(run.spec, "correction"), option(run.spec, "pad_id")
+  episode = tuple(option(run.spec, k) for k in ("correction", "pad_id", "repeat_prompt"))
   sums = _batch_sums(lambda b, rng: _two_attempts_solved(run.model_config, params, b,
-                                                         run.verifier, sc, correction, pad_id),
+                                                         run.verifier, sc, *episode),
                      batches, 0, mesh, rules)
   total = max(sums.pop("total"), 1.0)
   out = {k: v / total for k, v in sums.items()}

@@ -28,13 +28,13 @@ import optax
 
 from selfplay_jax import sampling, sharding
 from selfplay_jax.algorithms import losses
-from selfplay_jax.algorithms.score import TwoAttempts
+from selfplay_jax.algorithms.score import TwoAttempts, episode_prompts
 from selfplay_jax.algorithms.spec import LogProbs, Spec, option
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models import lora
 from selfplay_jax.models.config import ModelConfig
 from selfplay_jax.models.logprobs import completion_logprobs
-from selfplay_jax.rows import Rows, concat_rows, left_pack, map_chunks, repeat_rows
+from selfplay_jax.rows import Rows, concat_rows, map_chunks, repeat_rows
 from selfplay_jax.scoring import label_free
 from selfplay_jax.scoring import bstar
 from selfplay_jax.scoring.judge import gap_meter, ranking_agreement
@@ -212,30 +212,29 @@ def sample_and_score(model_config: ModelConfig, params, ref_params, batch: Rows,
 
 
 def correction_prompts(first: sampling.Rollout, correction: tuple[int, ...], eos_ids,
-                       pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """The second attempt's prompts `x · y1 · c`, left-padded [R, P + N + len(c)]: each first
-  attempt's prompt, its completion without the stop token, then the correction instruction."""
-  keep = first.mask & ~jnp.isin(first.tokens, jnp.asarray(eos_ids, jnp.int32))
-  c = jnp.broadcast_to(jnp.asarray(correction, jnp.int32), (first.num_rows, len(correction)))
-  tokens = jnp.concatenate([first.prompt_tokens, first.tokens, c], axis=1)
-  mask = jnp.concatenate([first.prompt_mask, keep, jnp.ones(c.shape, bool)], axis=1)
-  return left_pack(tokens, mask, pad_id)
+                       pad_id: int = 0, repeat_prompt: bool = False
+                       ) -> tuple[jax.Array, jax.Array]:
+  """The second attempt's prompts after each first attempt (`score.episode_prompts`)."""
+  return episode_prompts(first.prompt_tokens, first.prompt_mask, first.tokens, first.mask,
+                         correction, eos_ids, pad_id, repeat_prompt)
 
 
 def two_attempts(model_config: ModelConfig, params, batch: Rows, rng,
                  sampling_config: sampling.SamplingConfig, verifier: Verifier,
-                 correction: tuple[int, ...], pad_id: int = 0):
+                 correction: tuple[int, ...], pad_id: int = 0, repeat_prompt: bool = False,
+                 num_samples: int = 0):
   """SCoRe's episode (`algorithms/score.py`): `sampling_config.n` first attempts per prompt, then
   one second attempt per first, prompted with `correction_prompts`; both verified. Returns
   (`TwoAttempts`, rewards [R, 2], metrics): `train/accuracy@t1`, `train/accuracy@t2`,
   `train/delta_i2c` / `train/delta_c2i` (shares of episodes that go wrong → right / right →
-  wrong), and the usual length and entropy means over both attempts."""
+  wrong), and the usual length and entropy means over both attempts; with `num_samples`, the
+  first second attempts under `samples/*` (their prompts hold the first attempts)."""
   sc = sampling_config
   k1, k2 = jax.random.split(rng)
   first = sampling.sample(model_config, params, batch["prompt_tokens"], batch["prompt_mask"], k1,
                           sc)
   eos = sc.eos_ids or model_config.eos_token_ids
-  prompts, mask = correction_prompts(first, correction, eos, pad_id)
+  prompts, mask = correction_prompts(first, correction, eos, pad_id, repeat_prompt)
   second = sampling.sample(model_config, params, prompts, mask, k2,
                            dataclasses.replace(sc, n=1))
   answers = repeat_rows({"tokens": batch["answer_tokens"], "mask": batch["answer_mask"]}, sc.n)
@@ -250,6 +249,12 @@ def two_attempts(model_config: ModelConfig, params, batch: Rows, rng,
   metrics["train/completion_len"] = jnp.mean(both(lambda o: o.lengths).astype(jnp.float32))
   metrics["train/entropy"] = losses.masked_mean(both(lambda o: o.entropy),
                                                 both(lambda o: o.mask))
+  if num_samples:
+    k = min(num_samples, second.num_rows)
+    metrics.update({"samples/prompt_tokens": second.prompt_tokens[:k],
+                    "samples/prompt_mask": second.prompt_mask[:k],
+                    "samples/tokens": second.tokens[:k], "samples/lengths": second.lengths[:k],
+                    "samples/rewards": r2[:k]})
   return TwoAttempts(first=first, second=second), rewards, metrics
 
 
@@ -452,7 +457,8 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     if spec.samples and option(spec, "attempts") == 2:
       rollout, rewards, metrics = two_attempts(
           model_config, sampler, batch, k_sample, sampling_config, verifier,
-          option(spec, "correction"), option(spec, "pad_id"))
+          option(spec, "correction"), option(spec, "pad_id"), option(spec, "repeat_prompt"),
+          num_samples)
     elif spec.samples:
       rollout, rewards, metrics = sample_and_score(
           model_config, sampler, reference, batch, k_sample, sampling_config, verifier,

@@ -36,6 +36,14 @@ def repeat_rows(rows: Rows, n: int) -> Rows:
   return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), rows)
 
 
+def token_key(tokens: jax.Array) -> jax.Array:
+  """A PRNG key hashed from token ids (a spec's build gets no key): other tokens give other draws,
+  the same tokens (a resumed round) the same ones."""
+  t = tokens.astype(jnp.uint32)
+  pos = jnp.arange(t.size, dtype=jnp.uint32).reshape(t.shape)
+  return jax.random.fold_in(jax.random.key(0), jnp.sum(t * (pos * jnp.uint32(2654435761) + 1)))
+
+
 def concat_rows(a: Rows, b: Rows) -> Rows:
   """The rows of `a`, then those of `b` (same keys and widths)."""
   return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=0), a, b)

@@ -28,6 +28,7 @@ from selfplay_jax import config_lib, models, sampling, scoring, sharding, tokeni
 from selfplay_jax import round as rnd
 from selfplay_jax.algorithms import registry
 from selfplay_jax.algorithms.preference import JudgeSFT
+from selfplay_jax.algorithms.score import EpisodeSFT
 from selfplay_jax.algorithms.sft import SFT
 from selfplay_jax.algorithms.spec import Spec, option
 from selfplay_jax.data import pipeline, tasks
@@ -261,6 +262,17 @@ def build_warmup_spec(cfg, tok, task=None) -> Spec:
     return JudgeSFT(build_judge(cfg, tok, task), judge_weight=cfg.judge.loss_weight,
                     trace=build_trace(cfg, tok, task), balance=cfg.judge.balance,
                     corrupt=build_corruption(cfg, tok, task))
+  spec = run_spec(cfg, tok)
+  mode = cfg.algorithm.score_warmup_episodes
+  if option(spec, "attempts") == 2 and mode != "none":
+    corrupt = _task_fn(cfg, tok, task, "make_corrupt_fn") if mode == "mixed" else None
+    if mode == "mixed" and corrupt is None:
+      raise ConfigError(f"algorithm.score_warmup_episodes: 'mixed' shows corrupted gold "
+                        f"responses, and data.task={cfg.data.task!r} cannot make them "
+                        "(Task.make_corrupt_fn; countdown can); use 'copy' or 'none'")
+    return EpisodeSFT(correction=spec.correction, repeat_prompt=spec.repeat_prompt,
+                      pad_id=spec.pad_id, eos_ids=tuple(tok.eos_ids), mode=mode,
+                      corrupt=corrupt)
   return SFT()
 
 
@@ -572,29 +584,37 @@ class Run:
 
 
 # SCoRe's correction instruction for JSONL data when `algorithm.correction_prompt` is "" (the
-# paper's, for MATH); built-in tasks use their answer marker, a symbol of their own tokenizer.
+# paper's, for MATH). Built-in tasks ask the problem again ("{prompt}"): their tiny models know
+# only "problem -> solution", and the first attempt stays in view before it.
 CORRECTION_PROMPT = ("\n\nThere might be an error in the solution above because of lack of "
                      "understanding of the question. Please correct the error, if any, and rewrite "
                      "the solution.\n")
+PROMPT_FIELD = "{prompt}"
 
 
-def correction_tokens(cfg, tok: tokenizers.Tokenizer) -> tuple[int, ...]:
-  """The token ids of SCoRe's correction instruction (`algorithm.correction_prompt`, or the
-  default above / the task's answer marker)."""
+def correction_tokens(cfg, tok: tokenizers.Tokenizer) -> tuple[tuple[int, ...], bool]:
+  """SCoRe's correction instruction (`algorithm.correction_prompt`, or the defaults above): its
+  token ids, and whether the prompt follows them (the text ends with `{prompt}`)."""
   text = cfg.algorithm.correction_prompt or (CORRECTION_PROMPT if is_jsonl_data(cfg)
-                                             else tasks.ANSWER_MARKER)
-  ids = tuple(tok.encode(text))
-  if not ids:
+                                             else PROMPT_FIELD)
+  repeat = text.endswith(PROMPT_FIELD)
+  before = text[:-len(PROMPT_FIELD)] if repeat else text
+  if PROMPT_FIELD in before:
+    raise ConfigError(f"algorithm.correction_prompt: {text!r} may hold {PROMPT_FIELD} once, at "
+                      "its end (the problem asked again after the instruction)")
+  ids = tuple(tok.encode(before)) if before else ()
+  if not ids and not repeat:
     raise ConfigError(f"algorithm.correction_prompt: {text!r} encodes to no tokens")
-  return ids
+  return ids, repeat
 
 
 def run_spec(cfg, tok: tokenizers.Tokenizer) -> Spec:
   """`build_spec(cfg)` with what needs the tokenizer filled in (SCoRe's correction tokens)."""
   spec = build_spec(cfg)
-  if option(spec, "attempts") == 2 and not option(spec, "correction"):
-    spec = dataclasses.replace(spec, correction=correction_tokens(cfg, tok),
-                               pad_id=tok.pad_id or 0)
+  if option(spec, "attempts") == 2 and not option(spec, "correction") \
+      and not option(spec, "repeat_prompt"):
+    ids, repeat = correction_tokens(cfg, tok)
+    spec = dataclasses.replace(spec, correction=ids, repeat_prompt=repeat, pad_id=tok.pad_id or 0)
   return spec
 
 

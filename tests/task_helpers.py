@@ -32,3 +32,21 @@ def string_reward(tok, tokens, mask, prompt) -> float:
   if tok.eos_id not in seq:
     return 0.0
   return float(answer_is_right(tok.decode(seq[:seq.index(tok.eos_id)]), prompt))
+
+
+def tiny_arithmetic(tmp_dir, num_prompts: int):
+  """A one-layer random model on 1-digit arithmetic's own tokenizer, and a batch of `num_prompts`
+  training problems (prompt 8, response 8, answer 4 tokens): (task, tokenizer, model config,
+  params, batch of numpy arrays)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from selfplay_jax import models  # pylint: disable=import-outside-toplevel
+  from selfplay_jax.data import tasks  # pylint: disable=import-outside-toplevel
+  task = tasks.get_task("arithmetic", num_digits=1)
+  tok = tasks.build_tokenizer(task, tmp_dir)
+  cfg = models.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                           num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                           bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids),
+                           pad_token_id=tok.pad_id).validate()
+  batch = tasks.encode_examples(task.examples("train", seed=0, num=num_prompts), tok, 8, 8, 4)
+  return task, tok, cfg, models.init_params(cfg, jax.random.key(0)), batch
+

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfplay_jax import config_lib, config_validation, models, sampling, train
+from selfplay_jax import config_lib, config_validation, sampling, train
 from selfplay_jax import round as rnd
-from selfplay_jax.data import tasks
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.scoring import bstar
+from tests import task_helpers
 
 # ---- NumPy references ----------------------------------------------------------------------------
 
@@ -132,16 +132,9 @@ def test_choose_is_the_numpy_grid_argmax_with_earlier_entries_winning_ties():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  task = tasks.get_task("arithmetic", num_digits=1)
-  tok = tasks.build_tokenizer(task, tmp_path_factory.mktemp("tok"))
-  cfg = models.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                           num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-                           bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids),
-                           pad_token_id=tok.pad_id).validate()
-  batch = tasks.encode_examples(task.examples("train", seed=0, num=3), tok, 8, 8, 4)
+  _, tok, cfg, params, batch = task_helpers.tiny_arithmetic(tmp_path_factory.mktemp("tok"), 3)
   sc = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, n=4,
                                eos_ids=tuple(tok.eos_ids))
-  params = models.init_params(cfg, jax.random.key(0))
   return cfg, params, {k: jnp.asarray(v) for k, v in batch.items()}, sc
 
 

@@ -87,6 +87,8 @@ TRAIN_RUNS = {
     "configs/self_rewarding.py": (),
     "configs/sharpen.py:mode=sft": (),
     "configs/sharpen.py:mode=rl": (),
+    # SCoRe's two-attempt episodes (Countdown's widths do not fit TINY; the keys are the same).
+    "configs/score.py:task=arithmetic": (),
     "examples/extending/config.py": (),
 }
 # Planned (`plan.plan(cfg)`, as `selfplay-jax plan` does: no compilation). real_model.py is an 8B

@@ -20,7 +20,7 @@ from selfplay_jax import round as rnd
 from selfplay_jax.algorithms import losses as L
 from selfplay_jax.algorithms.grpo import PolicyGradient
 from selfplay_jax.algorithms.spec import LogProbs
-from selfplay_jax.data import tasks
+from tests import task_helpers
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models.logprobs import completion_logprobs, completion_logprobs_and_entropy
 
@@ -260,14 +260,7 @@ G = 4
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  task = tasks.get_task("arithmetic", num_digits=1)
-  tok = tasks.build_tokenizer(task, tmp_path_factory.mktemp("tok"))
-  cfg = models.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                           num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-                           bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids),
-                           pad_token_id=tok.pad_id).validate()
-  batch = tasks.encode_examples(task.examples("train", seed=0, num=2), tok, 8, 8, 4)
-  params = models.init_params(cfg, jax.random.key(0))
+  _, tok, cfg, params, batch = task_helpers.tiny_arithmetic(tmp_path_factory.mktemp("tok"), 2)
   return cfg, params, batch, tuple(tok.eos_ids)
 
 

@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selfplay_jax import config_lib, config_validation, models, sampling, train
+from selfplay_jax import config_lib, config_validation, sampling, setup, train
 from selfplay_jax import round as rnd
-from selfplay_jax.algorithms.score import SCoRe, TwoAttempts, score_advantages
+from selfplay_jax.algorithms.score import EpisodeSFT, SCoRe, TwoAttempts, score_advantages
 from selfplay_jax.algorithms.spec import LogProbs
 from selfplay_jax.data import tasks
 from selfplay_jax.errors import ConfigError
+from tests import task_helpers
 
 EOS, PAD = 2, 0
 CORRECTION = (7, 8)
@@ -45,18 +46,33 @@ def test_correction_prompt_is_the_prompt_the_attempt_and_the_instruction():
     assert (np.asarray(tokens[row])[~m] == PAD).all()
 
 
+def test_correction_prompt_can_ask_the_problem_again():
+  tokens, mask = rnd.correction_prompts(_hand_rollout(), CORRECTION, (EOS,), PAD,
+                                        repeat_prompt=True)
+  assert tokens.shape == (2, 3 + 4 + 2 + 3)
+  want = [[5, 6, 9, 3, 7, 8, 5, 6], [4, 5, 6, 3, 3, 3, 3, 7, 8, 4, 5, 6]]
+  for row, w in enumerate(want):
+    assert np.asarray(tokens[row])[np.asarray(mask[row])].tolist() == w
+
+
+@pytest.mark.parametrize("text, ids, repeat", [("", (), True), ("+{prompt}", ("+",), True),
+                                               ("+=", ("+", "="), False)])
+def test_correction_prompt_config(text, ids, repeat, tmp_path):
+  cfg = config_lib.load_config("configs/score.py:task=arithmetic",
+                               TINY + [f"algorithm.correction_prompt={text}"])
+  run = setup.build(cfg, tmp_path)
+  assert run.spec.correction == tuple(run.tokenizer.piece_to_id(p) for p in ids)
+  assert run.spec.repeat_prompt == repeat and run.spec.pad_id == (run.tokenizer.pad_id or 0)
+  cfg.algorithm.correction_prompt = "{prompt}+{prompt}"
+  with pytest.raises(ConfigError, match="algorithm.correction_prompt"):
+    setup.build(cfg, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  task = tasks.get_task("arithmetic", num_digits=1)
-  tok = tasks.build_tokenizer(task, tmp_path_factory.mktemp("tok"))
-  cfg = models.ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                           num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
-                           bos_token_id=tok.bos_id, eos_token_ids=tuple(tok.eos_ids),
-                           pad_token_id=tok.pad_id).validate()
-  batch = tasks.encode_examples(task.examples("train", seed=0, num=3), tok, 8, 8, 4)
+  task, tok, cfg, params, batch = task_helpers.tiny_arithmetic(tmp_path_factory.mktemp("tok"), 3)
   sc = sampling.SamplingConfig(max_new_tokens=6, temperature=1.0, n=2,
                                eos_ids=tuple(tok.eos_ids))
-  params = models.init_params(cfg, jax.random.key(0))
   correction = tuple(tok.encode(tasks.ANSWER_MARKER))
   return (cfg, params, {k: jnp.asarray(v) for k, v in batch.items()}, sc, tok,
           task.make_verifier(tok), correction)
@@ -101,6 +117,47 @@ def test_attempt_metrics_count_changes_with_weights():
                              "eval/delta_i2c": 1 / 5, "eval/delta_c2i": 2 / 5})
   assert m["eval/accuracy@t2"] - m["eval/accuracy@t1"] == pytest.approx(
       m["eval/delta_i2c"] - m["eval/delta_c2i"])
+
+
+def test_episode_warmup_rows_are_gold_after_gold():
+  """EpisodeSFT: the gold rows, then the same gold responses after `x · y* · c · x`."""
+  batch = {"prompt_tokens": jnp.asarray([[0, 5, 6], [4, 5, 6]], jnp.int32),
+           "prompt_mask": jnp.asarray([[0, 1, 1], [1, 1, 1]], bool),
+           "response_tokens": jnp.asarray([[9, 3, EOS, 0], [3, 4, 3, EOS]], jnp.int32),
+           "response_mask": jnp.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], bool)}
+  spec = EpisodeSFT(correction=CORRECTION, repeat_prompt=True, eos_ids=(EOS,), mode="copy")
+  rows = spec.build(batch, None, None, None)
+  assert rows["prompt_tokens"].shape == (4, 3 + 4 + 2 + 3)
+  np.testing.assert_array_equal(rows["tokens"], np.concatenate([batch["response_tokens"]] * 2))
+  np.testing.assert_array_equal(rows["mask"], np.concatenate([batch["response_mask"]] * 2))
+  prompts = [np.asarray(t)[np.asarray(m)].tolist()
+             for t, m in zip(rows["prompt_tokens"], rows["prompt_mask"])]
+  assert prompts == [[5, 6], [4, 5, 6], [5, 6, 9, 3, 7, 8, 5, 6],
+                     [4, 5, 6, 3, 4, 3, 7, 8, 4, 5, 6]]
+
+
+def test_mixed_warmup_shows_corrupted_first_attempts_for_half_the_rows():
+  """mode=mixed: each episode row's first attempt is the gold response or `corrupt` of it (here:
+  every token + 10), a coin per row; the target is always the gold response."""
+  rng = np.random.default_rng(3)
+  rows_n = 64
+  gold = rng.integers(3, 7, (rows_n, 4))
+  batch = {"prompt_tokens": jnp.asarray(rng.integers(3, 7, (rows_n, 3)), jnp.int32),
+           "prompt_mask": jnp.ones((rows_n, 3), bool),
+           "response_tokens": jnp.asarray(gold, jnp.int32),
+           "response_mask": jnp.ones((rows_n, 4), bool)}
+  corrupt = lambda tokens, mask, key: tokens + 10
+  spec = EpisodeSFT(correction=CORRECTION, eos_ids=(EOS,), mode="mixed", corrupt=corrupt)
+  rows = spec.build(batch, None, None, None)
+  first = np.asarray(rows["prompt_tokens"])[rows_n:, 3:7]  # x (3) then the first attempt (4)
+  corrupted = (first == gold + 10).all(axis=1)
+  assert ((first == gold).all(axis=1) | corrupted).all()
+  assert 0.3 < corrupted.mean() < 0.7  # a fair coin over 64 rows
+  np.testing.assert_array_equal(np.asarray(rows["tokens"])[rows_n:], gold)
+  again = spec.build(batch, None, None, None)  # the same batch: the same coins
+  np.testing.assert_array_equal(np.asarray(again["prompt_tokens"]), np.asarray(rows["prompt_tokens"]))
+  with pytest.raises(ValueError, match="corrupt"):
+    EpisodeSFT(mode="mixed")
 
 
 # ---- advantages and loss against NumPy -----------------------------------------------------------
@@ -201,6 +258,13 @@ TINY = ["warmup.rounds=2", "rounds=3", "eval.every_rounds=3", "eval.num_examples
         "model.num_layers=1", "progress_bar=false", "mesh.data=1", "eval.judge_samples=0",
         "metrics.plot_every_rounds=0", "checkpoint.every_rounds=0",
         "algorithm.score_stage1_rounds=1"]
+
+
+def test_mixed_warmup_needs_a_task_that_corrupts(tmp_path):
+  cfg = config_lib.load_config("configs/score.py:task=arithmetic",
+                               TINY + ["algorithm.score_warmup_episodes=mixed"])
+  with pytest.raises(ConfigError, match="algorithm.score_warmup_episodes: 'mixed'"):
+    setup.build(cfg, tmp_path)
 
 
 def test_score_refuses_another_reward():

@@ -24,6 +24,7 @@ from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.losses import DPO_LOSS_TYPES, PREFERENCE_LOSS_TYPES
 from selfplay_jax.algorithms.spec import LogProbs
 from selfplay_jax.rows import (Rows, concat_rows, gold_rows, left_pad_to, pad_right, repeat_rows,
+                               token_key,
                                rollout_rows, stack_pairs)
 
 PAIR_SOURCES = ("data", "gold_vs_sample", "best_vs_worst")
@@ -179,11 +180,9 @@ class Preference:
 
 
 def _round_key(rollout) -> jax.Array:
-  """A PRNG key hashed from the round's sampled tokens (a spec's build gets no key): each round
-  draws other hard negatives, and a resumed round, which samples the same tokens, the same ones."""
-  t = rollout.tokens.astype(jnp.uint32)
-  pos = jnp.arange(t.size, dtype=jnp.uint32).reshape(t.shape)
-  return jax.random.fold_in(jax.random.key(0), jnp.sum(t * (pos * jnp.uint32(2654435761) + 1)))
+  """A PRNG key hashed from the round's sampled tokens (`rows.token_key`): each round draws other
+  hard negatives, and a resumed round, which samples the same tokens, the same ones."""
+  return token_key(rollout.tokens)
 
 
 def mismatched_rows(rows: Rows, group_size: int) -> Rows:

@@ -333,7 +333,9 @@ def _score(cfg) -> Spec:
 
 def _score_passes(cfg, spec) -> Passes:
   b, n, k = cfg.data.batch_size, cfg.sampling.n, cfg.algorithm.num_minibatches
-  width = cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens + len(cfg.algorithm.correction_prompt)
+  # x2 = x, y1, the instruction (at most a token per character), x again: an upper bound
+  width = 2 * cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens + len(
+      cfg.algorithm.correction_prompt)
   rows = b * n if spec.objective == "sft" else 2 * b * n
   passes = [("training step", rows // k, width)]
   if spec.objective == "rl":

@@ -3,7 +3,8 @@ Self-Correct via Reinforcement Learning"), and its supervised baseline on correc
 
 One episode is two attempts inside one round (`round.two_attempts`): attempt 1 `y1 ~ π(·|x)`
 (`group_size` samples per problem), then attempt 2 `y2 ~ π(·|x2)` with `x2 = x · y1 · c` (the first
-attempt without its stop token, then the fixed correction instruction `c`), one per attempt 1.
+attempt without its stop token, then the fixed correction instruction `c`; with `{prompt}` in the
+instruction, `x · y1 · c · x`: the problem asked again), one per attempt 1.
 The verifier scores both: `r1`, `r2`. The spec receives `rollout = TwoAttempts(first, second)`
 and `rewards [R, 2]`, and trains on both attempts' rows (attempt-1 prompts left-padded to the
 attempt-2 prompts' width, so one row set holds both).
@@ -39,7 +40,8 @@ import jax.numpy as jnp
 
 from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.spec import LogProbs
-from selfplay_jax.rows import Rows, concat_rows, left_pad_to, rollout_rows
+from selfplay_jax.rows import (Rows, concat_rows, gold_rows, left_pack, left_pad_to, rollout_rows,
+                               token_key)
 
 OBJECTIVES = ("rl", "sft")
 
@@ -78,8 +80,9 @@ def score_advantages(r1, r2, group_size: int, stage2, bonus: float):
 
 @dataclasses.dataclass(frozen=True)
 class SCoRe:
-  """See the module docstring. `correction`: the instruction's token ids (set by `setup` from
-  `algorithm.correction_prompt` and the run's tokenizer)."""
+  """See the module docstring. `correction`: the instruction's token ids, `repeat_prompt`: the
+  problem is asked again after it (both set by `setup` from `algorithm.correction_prompt` and the
+  run's tokenizer)."""
 
   name: str = "score"
   group_size: int = 4
@@ -89,6 +92,7 @@ class SCoRe:
   kl_coef: float = 0.1
   bonus: float = 1.0
   correction: tuple[int, ...] = ()
+  repeat_prompt: bool = False
   pad_id: int = 0
   temperature: float = 1.0
   clip_low: float = 0.2
@@ -138,3 +142,76 @@ class SCoRe:
     aux.pop("kl", None)  # the PG loss got no reference: its in-loss KL is the one below
     return pg + kl, {**aux, "kl_first": jax.lax.stop_gradient(jnp.mean(kl_row[:r])),
                      "kl_second": jax.lax.stop_gradient(jnp.mean(kl_row[r:]))}
+
+
+def episode_prompts(prompt_tokens, prompt_mask, attempt_tokens, attempt_mask, correction,
+                    eos_ids, pad_id: int = 0, repeat_prompt: bool = False):
+  """The second attempt's prompts `x · y1 · c` (`repeat_prompt`: `x · y1 · c · x`, the problem
+  asked again), left-packed [R, P + N + len(c) (+ P)]: the prompt, the first attempt without its
+  stop token, the correction instruction (and the prompt again)."""
+  keep = attempt_mask & ~jnp.isin(attempt_tokens, jnp.asarray(eos_ids, jnp.int32))
+  c = jnp.broadcast_to(jnp.asarray(correction, jnp.int32), (prompt_tokens.shape[0], len(correction)))
+  tokens = [prompt_tokens, attempt_tokens, c]
+  mask = [prompt_mask, keep, jnp.ones(c.shape, bool)]
+  if repeat_prompt:
+    tokens.append(prompt_tokens)
+    mask.append(prompt_mask)
+  return left_pack(jnp.concatenate(tokens, axis=1), jnp.concatenate(mask, axis=1), pad_id)
+
+
+WARMUP_EPISODES = ("none", "copy", "mixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSFT:
+  """SCoRe's warm-up (`algorithm.score_warmup_episodes`): SFT on the gold responses, and on the
+  same gold responses as second attempts after a first attempt (`x · y1 · c → y*`), which teaches
+  the episode's format (a second prompt is longer and holds the problem twice).
+
+  mode "copy": the first attempt shown is the gold response, so these rows teach repeating it.
+  mode "mixed": for half the rows (a coin per row, drawn from a key hashed from the batch's
+  prompts) it is the gold response made wrong by `corrupt` (the task's hard negatives,
+  `Task.make_corrupt_fn`: one operator or one claimed digit changed): SFT on synthetic correction
+  traces, gold-labelled, before any round reads a reward.
+  """
+
+  correction: tuple[int, ...] = ()
+  repeat_prompt: bool = False
+  pad_id: int = 0
+  eos_ids: tuple[int, ...] = ()
+  mode: str = "copy"
+  corrupt: object = None
+  name: str = "sft"
+  samples: bool = False
+  reference: str = "none"
+  restart_from_base: bool = False
+
+  def __post_init__(self):
+    if self.mode not in WARMUP_EPISODES[1:]:
+      raise ValueError(f"EpisodeSFT mode must be one of {WARMUP_EPISODES[1:]}, got {self.mode!r}")
+    if self.mode == "mixed" and self.corrupt is None:
+      raise ValueError("EpisodeSFT mode 'mixed' needs a corrupt function")
+
+  def first_attempts(self, gold: Rows) -> jax.Array:
+    """The first attempts the episode rows show: the gold responses, or (mixed) half of them
+    corrupted."""
+    if self.mode == "copy":
+      return gold["tokens"]
+    k_coin, k_corrupt = jax.random.split(token_key(gold["prompt_tokens"]))
+    wrong = self.corrupt(gold["tokens"], gold["mask"], k_corrupt)
+    coin = jax.random.bernoulli(k_coin, 0.5, (gold["tokens"].shape[0], 1))
+    return jnp.where(coin, wrong, gold["tokens"])
+
+  def build(self, batch: Rows, rollout, rewards, logp: LogProbs) -> Rows:
+    gold = gold_rows(batch)
+    prompts, mask = episode_prompts(gold["prompt_tokens"], gold["prompt_mask"],
+                                    self.first_attempts(gold), gold["mask"], self.correction,
+                                    self.eos_ids, self.pad_id, self.repeat_prompt)
+    second = {**gold, "prompt_tokens": prompts, "prompt_mask": mask}
+    gold["prompt_tokens"], gold["prompt_mask"] = left_pad_to(
+        gold["prompt_tokens"], gold["prompt_mask"], prompts.shape[1], self.pad_id)
+    return concat_rows(gold, second)
+
+  def loss(self, logp_BxT, rows: Rows):
+    return losses.nll_loss(logp_BxT, rows["mask"], "token"), {}
+

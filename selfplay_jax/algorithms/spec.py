@@ -67,7 +67,8 @@ class Spec(Protocol):
   #                         one per prompt) before `build` (SCoRe's stage)
   #   attempts: int         2: the round samples a two-attempt episode (`round.two_attempts`),
   #                         `build` gets a `TwoAttempts` and rewards [R, 2] (SCoRe)
-  #   correction / pad_id   with attempts=2: the correction instruction's token ids, the filler
+  #   correction / pad_id / repeat_prompt   with attempts=2: the correction instruction's
+  #                         token ids, the filler, whether the prompt follows the instruction
 
   def build(self, batch: Rows, rollout: Any, rewards: jax.Array | None, logp: LogProbs) -> Rows:
     ...
@@ -80,7 +81,7 @@ OPTIONAL = {"sample_from": "policy", "reference_every": 1, "replay": False, "for
             "beta_schedule": (), "ref_sync_every": 0, "ref_sync_alpha": 0.0,
             "init_params": None, "after_warmup": None,  # PPO's value head (algorithms/ppo.py)
             "temperature": 1.0, "needs_round": False, "attempts": 1, "correction": (),
-            "pad_id": 0}
+            "pad_id": 0, "repeat_prompt": False}
 
 
 def option(spec: Spec, name: str) -> Any:
