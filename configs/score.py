@@ -1,5 +1,6 @@
-"""SCoRe (Kumar et al. 2024): two attempts per episode, RL that teaches the policy to correct its
-own first attempt. Countdown by default (a step-structured search problem with many solutions).
+"""SCoRe (Kumar et al. 2024): two-attempt episodes, RL for correcting the first attempt.
+
+Countdown by default (a step-structured search problem with many solutions).
 
   selfplay-jax train --config=configs/score.py --workdir=runs/score
   selfplay-jax train --config=configs/score.py --config.algorithm.name=score_sft --workdir=runs/score_sft

@@ -415,6 +415,25 @@ def _validate_majority(cfg: ml_collections.ConfigDict) -> None:
                       f"with {cfg.sampling.n} every valid answer is its own majority (use >= 2)")
 
 
+def _validate_score(cfg: ml_collections.ConfigDict) -> None:
+  """SCoRe's episodes: two verified attempts of one model, at a temperature that varies them."""
+  from selfplay_jax import setup  # pylint: disable=import-outside-toplevel
+  a = cfg.algorithm
+  kind = setup.reward_kind(cfg)
+  if kind != "verifier":
+    key = {"custom": "algorithm.scorer", "python": "algorithm.reward_fn(s)"}.get(
+        kind, "algorithm.reward")
+    raise ConfigError(f"{key}: {a.name} rewards both attempts with the task verifier (its deltas "
+                      "compare the two verdicts); leave the reward keys empty")
+  if cfg.sampling.temperature == 0:
+    raise ConfigError(f"sampling.temperature: 0 (greedy) makes a problem's {cfg.sampling.n} "
+                      f"episodes identical, so {a.name}'s leave-one-out advantages are all 0; "
+                      "use a temperature > 0")
+  if cfg.population.size > 1:
+    raise ConfigError(f"population.size: {cfg.population.size} members with {a.name}: the "
+                      "two-attempt episodes and their held-out metrics are single-model; use 1")
+
+
 def _validate_balance(cfg: ml_collections.ConfigDict, entry: registry.Algorithm | None) -> None:
   """B-STaR's per-round grids (`sampling.auto_temperature`, `algorithm.auto_threshold`)."""
   a = cfg.algorithm
@@ -529,10 +548,8 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     raise ConfigError(f"judge.hard_negatives: data.task={cfg.data.task!r} cannot make wrong "
                       f"responses from gold ones (Task.make_corrupt_fn; {', '.join(makers)} can)")
   _validate_balance(cfg, entry)
-  if a.name in ("score", "score_sft") and not a.spec and (a.reward not in ("", "verifier")
-                                                          or a.reward_fn or a.reward_fns):
-    raise ConfigError(f"algorithm.reward: {a.name} rewards both attempts with the task verifier "
-                      "(its deltas compare the two verdicts); leave the reward keys empty")
+  if a.name in ("score", "score_sft") and not a.spec:
+    _validate_score(cfg)
   if cfg.algorithm.reward_threshold != 1.0:
     if entry is not None and not entry.samples:
       raise ConfigError(f"algorithm.reward_threshold: {a.name} does not sample, so nothing is "
@@ -555,6 +572,8 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
     raise ConfigError(f"sampling.top_k: {cfg.sampling.top_k} exceeds model.vocab_size="
                       f"{model.vocab_size}")
   total = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
+  if a.name in ("score", "score_sft") and not a.spec:  # x, y1, the instruction, x again, y2
+    total = 2 * total + len(cfg.algorithm.correction_prompt)
   if total > model.max_position_embeddings:
     raise ConfigError(f"sampling.max_new_tokens: data.max_prompt_len + sampling.max_new_tokens = "
                       f"{total} exceeds model.max_position_embeddings="

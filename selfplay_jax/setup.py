@@ -264,7 +264,7 @@ def build_warmup_spec(cfg, tok, task=None) -> Spec:
                     corrupt=build_corruption(cfg, tok, task))
   spec = run_spec(cfg, tok)
   mode = cfg.algorithm.score_warmup_episodes
-  if option(spec, "attempts") == 2 and mode != "none":
+  if option(spec, "attempts") == 2 and mode != "none" and cfg.warmup.rounds:
     corrupt = _task_fn(cfg, tok, task, "make_corrupt_fn") if mode == "mixed" else None
     if mode == "mixed" and corrupt is None:
       raise ConfigError(f"algorithm.score_warmup_episodes: 'mixed' shows corrupted gold "
@@ -586,9 +586,7 @@ class Run:
 # SCoRe's correction instruction for JSONL data when `algorithm.correction_prompt` is "" (the
 # paper's, for MATH). Built-in tasks ask the problem again ("{prompt}"): their tiny models know
 # only "problem -> solution", and the first attempt stays in view before it.
-CORRECTION_PROMPT = ("\n\nThere might be an error in the solution above because of lack of "
-                     "understanding of the question. Please correct the error, if any, and rewrite "
-                     "the solution.\n")
+CORRECTION_PROMPT = registry.SCORE_JSONL_INSTRUCTION
 PROMPT_FIELD = "{prompt}"
 
 

@@ -271,8 +271,7 @@ def test_bad_grids_are_refused_naming_the_key(config, overrides, message):
 @pytest.mark.slow
 def test_rest_em_run_chooses_temperature_and_threshold_every_round(tmp_path):
   """rest_em with the self-likelihood reward (a graded score) and both grids: every round logs a
-  temperature and a threshold from its grid and the monitor; the threshold grid changes what is
-  kept (a run with a single fixed threshold trains differently)."""
+  temperature and a threshold from its grid, and the monitor."""
   cfg = _cfg("rest_em", "algorithm.reward=likelihood", "sampling.auto_temperature=0.6,1.2",
              "algorithm.auto_threshold=-4,-2,-1", "algorithm.balance_n_star=2")
   train.train_and_evaluate(cfg, tmp_path)

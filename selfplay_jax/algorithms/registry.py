@@ -322,20 +322,30 @@ register(Algorithm("kto", _kto, ref_sync=True, passes=_kto_passes))
 # SCoRe (algorithms/score.py): two attempts per episode; its keys are the "SCoRe" block of
 # configs/default.py. The correction instruction's token ids are set by `setup` (it has the
 # tokenizer).
+# SCoRe's instruction for JSONL data when `algorithm.correction_prompt` is "" (the paper's, for
+# MATH); `setup.correction_tokens` encodes it.
+SCORE_JSONL_INSTRUCTION = (
+    "\n\nThere might be an error in the solution above because of lack of understanding of the "
+    "question. Please correct the error, if any, and rewrite the solution.\n")
+
+
 def _score(cfg) -> Spec:
   a = cfg.algorithm
   return SCoRe(name=a.name, group_size=cfg.sampling.n,
                objective="sft" if a.name == "score_sft" else "rl",
                stage1_rounds=a.score_stage1_rounds, kl_first=a.score_kl_first, kl_coef=a.kl_coef,
-               bonus=a.score_bonus, temperature=cfg.sampling.temperature or 1.0,
+               bonus=a.score_bonus,
+               # the RL objective trains log-probs at the sampling temperature; SFT at T = 1
+               temperature=(cfg.sampling.temperature or 1.0) if a.name == "score" else 1.0,
                clip_low=a.clip_low, clip_high=a.clip_high)
 
 
 def _score_passes(cfg, spec) -> Passes:
   b, n, k = cfg.data.batch_size, cfg.sampling.n, cfg.algorithm.num_minibatches
-  # x2 = x, y1, the instruction (at most a token per character), x again: an upper bound
+  # x2 = x, y1, the instruction (at most a token per character), x again, then y2: a bound
   width = 2 * cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens + len(
-      cfg.algorithm.correction_prompt)
+      cfg.algorithm.correction_prompt.replace("{prompt}", "") or (
+          "" if not cfg.data.task.endswith(".jsonl") else SCORE_JSONL_INSTRUCTION))
   rows = b * n if spec.objective == "sft" else 2 * b * n
   passes = [("training step", rows // k, width)]
   if spec.objective == "rl":

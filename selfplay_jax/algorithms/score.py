@@ -121,6 +121,7 @@ class SCoRe:
     a1, a2 = score_advantages(r1, r2, self.group_size, stage2, self.bonus)
     r = r1.shape[0]
     rows["advantages"] = jnp.concatenate([a1, a2])
+    rows["second"] = jnp.arange(2 * r) >= r  # which attempt a row is (minibatches shuffle rows)
     rows["kl_weight"] = jnp.concatenate([
         jnp.full((r,), jnp.where(stage2, self.kl_coef, self.kl_first)),
         jnp.full((r,), self.kl_coef)]).astype(jnp.float32)
@@ -138,10 +139,11 @@ class SCoRe:
                                           loss_type="grpo")
     kl_row = losses.masked_mean(losses.kl_k3(logp_BxT, rows["ref_logp"]), mask, axis=1)
     kl = jnp.mean(rows["kl_weight"] * kl_row)
-    r = mask.shape[0] // 2
     aux.pop("kl", None)  # the PG loss got no reference: its in-loss KL is the one below
-    return pg + kl, {**aux, "kl_first": jax.lax.stop_gradient(jnp.mean(kl_row[:r])),
-                     "kl_second": jax.lax.stop_gradient(jnp.mean(kl_row[r:]))}
+    second = rows["second"]
+    mean_of = lambda rows_mask: jax.lax.stop_gradient(
+        jnp.sum(jnp.where(rows_mask, kl_row, 0.0)) / jnp.maximum(jnp.sum(rows_mask), 1))
+    return pg + kl, {**aux, "kl_first": mean_of(~second), "kl_second": mean_of(second)}
 
 
 def episode_prompts(prompt_tokens, prompt_mask, attempt_tokens, attempt_mask, correction,
