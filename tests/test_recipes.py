@@ -18,7 +18,7 @@ from selfplay_jax import round as rnd
 from selfplay_jax.algorithms.sft import SFT
 from selfplay_jax.data import pipeline
 
-WARMUP_ROUNDS, RECIPE_ROUNDS = 150, 30
+WARMUP_ROUNDS, RECIPE_ROUNDS = 150, 40
 SMALL = ["data.batch_size=32", "sampling.n=8", "algorithm.num_minibatches=1", "eval.num_examples=128",
          f"warmup.rounds={WARMUP_ROUNDS}"]
 RECIPES = ["sft", "rest_em", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "spin", "dpo"]

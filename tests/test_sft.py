@@ -50,9 +50,12 @@ def test_reward_threshold_sets_what_rest_em_keeps():
   # refused where it would be ignored, or would keep nothing
   import pytest
   from selfplay_jax.errors import ConfigError
-  with pytest.raises(ConfigError, match=r"algorithm.reward_threshold: grpo keeps no samples"):
-    config_validation.validate(config_lib.load_config("configs/grpo.py",
+  with pytest.raises(ConfigError, match=r"algorithm.reward_threshold: sft does not sample"):
+    config_validation.validate(config_lib.load_config("configs/sft.py",
                                                       ["algorithm.reward_threshold=0.5"]))
+  # Any sampling algorithm takes it: the B-STaR monitor's selection (test_bstar.py).
+  config_validation.validate(config_lib.load_config("configs/grpo.py",
+                                                    ["algorithm.reward_threshold=0.5"]))
   with pytest.raises(ConfigError, match=r"algorithm.reward_threshold: 5.0 is above the verifier"):
     config_validation.validate(config_lib.load_config("configs/rest_em.py",
                                                       ["algorithm.reward_threshold=5.0"]))
