@@ -573,7 +573,7 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
                       f"{model.vocab_size}")
   total = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
   if a.name in ("score", "score_sft") and not a.spec:  # x, y1, the instruction, x again, y2
-    total = 2 * total + len(cfg.algorithm.correction_prompt)
+    total = registry.score_episode_len(cfg)
   if total > model.max_position_embeddings:
     raise ConfigError(f"sampling.max_new_tokens: data.max_prompt_len + sampling.max_new_tokens = "
                       f"{total} exceeds model.max_position_embeddings="

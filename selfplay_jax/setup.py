@@ -583,17 +583,16 @@ class Run:
     return self.task.source("train", data_seed(self.cfg))
 
 
-# SCoRe's correction instruction for JSONL data when `algorithm.correction_prompt` is "" (the
-# paper's, for MATH). Built-in tasks ask the problem again ("{prompt}"): their tiny models know
-# only "problem -> solution", and the first attempt stays in view before it.
-CORRECTION_PROMPT = registry.SCORE_JSONL_INSTRUCTION
+# SCoRe's correction instruction when `algorithm.correction_prompt` is "": JSONL data gets the
+# paper's (`registry.SCORE_JSONL_INSTRUCTION`); built-in tasks ask the problem again ("{prompt}"):
+# their tiny models know only "problem -> solution", and the first attempt stays in view before it.
 PROMPT_FIELD = "{prompt}"
 
 
 def correction_tokens(cfg, tok: tokenizers.Tokenizer) -> tuple[tuple[int, ...], bool]:
   """SCoRe's correction instruction (`algorithm.correction_prompt`, or the defaults above): its
   token ids, and whether the prompt follows them (the text ends with `{prompt}`)."""
-  text = cfg.algorithm.correction_prompt or (CORRECTION_PROMPT if is_jsonl_data(cfg)
+  text = cfg.algorithm.correction_prompt or (registry.SCORE_JSONL_INSTRUCTION if is_jsonl_data(cfg)
                                              else PROMPT_FIELD)
   repeat = text.endswith(PROMPT_FIELD)
   before = text[:-len(PROMPT_FIELD)] if repeat else text

@@ -320,13 +320,20 @@ register(Algorithm("kto", _kto, ref_sync=True, passes=_kto_passes))
 
 
 # SCoRe (algorithms/score.py): two attempts per episode; its keys are the "SCoRe" block of
-# configs/default.py. The correction instruction's token ids are set by `setup` (it has the
-# tokenizer).
-# SCoRe's instruction for JSONL data when `algorithm.correction_prompt` is "" (the paper's, for
-# MATH); `setup.correction_tokens` encodes it.
+# configs/default.py. The correction instruction's token ids are set by `setup.correction_tokens`
+# (it has the tokenizer); for JSONL data with `algorithm.correction_prompt` "" the instruction is
+# the paper's, for MATH.
 SCORE_JSONL_INSTRUCTION = (
     "\n\nThere might be an error in the solution above because of lack of understanding of the "
     "question. Please correct the error, if any, and rewrite the solution.\n")
+
+
+def score_episode_len(cfg) -> int:
+  """A bound on one SCoRe episode's length in tokens: x, y1, the instruction (at most a token per
+  character), x again, y2 (the position check and the memory plan's widths)."""
+  instruction = cfg.algorithm.correction_prompt.replace("{prompt}", "") or (
+      SCORE_JSONL_INSTRUCTION if cfg.data.task.endswith(".jsonl") else "")
+  return 2 * (cfg.data.max_prompt_len + cfg.sampling.max_new_tokens) + len(instruction)
 
 
 def _score(cfg) -> Spec:
@@ -342,10 +349,7 @@ def _score(cfg) -> Spec:
 
 def _score_passes(cfg, spec) -> Passes:
   b, n, k = cfg.data.batch_size, cfg.sampling.n, cfg.algorithm.num_minibatches
-  # x2 = x, y1, the instruction (at most a token per character), x again, then y2: a bound
-  width = 2 * cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens + len(
-      cfg.algorithm.correction_prompt.replace("{prompt}", "") or (
-          "" if not cfg.data.task.endswith(".jsonl") else SCORE_JSONL_INSTRUCTION))
+  width = score_episode_len(cfg)
   rows = b * n if spec.objective == "sft" else 2 * b * n
   passes = [("training step", rows // k, width)]
   if spec.objective == "rl":
