@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.eval.every_rounds = 10  # greedy held-out accuracy every N rounds (and at the end)
   cfg.eval.num_examples = 256  # held-out examples per evaluation
   cfg.eval.batch_size = 64  # prompts per evaluation batch
+  cfg.eval.search_examples = 64  # rest_mcts: held-out problems of the search vs best-of-N meter; 0 = off
   cfg.eval.judge_samples = -1  # judge meter: samples per held-out prompt; -1 = sampling.n with a judge, 0 = off
 
   cfg.model = ml_collections.ConfigDict()
@@ -130,7 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.gamma = 1.0  # ppo: GAE discount over completion tokens
   cfg.algorithm.gae_lambda = 0.95  # ppo: GAE lambda (1 = Monte-Carlo returns, 0 = one-step TD)
   cfg.algorithm.value_clip = 0.2  # ppo: value clip range around the old values; 0 = off
-  cfg.algorithm.vf_coef = 0.1  # ppo: weight of the value loss (TRL default)
+  cfg.algorithm.vf_coef = 0.1  # ppo: weight of the value loss (TRL default); rest_mcts: of the value head's loss
   cfg.algorithm.value_warmup_rounds = 0  # ppo: first N rounds train only the value head / critic
   cfg.algorithm.separate_critic = False  # ppo: values from a critic trunk copied from the policy
 
@@ -141,6 +142,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.algorithm.score_bonus = 2.0  # score: stage II bonus alpha, attempt 2's reward + alpha * (r2 - r1)
   cfg.algorithm.score_warmup_episodes = "copy"  # score: warm-up rows of gold second attempts after a gold (copy) or half-corrupted (mixed) first; none
   cfg.algorithm.correction_prompt = ""  # score: the instruction after attempt 1, "{prompt}" at its end asks again; "" = "{prompt}" (JSONL: SCoRe's text)
+
+  # ReST-MCTS*, tree-search rollouts with process values (algorithm.name=rest_mcts,
+  # configs/rest_mcts.py; docs/algorithms.md, "Tree search with process values").
+  cfg.algorithm.search_width = 2  # rest_mcts: beam nodes per problem kept at each level (sampling.n rollouts each)
+  cfg.algorithm.search_depth = 3  # rest_mcts: levels of steps searched (countdown with 3 numbers: 2 steps, the answer)
+  cfg.algorithm.search_bonus = 0.5  # rest_mcts: exploration bonus c, score = value + c * sqrt(ln N / n)
+  cfg.algorithm.search_token_budget = 0  # rest_mcts: sampled tokens per problem the search may use; 0 = no limit
+  cfg.algorithm.search_value_weight = 0.0  # rest_mcts: lambda, score mixes (1 - lambda) * rollout value + lambda * value head
+  cfg.algorithm.search_verified_only = False  # rest_mcts: extend only steps a rollout through them verified; other slots sample the problem anew
+  cfg.algorithm.search_value_warmup = False  # rest_mcts: the warm-up also trains the value head on gold (1) and broken (0) step prefixes (countdown)
+  cfg.algorithm.search_separator = ""  # rest_mcts: text that ends a step; "" = the task's own (countdown: a space)
 
   # The policy as its own judge (algorithm.reward=judge; self_rewarding's default).
   cfg.judge = ml_collections.ConfigDict()

@@ -112,6 +112,14 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("algorithm.score_warmup_episodes", str, lambda v: v in ("none", "copy", "mixed"),
      "must be 'none', 'copy' or 'mixed'"),
     ("algorithm.balance_n_star", int, _positive, "must be >= 1"),
+    ("algorithm.search_width", int, _positive, "must be >= 1"),
+    ("algorithm.search_depth", int, _positive, "must be >= 1"),
+    ("algorithm.search_bonus", float, _non_negative, "must be >= 0 (0 = by value alone)"),
+    ("algorithm.search_token_budget", int, _non_negative, "must be >= 0 (0 = no limit)"),
+    ("algorithm.search_value_weight", float, lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("algorithm.search_separator", str, None, ""),
+    ("algorithm.search_verified_only", bool, None, ""),
+    ("algorithm.search_value_warmup", bool, None, ""),
     ("judge.template", str, None, ""),
     ("judge.score_min", int, None, ""),  # the scale is checked by judge.check_score_range
     ("judge.score_max", int, None, ""),
@@ -157,6 +165,7 @@ _RULES: tuple[tuple[str, type, _Check | None, str], ...] = (
     ("eval.every_rounds", int, _positive, "must be >= 1"),
     ("eval.num_examples", int, _positive, "must be >= 1"),
     ("eval.batch_size", int, _positive, "must be >= 1"),
+    ("eval.search_examples", int, _non_negative, "must be >= 0 (0 = off)"),
     ("eval.judge_samples", int, lambda v: v in (-1, 0) or v >= 2,
      "must be -1 (sampling.n with a judge), 0 (off) or >= 2 (a judge picks among them)"),
     ("data.difficulty", int, _positive, "must be >= 1"),
@@ -434,6 +443,38 @@ def _validate_score(cfg: ml_collections.ConfigDict) -> None:
                       "two-attempt episodes and their held-out metrics are single-model; use 1")
 
 
+# rest_mcts's own keys and their defaults (configs/default.py): set for another algorithm, refused.
+SEARCH_DEFAULTS = {"search_width": 2, "search_depth": 3, "search_bonus": 0.5,
+                   "search_token_budget": 0, "search_value_weight": 0.0,
+                   "search_verified_only": False, "search_value_warmup": False,
+                   "search_separator": ""}
+
+
+def _validate_rest_mcts(cfg: ml_collections.ConfigDict) -> None:
+  """ReST-MCTS*'s search: verified rollouts of one model, at a temperature that varies them."""
+  from selfplay_jax import setup  # pylint: disable=import-outside-toplevel
+  a = cfg.algorithm
+  kind = setup.reward_kind(cfg)
+  if kind != "verifier":
+    key = {"custom": "algorithm.scorer", "python": "algorithm.reward_fn(s)"}.get(
+        kind, "algorithm.reward")
+    raise ConfigError(f"{key}: rest_mcts values steps by the fraction of rollouts the task "
+                      "verifier accepts; leave the reward keys empty")
+  if cfg.sampling.temperature == 0:
+    raise ConfigError("sampling.temperature: 0 (greedy) makes a node's sampling.n rollouts "
+                      "identical, so the search has one child per node; use a temperature > 0")
+  if cfg.sampling.auto_temperature:
+    raise ConfigError("sampling.auto_temperature: rest_mcts samples inside its tree search, "
+                      "which keeps one temperature; leave it ''")
+  if cfg.population.size > 1:
+    raise ConfigError(f"population.size: {cfg.population.size} members with rest_mcts: the "
+                      "search is single-model; use 1")
+  if 0 < a.search_token_budget < cfg.sampling.max_new_tokens:
+    raise ConfigError(f"algorithm.search_token_budget: {a.search_token_budget} is below one "
+                      f"rollout's sampling.max_new_tokens={cfg.sampling.max_new_tokens}, so a "
+                      "long first rollout would end the search; give at least that (0 = no limit)")
+
+
 def _validate_balance(cfg: ml_collections.ConfigDict, entry: registry.Algorithm | None) -> None:
   """B-STaR's per-round grids (`sampling.auto_temperature`, `algorithm.auto_threshold`)."""
   a = cfg.algorithm
@@ -519,6 +560,9 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
                       f"{cfg.judge.num_samples} judgements identical; use num_samples=1 or a "
                       "temperature > 0")
   from selfplay_jax import setup  # pylint: disable=import-outside-toplevel
+  if cfg.eval.search_examples != 64 and (a.name != "rest_mcts" or a.spec):
+    raise ConfigError(f"eval.search_examples: {cfg.eval.search_examples} sets the held-out "
+                      f"meter of rest_mcts's tree search, and this run is {a.name}; leave it 64")
   if cfg.eval.judge_samples > 0 and not setup.uses_judge(cfg):
     raise ConfigError(f"eval.judge_samples: {cfg.eval.judge_samples} measures the policy as its "
                       "own judge, and this run has none (algorithm.reward=judge); use 0 or -1")
@@ -550,6 +594,13 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   _validate_balance(cfg, entry)
   if a.name in ("score", "score_sft") and not a.spec:
     _validate_score(cfg)
+  if a.name == "rest_mcts" and not a.spec:
+    _validate_rest_mcts(cfg)
+  elif a.spec or a.name != "rest_mcts":
+    for key, default in SEARCH_DEFAULTS.items():
+      if a[key] != default:
+        raise ConfigError(f"algorithm.{key}: {a[key]!r} sets rest_mcts's tree search, and this "
+                          f"run is {a.spec or a.name}; leave it {default!r}")
   if cfg.algorithm.reward_threshold != 1.0:
     if entry is not None and not entry.samples:
       raise ConfigError(f"algorithm.reward_threshold: {a.name} does not sample, so nothing is "
@@ -574,6 +625,8 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   total = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
   if a.name in ("score", "score_sft") and not a.spec:  # x, y1, the instruction, x again, y2
     total = registry.score_episode_len(cfg)
+  if a.name == "rest_mcts" and not a.spec:  # the prompt, a node's steps, a rollout after them
+    total = cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens
   if total > model.max_position_embeddings:
     raise ConfigError(f"sampling.max_new_tokens: data.max_prompt_len + sampling.max_new_tokens = "
                       f"{total} exceeds model.max_position_embeddings="

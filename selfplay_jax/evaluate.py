@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from selfplay_jax import checkpoint, run_config, sampling, setup, sharding
 from selfplay_jax import round as rnd
+from selfplay_jax.algorithms import search as search_lib
 from selfplay_jax.algorithms.spec import option
 from selfplay_jax.data import pipeline
 from selfplay_jax.errors import CheckpointNotFoundError, ConfigError
@@ -266,6 +267,58 @@ def two_attempt_accuracy(run, params, batches, mesh=None, rules=None) -> dict[st
   return {"eval/accuracy": out["eval/accuracy@t1"], **out}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _search_counts(mc, params, batch, verify, sc: sampling.SamplingConfig, spec, rng):
+  """One batch's search and best-of-N at the search's own tokens per problem (global sums)."""
+  k_search, k_sample = jax.random.split(rng)
+  search_config = spec.search
+  value_fn = spec.value_fn(mc) if search_config.value_weight > 0 else None
+  found, _ = search_lib.tree_search(mc, params, batch, k_search, sc, verify, search_config,
+                                    option(spec, "pad_id"), value_fn)
+  b = batch["prompt_tokens"].shape[0]
+  searched = jnp.sum(found.solution.reshape(b, -1), axis=1)
+  rows = found.solution.shape[0] // b
+  # the same budget: the search's own (search_token_budget), else the tokens it used
+  budget = (jnp.full((b,), search_config.token_budget, jnp.int32) if search_config.token_budget
+            else jnp.maximum(found.tokens_used, 1))
+  best = search_lib.sampling_solutions(mc, params, batch, k_sample,
+                                       dataclasses.replace(sc, n=2 * rows), verify, budget)
+  valid = batch["valid"].astype(jnp.float32)
+  total = lambda x: jnp.sum(x.astype(jnp.float32) * valid)
+  return {"eval/search_solutions": total(searched), "eval/sampling_solutions":
+          total(best["solutions"]), "eval/search_solved": total(searched > 0),
+          "eval/sampling_solved": total(best["solutions"] > 0),
+          "eval/search_tokens": total(found.tokens_used),
+          "eval/sampling_tokens": total(best["tokens"]),
+          "eval/sampling_exhausted": total(best["exhausted"]), "total": jnp.sum(valid)}
+
+
+def search_comparison(run, params, batches, seed: int = 0, mesh=None,
+                      rules=None) -> dict[str, float]:
+  """ReST-MCTS*'s held-out meter, on the first batches holding `eval.search_examples` problems (0 =
+  off): the run's tree search (its sampling settings and search keys, the value head mixed in as
+  in training) on each problem, and best-of-N sampling at the same tokens per problem (each
+  problem's samples kept while they fit in `algorithm.search_token_budget`, or without one in
+  what the search used, `search.sampling_solutions`; N = twice
+  the search's rollouts, `eval/sampling_exhausted` = the share of problems where the budget, not
+  N, ran out). Per problem: distinct verified solutions (`eval/search_solutions`,
+  `eval/sampling_solutions`), solved (at least one), tokens."""
+  sc = run.sampling
+  wanted, chosen = run.cfg.eval.search_examples, []
+  for b in batches:  # the first batches that hold eval.search_examples problems
+    if wanted <= 0:
+      break
+    chosen.append(b)
+    wanted -= b["prompt_tokens"].shape[0]
+  if not chosen:
+    return {}
+  sums = _batch_sums(lambda b, rng: _search_counts(run.model_config, params, b, run.verifier, sc,
+                                                   run.spec, rng),
+                     chosen, seed, mesh, rules)
+  total = max(sums.pop("total"), 1.0)
+  return {k: v / total for k, v in sums.items()}
+
+
 def heldout_accuracy(run, params, batches, mesh=None, rules=None) -> dict[str, float]:
   """`eval/accuracy` of a run's params (greedy): a single model's, or with `population.size` > 1
   the members' (`population_accuracy`: per member, mean, vote). Empty without a verifier."""
@@ -275,8 +328,11 @@ def heldout_accuracy(run, params, batches, mesh=None, rules=None) -> dict[str, f
   if option(run.spec, "attempts") == 2 and setup.population_size(run.cfg) == 1:
     return two_attempt_accuracy(run, params, batches, mesh=mesh, rules=rules)
   if setup.population_size(run.cfg) == 1:
-    return {"eval/accuracy": greedy_accuracy(mc, params, batches, run.verifier, eos, n_new,
-                                             mesh=mesh, rules=rules)}
+    out = {"eval/accuracy": greedy_accuracy(mc, params, batches, run.verifier, eos, n_new,
+                                            mesh=mesh, rules=rules)}
+    if option(run.spec, "search") is not None:  # ReST-MCTS*: search vs best-of-N, equal tokens
+      out.update(search_comparison(run, params, batches, run.cfg.seed, mesh=mesh, rules=rules))
+    return out
   return population_accuracy(mc, params, batches, run.verifier, eos, n_new,
                              marker_id=vote_marker(run), width=run.cfg.data.max_answer_len,
                              mesh=mesh, rules=rules)
@@ -324,6 +380,8 @@ def evaluate_workdir(workdir: str | Path, *, step: int | None = None, k: int = 8
   else:
     result.update(population_accuracy(mc, state.params, batches, verify, tok.eos_ids, n_new,
                                       marker_id=vote_marker(run), width=cfg.data.max_answer_len))
+  if size == 1 and option(run.spec, "search") is not None:
+    result.update(search_comparison(run, state.params, batches, cfg.seed))
   if k > 0:  # member i samples with its own seed, as it trained
     result[f"eval/pass@{k}"] = sum(
         pass_rates(mc, m.params, batches, verify, sampled_config(cfg, tok, k), seed=cfg.seed + i)

@@ -29,6 +29,7 @@ import optax
 from selfplay_jax import sampling, sharding
 from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.score import TwoAttempts, episode_prompts
+from selfplay_jax.algorithms.search import tree_search
 from selfplay_jax.algorithms.spec import LogProbs, Spec, option
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models import lora
@@ -454,7 +455,12 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     phase_round = state.round + 1 - phase_start  # 1-based round of this phase
     if option(spec, "needs_round"):  # e.g. SCoRe's stage: the phase's round, one per prompt
       batch = {**batch, "phase_round": jnp.full(batch["prompt_tokens"].shape[:1], phase_round)}
-    if spec.samples and option(spec, "attempts") == 2:
+    search = option(spec, "search")
+    if spec.samples and search is not None:  # ReST-MCTS*'s tree search (algorithms/search.py)
+      value_fn = spec.value_fn(model_config) if search.value_weight > 0 else None
+      rollout, metrics = tree_search(model_config, sampler, batch, k_sample, sampling_config,
+                                     verifier, search, option(spec, "pad_id"), value_fn, balance)
+    elif spec.samples and option(spec, "attempts") == 2:
       rollout, rewards, metrics = two_attempts(
           model_config, sampler, batch, k_sample, sampling_config, verifier,
           option(spec, "correction"), option(spec, "pad_id"), option(spec, "repeat_prompt"),

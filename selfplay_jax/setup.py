@@ -29,6 +29,7 @@ from selfplay_jax import round as rnd
 from selfplay_jax.algorithms import registry
 from selfplay_jax.algorithms.preference import JudgeSFT
 from selfplay_jax.algorithms.score import EpisodeSFT
+from selfplay_jax.algorithms.search import ValueSFT
 from selfplay_jax.algorithms.sft import SFT
 from selfplay_jax.algorithms.spec import Spec, option
 from selfplay_jax.data import pipeline, tasks
@@ -273,6 +274,15 @@ def build_warmup_spec(cfg, tok, task=None) -> Spec:
     return EpisodeSFT(correction=spec.correction, repeat_prompt=spec.repeat_prompt,
                       pad_id=spec.pad_id, eos_ids=tuple(tok.eos_ids), mode=mode,
                       corrupt=corrupt)
+  search = option(spec, "search")
+  if search is not None and cfg.algorithm.search_value_warmup and cfg.warmup.rounds:
+    corrupt = _task_fn(cfg, tok, task, "make_corrupt_fn")
+    if corrupt is None:
+      raise ConfigError(f"algorithm.search_value_warmup: the warm-up shows the value head broken "
+                        f"steps, and data.task={cfg.data.task!r} cannot make them "
+                        "(Task.make_corrupt_fn; countdown can); leave it False")
+    return ValueSFT(separator=search.separator, corrupt=corrupt, vf_coef=cfg.algorithm.vf_coef,
+                    pad_id=option(spec, "pad_id"))
   return SFT()
 
 
@@ -612,7 +622,28 @@ def run_spec(cfg, tok: tokenizers.Tokenizer) -> Spec:
       and not option(spec, "repeat_prompt"):
     ids, repeat = correction_tokens(cfg, tok)
     spec = dataclasses.replace(spec, correction=ids, repeat_prompt=repeat, pad_id=tok.pad_id or 0)
+  search = option(spec, "search")
+  if search is not None and not search.separator:
+    spec = dataclasses.replace(spec, search=dataclasses.replace(
+        search, separator=separator_tokens(cfg, tok)), pad_id=tok.pad_id or 0)
   return spec
+
+
+def separator_tokens(cfg, tok: tokenizers.Tokenizer) -> tuple[int, ...]:
+  """ReST-MCTS*'s step separator (`algorithm.search_separator`, or the task's own): the token
+  ids a step ends on, each piece the text encodes to (a one-token separator: one id)."""
+  text = cfg.algorithm.search_separator
+  if not text:
+    task_cls = None if is_jsonl_data(cfg) else tasks.TASKS.get(cfg.data.task)
+    text = getattr(task_cls, "step_separator", None) or ""
+  if not text:
+    raise ConfigError(f"algorithm.search_separator: data.task={cfg.data.task!r} has no step "
+                      "separator of its own; set the text that ends a solution step (e.g. '\\n')")
+  ids = tuple(tok.encode(text))
+  if len(ids) != 1:
+    raise ConfigError(f"algorithm.search_separator: {text!r} encodes to {len(ids)} tokens "
+                      f"{ids}; the search ends a step on one token, so give text that is one")
+  return ids
 
 
 def balance_config(cfg, grids: bool = True) -> bstar.Balance:

@@ -89,6 +89,12 @@ TRAIN_RUNS = {
     "configs/sharpen.py:mode=rl": (),
     # SCoRe's two-attempt episodes (Countdown's widths do not fit TINY; the keys are the same).
     "configs/score.py:task=arithmetic": (),
+    # ReST-MCTS*'s tree search at a budget, the value head mixed into the scores (arithmetic has no
+    # step separator of its own: "+" stands in; Countdown's widths do not fit TINY).
+    "configs/rest_mcts.py:task=arithmetic": ("algorithm.search_separator=+",
+                                             "algorithm.search_token_budget=40",
+                                             "algorithm.search_value_weight=0.5",
+                                             "eval.search_examples=4"),
     "examples/extending/config.py": (),
 }
 # Planned (`plan.plan(cfg)`, as `selfplay-jax plan` does: no compilation). real_model.py is an 8B

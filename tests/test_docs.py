@@ -51,7 +51,9 @@ _TRACE = ["warmup.rounds=1", "rounds=1", "data.batch_size=2", "sampling.n=2",
           "model.num_kv_heads=1", "model.head_dim=8", "algorithm.num_minibatches=1", "mesh.data=1",
           "eval.batch_size=2"]
 # (overrides, warm-up round?) whose rounds together write every key the code can write.
-_ROUND_KINDS = ([([f"algorithm.name={name}"], False) for name in registry.names()]
+_NEEDS = {"rest_mcts": ["algorithm.search_separator=+"]}  # arithmetic has no step separator
+_ROUND_KINDS = ([([f"algorithm.name={name}", *_NEEDS.get(name, [])], False)
+                 for name in registry.names()]
                 + [([f"algorithm.reward={r}"], False)
                    for r in ("verifier", "judge", "likelihood", "math", "majority",
                              "self_certainty")]

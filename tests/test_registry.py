@@ -31,7 +31,7 @@ def _cfg(name, *overrides, validate=True):
 def test_names_are_the_documented_methods_and_unknown_ones_are_refused():
   assert set(NAMES) == {"sft", "rest_em", "sharpen_sft", "grpo", "dr_grpo", "dapo", "rloo",
                         "reinforce_pp", "sharpen_rl", "dpo", "spin", "self_rewarding", "kto",
-                        "ppo", "score", "score_sft"}
+                        "ppo", "score", "score_sft", "rest_mcts"}
   with pytest.raises(ConfigError, match=r"^algorithm.name: must be one of .*'grpo'.*got 'trpo'"):
     registry.get("trpo")
 
@@ -51,7 +51,11 @@ def workdir(tmp_path_factory):
   return tmp_path_factory.mktemp("registry")  # tokenizers cached here, shared by the cases
 
 
-@pytest.mark.parametrize("name, overrides", [(n, ()) for n in NAMES] + [
+# rest_mcts needs a step separator; the default task (arithmetic) has none of its own
+_RUN_OVERRIDES = {"rest_mcts": ("algorithm.search_separator=+",)}
+
+
+@pytest.mark.parametrize("name, overrides", [(n, _RUN_OVERRIDES.get(n, ())) for n in NAMES] + [
     ("spin", ("algorithm.replay_previous=true",)),
     ("rest_em", ("sampling.n=3", "data.batch_size=3")),
 ], ids=[*NAMES, "spin-replay", "rest_em-n3-b3"])
@@ -82,6 +86,8 @@ def _other_loss_type(entry):
 def test_validation_errors_name_the_key(name):
   entry = registry.get(name)
   small = ["data.batch_size=4", "sampling.n=2"]
+  if name == "rest_mcts":  # its rows count the search's 3 levels; 2 keep 3 out of them
+    small.append("algorithm.search_depth=2")
   rows, what = entry.train_rows(_cfg(name, *small))
   with pytest.raises(ConfigError) as e:  # 3 divides none of 4, 8, 16 rows
     config_validation.validate(_cfg(name, *small, "algorithm.num_minibatches=3", validate=False))

@@ -22,6 +22,7 @@ from selfplay_jax.algorithms.grpo import PolicyGradient
 from selfplay_jax.algorithms.ppo import PPO
 from selfplay_jax.algorithms.preference import KTO, Preference
 from selfplay_jax.algorithms.score import SCoRe
+from selfplay_jax.algorithms.search import RestMCTS, SearchConfig
 from selfplay_jax.algorithms.sft import SFT, RestEM
 from selfplay_jax.algorithms.spec import REFERENCES, Spec
 from selfplay_jax.errors import ConfigError
@@ -361,6 +362,36 @@ register(Algorithm("score", _score, min_samples=2, passes=_score_passes,
                    train_rows=lambda cfg: (2 * cfg.data.batch_size * cfg.sampling.n,
                                            "2 * data.batch_size * sampling.n (both attempts)")))
 register(Algorithm("score_sft", _score, passes=_score_passes))
+
+
+# ReST-MCTS* (algorithms/search.py): tree-search rollouts with process values; its keys are the
+# "ReST-MCTS*" block of configs/default.py. The step separator's token ids and the filler are set by
+# `setup.run_spec` (it has the tokenizer). K = sampling.n rollouts per beam node.
+def _rest_mcts(cfg) -> Spec:
+  a = cfg.algorithm
+  return RestMCTS(search=SearchConfig(width=a.search_width, depth=a.search_depth,
+                                      bonus=a.search_bonus, token_budget=a.search_token_budget,
+                                      value_weight=a.search_value_weight,
+                                      verified_only=a.search_verified_only),
+                  max_per_prompt=a.max_per_prompt, vf_coef=a.vf_coef)
+
+
+def search_rows(cfg) -> int:
+  """Rollouts (complete responses) one search makes per problem: depth x width x sampling.n."""
+  return cfg.algorithm.search_depth * cfg.algorithm.search_width * cfg.sampling.n
+
+
+def _rest_mcts_passes(cfg, spec) -> Passes:
+  rows = 2 * cfg.data.batch_size * search_rows(cfg)
+  return [("training step (solutions and value rows)", rows // cfg.algorithm.num_minibatches,
+           cfg.data.max_prompt_len + cfg.sampling.max_new_tokens)]
+
+
+register(Algorithm("rest_mcts", _rest_mcts, passes=_rest_mcts_passes,
+                   train_rows=lambda cfg: (
+                       2 * cfg.data.batch_size * search_rows(cfg),
+                       "2 * data.batch_size * search_depth * search_width * sampling.n "
+                       "(solution rows and value rows)")))
 
 
 # PPO with a value head (algorithms/ppo.py): its keys are the "PPO" block of configs/default.py.

@@ -69,6 +69,10 @@ class Spec(Protocol):
   #                         `build` gets a `TwoAttempts` and rewards [R, 2] (SCoRe)
   #   correction / pad_id / repeat_prompt   with attempts=2: the correction instruction's
   #                         token ids, the filler, whether the prompt follows the instruction
+  #   search: SearchConfig  the round runs the tree search (`search.tree_search`, ReST-MCTS*)
+  #                         instead of plain sampling; `build` gets its `SearchOut` and no
+  #                         rewards; with `search.value_weight` > 0 the spec also has
+  #                         value_fn(model_config) (the value head at a child's free slot)
 
   def build(self, batch: Rows, rollout: Any, rewards: jax.Array | None, logp: LogProbs) -> Rows:
     ...
@@ -81,7 +85,7 @@ OPTIONAL = {"sample_from": "policy", "reference_every": 1, "replay": False, "for
             "beta_schedule": (), "ref_sync_every": 0, "ref_sync_alpha": 0.0,
             "init_params": None, "after_warmup": None,  # PPO's value head (algorithms/ppo.py)
             "temperature": 1.0, "needs_round": False, "attempts": 1, "correction": (),
-            "pad_id": 0, "repeat_prompt": False}
+            "pad_id": 0, "repeat_prompt": False, "search": None}
 
 
 def option(spec: Spec, name: str) -> Any:

@@ -259,6 +259,7 @@ class CountdownTask(tasks.Task):
                                                          "=", ",", SPACE, CHECK_OK, CHECK_FAIL)
   answer_symbols: ClassVar[tuple[str, ...]] = tasks.DIGITS + (",", "=")
   value_range_field: ClassVar[str | None] = "max_number"
+  step_separator: ClassVar[str | None] = " "  # "12+7=19 19*3=57 ####57": a space ends a step
   num_numbers: int = 3
   max_number: int = 12
   heldout_fraction: float = 0.1

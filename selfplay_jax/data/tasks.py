@@ -71,6 +71,7 @@ class Task(abc.ABC):
   max_tries: ClassVar[int] = 10_000
   has_answers: ClassVar[bool] = True  # every example can be verified
   value_range_field: ClassVar[str | None] = None  # the field `data.max_value` sets, if any
+  step_separator: ClassVar[str | None] = None  # text that ends a solution step (tree search)
   heldout_fraction: float
 
   # ---- problem hooks -------------------------------------------------------------------------
