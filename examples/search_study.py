@@ -2,7 +2,8 @@
 "Tree search with process values").
 
   python examples/search_study.py --workdir=runs/rest_mcts --out=runs/search_study.json \
-      --variant= --variant=search_bonus=0 --variant=search_width=1,sampling.n=8
+      --variant= --variant=algorithm.search_bonus=0 \
+      --variant=algorithm.search_width=1,sampling.n=8
 
 For each variant (comma-separated overrides of the run's `algorithm.search_*` keys and
 `sampling.n`; an empty one is the run's own settings) the held-out meter of `selfplay-jax eval`

@@ -469,6 +469,12 @@ def _validate_rest_mcts(cfg: ml_collections.ConfigDict) -> None:
   if cfg.population.size > 1:
     raise ConfigError(f"population.size: {cfg.population.size} members with rest_mcts: the "
                       "search is single-model; use 1")
+  if a.search_value_warmup and not cfg.warmup.rounds:
+    raise ConfigError("algorithm.search_value_warmup: True trains the value head in the SFT "
+                      "warm-up, and warmup.rounds is 0; set warm-up rounds or leave it False")
+  if a.reward_threshold != 1.0:
+    raise ConfigError(f"algorithm.reward_threshold: {a.reward_threshold}: rest_mcts keeps the "
+                      "responses the verifier accepts (reward 1); leave it 1.0")
   if 0 < a.search_token_budget < cfg.sampling.max_new_tokens:
     raise ConfigError(f"algorithm.search_token_budget: {a.search_token_budget} is below one "
                       f"rollout's sampling.max_new_tokens={cfg.sampling.max_new_tokens}, so a "
@@ -562,7 +568,8 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   from selfplay_jax import setup  # pylint: disable=import-outside-toplevel
   if cfg.eval.search_examples != 64 and (a.name != "rest_mcts" or a.spec):
     raise ConfigError(f"eval.search_examples: {cfg.eval.search_examples} sets the held-out "
-                      f"meter of rest_mcts's tree search, and this run is {a.name}; leave it 64")
+                      f"meter of rest_mcts's tree search, and this run is {a.spec or a.name}; "
+                      "leave it 64")
   if cfg.eval.judge_samples > 0 and not setup.uses_judge(cfg):
     raise ConfigError(f"eval.judge_samples: {cfg.eval.judge_samples} measures the policy as its "
                       "own judge, and this run has none (algorithm.reward=judge); use 0 or -1")
@@ -628,6 +635,10 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   if a.name == "rest_mcts" and not a.spec:  # the prompt, a node's steps, a rollout after them
     total = cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens
   if total > model.max_position_embeddings:
-    raise ConfigError(f"sampling.max_new_tokens: data.max_prompt_len + sampling.max_new_tokens = "
-                      f"{total} exceeds model.max_position_embeddings="
-                      f"{model.max_position_embeddings}")
+    what = "data.max_prompt_len + sampling.max_new_tokens"
+    if a.name == "rest_mcts" and not a.spec:
+      what = "data.max_prompt_len + 2 * sampling.max_new_tokens (a node's steps, then a rollout)"
+    elif a.name in ("score", "score_sft") and not a.spec:
+      what = "a SCoRe episode (2 * (data.max_prompt_len + sampling.max_new_tokens) + instruction)"
+    raise ConfigError(f"sampling.max_new_tokens: {what} = {total} exceeds "
+                      f"model.max_position_embeddings={model.max_position_embeddings}")

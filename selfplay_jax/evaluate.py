@@ -278,11 +278,10 @@ def _search_counts(mc, params, batch, verify, sc: sampling.SamplingConfig, spec,
   b = batch["prompt_tokens"].shape[0]
   searched = jnp.sum(found.solution.reshape(b, -1), axis=1)
   rows = found.solution.shape[0] // b
-  # the same budget: the search's own (search_token_budget), else the tokens it used
-  budget = (jnp.full((b,), search_config.token_budget, jnp.int32) if search_config.token_budget
-            else jnp.maximum(found.tokens_used, 1))
+  # the same tokens: what the search used on the problem (at most its budget)
   best = search_lib.sampling_solutions(mc, params, batch, k_sample,
-                                       dataclasses.replace(sc, n=2 * rows), verify, budget)
+                                       dataclasses.replace(sc, n=2 * rows), verify,
+                                       jnp.maximum(found.tokens_used, 1))
   valid = batch["valid"].astype(jnp.float32)
   total = lambda x: jnp.sum(x.astype(jnp.float32) * valid)
   return {"eval/search_solutions": total(searched), "eval/sampling_solutions":
@@ -296,10 +295,11 @@ def _search_counts(mc, params, batch, verify, sc: sampling.SamplingConfig, spec,
 def search_comparison(run, params, batches, seed: int = 0, mesh=None,
                       rules=None) -> dict[str, float]:
   """ReST-MCTS*'s held-out meter, on the first batches holding `eval.search_examples` problems (0 =
-  off): the run's tree search (its sampling settings and search keys, the value head mixed in as
-  in training) on each problem, and best-of-N sampling at the same tokens per problem (each
-  problem's samples kept while they fit in `algorithm.search_token_budget`, or without one in
-  what the search used, `search.sampling_solutions`; N = twice
+  off; whole evaluation batches, so the count rounds up to a multiple of `eval.batch_size`): the
+  run's tree search (its sampling settings and search keys, the value head mixed in as in
+  training) on each problem, and best-of-N sampling at the same tokens per problem (each
+  problem's samples kept while they fit in what the search used there, at most its budget,
+  `search.sampling_solutions`; N = twice
   the search's rollouts, `eval/sampling_exhausted` = the share of problems where the budget, not
   N, ran out). Per problem: distinct verified solutions (`eval/search_solutions`,
   `eval/sampling_solutions`), solved (at least one), tokens."""

@@ -459,7 +459,8 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     if spec.samples and search is not None:  # ReST-MCTS*'s tree search (algorithms/search.py)
       value_fn = spec.value_fn(model_config) if search.value_weight > 0 else None
       rollout, metrics = tree_search(model_config, sampler, batch, k_sample, sampling_config,
-                                     verifier, search, option(spec, "pad_id"), value_fn, balance)
+                                     verifier, search, option(spec, "pad_id"), value_fn, balance,
+                                     num_samples)
     elif spec.samples and option(spec, "attempts") == 2:
       rollout, rewards, metrics = two_attempts(
           model_config, sampler, batch, k_sample, sampling_config, verifier,

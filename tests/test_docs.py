@@ -485,6 +485,8 @@ def _with_tiny(argv: list[str]) -> list[str]:
     argv.append("--config.model.layer_types=" + ",".join(first))
   if cfg.curriculum.max_digits:  # easy-to-hard: short additions fit the tiny token budget
     argv += [f"--config.{k}={v}" for k, v in CURRICULUM_TINY.items()]
+  if cfg.algorithm.search_value_warmup:  # a warm-up knob: one warm-up round keeps it in effect
+    argv.append("--config.warmup.rounds=1")
   return argv
 
 

@@ -142,3 +142,14 @@ def test_cli_bad_mesh_is_one_line_error():
   assert result.returncode == 2 and "Traceback" not in result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: mesh.tensor"), result.stderr
+
+
+@pytest.mark.parametrize("config, overrides, rows, slots", [
+    ("configs/rest_em.py", [], 64 * 8, 16 + 32),
+    ("configs/rest_em.py", ["sampling.auto_temperature=0.5,0.8,1.0"], 3 * 64 * 8, 16 + 32),
+    ("configs/rest_mcts.py", [], 16 * 2 * 4, 18 + 2 * 29),  # a level: B·W·n after the steps
+])
+def test_kv_cache_counts_the_largest_sampler_call(config, overrides, rows, slots):
+  cfg = config_lib.load_config(config, ["mesh.data=1"] + overrides)
+  kv = plan.plan(cfg, num_devices=1)["kv_cache"]
+  assert (kv["rows"], kv["slots"]) == (rows, slots)

@@ -155,13 +155,14 @@ def _concat_pack(a_tokens, a_mask, b_tokens, b_mask, pad_id):
 def tree_search(model_config: ModelConfig, params, batch: Rows, rng,
                 sampling_config: sampling.SamplingConfig, verifier: Verifier,
                 search: SearchConfig, pad_id: int = 0, value_fn=None,
-                balance: bstar.Balance | None = None):
+                balance: bstar.Balance | None = None, num_samples: int = 0):
   """The search of the module docstring over the batch's prompts. `sampling_config.n` = K, its
   `max_new_tokens` = N (a response's width: steps and rollout together). `value_fn(params, tokens,
   mask)` -> float32 [R] (the process value head at each row's free slot) is read when
   `search.value_weight` > 0. The B-STaR monitor (`bstar/*`, n* and τ from `balance`) reads the
   first level's rollouts, plain samples of each problem (a dropped one counts as not verified).
-  Returns (`SearchOut`, metrics)."""
+  With `num_samples`, the metrics carry the first responses (problem by problem, level by level)
+  under `samples/*` for the sample dumps. Returns (`SearchOut`, metrics)."""
   sc = sampling_config
   w, k, n_tok = search.width, sc.n, sc.max_new_tokens
   prompts, prompt_mask = batch["prompt_tokens"], batch["prompt_mask"].astype(bool)
@@ -208,7 +209,8 @@ def tree_search(model_config: ModelConfig, params, batch: Rows, rng,
                       jnp.repeat(prompt_mask, r, axis=0))
       score = (1.0 - search.value_weight) * value + search.value_weight * shape(head)
     score = score + exploration_bonus(visits, parent_visits, search.bonus)
-    eligible = first & shape(has_sep & room & fits)
+    # (room, not `fits`: whether this one rollout's response fit says nothing about the step)
+    eligible = first & shape(has_sep & room)
     per_level.append(dict(
         trace=shape(trace), trace_mask=shape(trace_mask), lengths=shape(out.lengths),
         verified=shape(verified) & kept, kept=kept, child=shape(child),
@@ -257,6 +259,13 @@ def tree_search(model_config: ModelConfig, params, batch: Rows, rng,
       "train/completion_len": jnp.sum(jnp.where(kept_all, cat("lengths"), 0))
       / jnp.maximum(jnp.sum(kept_all), 1),
   }
+  if num_samples:
+    k_dump = min(num_samples, b * total)
+    metrics.update({"samples/prompt_tokens": rollout.prompt_tokens[:k_dump],
+                    "samples/prompt_mask": rollout.prompt_mask[:k_dump],
+                    "samples/tokens": rollout.tokens[:k_dump],
+                    "samples/lengths": rollout.lengths[:k_dump],
+                    "samples/rewards": flat(verified).astype(jnp.float32)[:k_dump]})
   level1 = per_level[0]
   v1 = level1["verified"].reshape(-1).astype(jnp.float32)
   metrics.update(bstar.monitor_metrics(v1, v1, level1["trace"].reshape(b * r, n_tok), r,
@@ -388,7 +397,7 @@ class ValueSFT:
     from selfplay_jax.algorithms import ppo  # pylint: disable=import-outside-toplevel
     return ppo.policy_and_values(model_config, params, rows)
 
-  def prefixes(self, tokens: Array, mask: Array, key) -> tuple[Array, Array, Array, Array]:
+  def prefixes(self, tokens: Array, mask: Array, key) -> tuple[Array, Array, Array, Array, Array]:
     """(gold prefix mask, its weight, corrupted tokens, their prefix mask, their weight)."""
     k_pick, k_corrupt = jax.random.split(key)
     n = tokens.shape[1]
