@@ -301,8 +301,7 @@ def test_verified_only_sends_unproven_slots_back_to_the_root(toy):
   assert any(v > 0 for _, v in eligible) and any(v == 0 for _, v in eligible)
 
 
-@pytest.mark.parametrize("budget", [pytest.param(0, marks=pytest.mark.slow), 10,
-                                    pytest.param(40, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("budget", [10, pytest.param(40, marks=pytest.mark.slow)])
 def test_the_token_budget_is_respected_exactly(toy, budget):
   mc, params, batch = toy
   batch = jax.tree.map(lambda x: jnp.concatenate([x, x, x]), batch)  # 3 problems
@@ -317,15 +316,11 @@ def test_the_token_budget_is_respected_exactly(toy, budget):
     order = np.flatnonzero(live[b])  # the rows the search sampled for real, in sampling order
     k = kept[b][order]
     assert used[b] == sampled[b][kept[b]].sum()
-    if budget == 0:
-      assert k.all()
-      continue
     assert used[b] <= budget
     assert (k == (np.arange(len(k)) < k.sum())).all()  # a prefix of the sampling order
     if not k.all():  # the first rollout left out would not have fitted
       assert used[b] + sampled[b][order[k.sum()]] > budget
-  if budget == 10:
-    assert (~kept & live).any()  # the budget bound
+  assert (~kept & live).any()  # the budget bound (at 40 too: 3 levels of 8 rollouts need more)
 
 
 def test_solutions_are_the_distinct_verified_traces(toy):
