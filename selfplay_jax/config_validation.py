@@ -424,16 +424,21 @@ def _validate_majority(cfg: ml_collections.ConfigDict) -> None:
                       f"with {cfg.sampling.n} every valid answer is its own majority (use >= 2)")
 
 
-def _validate_score(cfg: ml_collections.ConfigDict) -> None:
-  """SCoRe's episodes: two verified attempts of one model, at a temperature that varies them."""
+def _require_verifier(cfg: ml_collections.ConfigDict, why: str) -> None:
+  """Refuses any reward but the task verifier, naming the key that chose it (`why`: the reason)."""
   from selfplay_jax import setup  # pylint: disable=import-outside-toplevel
-  a = cfg.algorithm
   kind = setup.reward_kind(cfg)
   if kind != "verifier":
     key = {"custom": "algorithm.scorer", "python": "algorithm.reward_fn(s)"}.get(
         kind, "algorithm.reward")
-    raise ConfigError(f"{key}: {a.name} rewards both attempts with the task verifier (its deltas "
-                      "compare the two verdicts); leave the reward keys empty")
+    raise ConfigError(f"{key}: {why}; leave the reward keys empty")
+
+
+def _validate_score(cfg: ml_collections.ConfigDict) -> None:
+  """SCoRe's episodes: two verified attempts of one model, at a temperature that varies them."""
+  a = cfg.algorithm
+  _require_verifier(cfg, f"{a.name} rewards both attempts with the task verifier (its deltas "
+                    "compare the two verdicts)")
   if cfg.sampling.temperature == 0:
     raise ConfigError(f"sampling.temperature: 0 (greedy) makes a problem's {cfg.sampling.n} "
                       f"episodes identical, so {a.name}'s leave-one-out advantages are all 0; "
@@ -452,14 +457,9 @@ SEARCH_DEFAULTS = {"search_width": 2, "search_depth": 3, "search_bonus": 0.5,
 
 def _validate_rest_mcts(cfg: ml_collections.ConfigDict) -> None:
   """ReST-MCTS*'s search: verified rollouts of one model, at a temperature that varies them."""
-  from selfplay_jax import setup  # pylint: disable=import-outside-toplevel
   a = cfg.algorithm
-  kind = setup.reward_kind(cfg)
-  if kind != "verifier":
-    key = {"custom": "algorithm.scorer", "python": "algorithm.reward_fn(s)"}.get(
-        kind, "algorithm.reward")
-    raise ConfigError(f"{key}: rest_mcts values steps by the fraction of rollouts the task "
-                      "verifier accepts; leave the reward keys empty")
+  _require_verifier(cfg, "rest_mcts values steps by the fraction of rollouts the task verifier "
+                    "accepts")
   if cfg.sampling.temperature == 0:
     raise ConfigError("sampling.temperature: 0 (greedy) makes a node's sampling.n rollouts "
                       "identical, so the search has one child per node; use a temperature > 0")
@@ -629,16 +629,7 @@ def _validate_combinations(cfg: ml_collections.ConfigDict, model: ModelConfig) -
   if cfg.sampling.top_k > model.vocab_size:
     raise ConfigError(f"sampling.top_k: {cfg.sampling.top_k} exceeds model.vocab_size="
                       f"{model.vocab_size}")
-  total = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
-  if a.name in ("score", "score_sft") and not a.spec:  # x, y1, the instruction, x again, y2
-    total = registry.score_episode_len(cfg)
-  if a.name == "rest_mcts" and not a.spec:  # the prompt, a node's steps, a rollout after them
-    total = cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens
+  _, total, what = registry.sampler_shape(cfg)
   if total > model.max_position_embeddings:
-    what = "data.max_prompt_len + sampling.max_new_tokens"
-    if a.name == "rest_mcts" and not a.spec:
-      what = "data.max_prompt_len + 2 * sampling.max_new_tokens (a node's steps, then a rollout)"
-    elif a.name in ("score", "score_sft") and not a.spec:
-      what = "a SCoRe episode (2 * (data.max_prompt_len + sampling.max_new_tokens) + instruction)"
     raise ConfigError(f"sampling.max_new_tokens: {what} = {total} exceeds "
                       f"model.max_position_embeddings={model.max_position_embeddings}")

@@ -18,13 +18,13 @@ import jax.numpy as jnp
 
 from selfplay_jax import checkpoint, run_config, sampling, setup, sharding
 from selfplay_jax import round as rnd
-from selfplay_jax.algorithms import search as search_lib
 from selfplay_jax.algorithms.spec import option
 from selfplay_jax.data import pipeline
 from selfplay_jax.errors import CheckpointNotFoundError, ConfigError
 from selfplay_jax.models import lora
 from selfplay_jax.scoring import judge as judge_lib
 from selfplay_jax.scoring import label_free, verifiers
+from selfplay_jax import tree_search as search_lib
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ def search_comparison(run, params, batches, seed: int = 0, mesh=None,
   run's tree search (its sampling settings and search keys, the value head mixed in as in
   training) on each problem, and best-of-N sampling at the same tokens per problem (each
   problem's samples kept while they fit in what the search used there, at most its budget,
-  `search.sampling_solutions`; N = twice
+  `tree_search.sampling_solutions`; N = twice
   the search's rollouts, `eval/sampling_exhausted` = the share of problems where the budget, not
   N, ran out). Per problem: distinct verified solutions (`eval/search_solutions`,
   `eval/sampling_solutions`), solved (at least one), tokens."""

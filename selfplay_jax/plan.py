@@ -71,17 +71,10 @@ def _state_bytes(state, shardings) -> tuple[dict[str, int], dict[str, int], dict
 
 def _kv_cache(cfg, mc, sizes: dict[str, int]) -> dict[str, Any]:
   """The sampler's cache: per layer, k and v of [rows, kv_heads, slots, head_dim] in model.dtype.
-  Rows and slots of the largest sampler call: B·n prompts of P + N slots; rest_mcts's levels
-  sample B·W·n rows after a node's steps (P + 2N slots); SCoRe's second attempt holds the whole
-  episode; a B-STaR temperature grid tiles the rows T times."""
-  a = cfg.algorithm
-  rows = cfg.data.batch_size * cfg.sampling.n
-  slots = cfg.data.max_prompt_len + cfg.sampling.max_new_tokens
-  if not a.spec and a.name == "rest_mcts":
-    rows *= a.search_width
-    slots += cfg.sampling.max_new_tokens
-  elif not a.spec and a.name in ("score", "score_sft"):
-    slots = registry.score_episode_len(cfg)
+  Rows and slots of the largest sampler call (the registry entry's `sampler_rows` and `sequence`:
+  B·n prompts of P + N slots by default; rest_mcts's levels B·W·n rows of P + 2N; SCoRe's second
+  attempt the whole episode); a B-STaR temperature grid tiles the rows T times."""
+  rows, slots, _ = registry.sampler_shape(cfg)
   rows *= max(len(registry.parse_floats("sampling.auto_temperature",
                                         cfg.sampling.auto_temperature)), 1)
   rows_dev = _split(rows, sizes["data"] * sizes["fsdp"])

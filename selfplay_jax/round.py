@@ -29,7 +29,6 @@ import optax
 from selfplay_jax import sampling, sharding
 from selfplay_jax.algorithms import losses
 from selfplay_jax.algorithms.score import TwoAttempts, episode_prompts
-from selfplay_jax.algorithms.search import tree_search
 from selfplay_jax.algorithms.spec import LogProbs, Spec, option
 from selfplay_jax.errors import ConfigError
 from selfplay_jax.models import lora
@@ -40,6 +39,7 @@ from selfplay_jax.scoring import label_free
 from selfplay_jax.scoring import bstar
 from selfplay_jax.scoring.judge import gap_meter, ranking_agreement
 from selfplay_jax.scoring.verifiers import Verifier
+from selfplay_jax.tree_search import tree_search
 
 # scorer(sample_params, ref_params, batch, rollout, rng) -> (scores [R], metrics); see `scoring`.
 Scorer = Callable[..., tuple[jax.Array, dict]]
@@ -456,7 +456,7 @@ def build_round_fn(model_config: ModelConfig, spec: Spec, optimizer: optax.Gradi
     if option(spec, "needs_round"):  # e.g. SCoRe's stage: the phase's round, one per prompt
       batch = {**batch, "phase_round": jnp.full(batch["prompt_tokens"].shape[:1], phase_round)}
     search = option(spec, "search")
-    if spec.samples and search is not None:  # ReST-MCTS*'s tree search (algorithms/search.py)
+    if spec.samples and search is not None:  # ReST-MCTS*'s tree search (tree_search.py)
       value_fn = spec.value_fn(model_config) if search.value_weight > 0 else None
       rollout, metrics = tree_search(model_config, sampler, batch, k_sample, sampling_config,
                                      verifier, search, option(spec, "pad_id"), value_fn, balance,

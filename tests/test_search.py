@@ -1,5 +1,5 @@
-"""ReST-MCTS*'s tree search (algorithms/search.py): step values against exhaustive enumeration of a
-tiny model's continuations, the token budget respected exactly, the pieces (budget rule, first
+"""ReST-MCTS*'s tree search (tree_search.py) and spec (algorithms/search.py): step values against
+exhaustive enumeration of a tiny model's continuations, the token budget respected exactly, the pieces (budget rule, first
 step, values and visits, selection) against NumPy loops, the spec's rows and loss against NumPy,
 best-of-N at a budget, the refusals, and a tiny run through the config."""
 
@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from selfplay_jax import config_lib, config_validation, models, sampling, setup, train
-from selfplay_jax.algorithms import search as search_lib
-from selfplay_jax.algorithms.search import RestMCTS, SearchConfig, SearchOut
+from selfplay_jax import tree_search as search_lib
+from selfplay_jax.algorithms.search import RestMCTS, SearchConfig
+from selfplay_jax.tree_search import SearchOut
 from selfplay_jax.algorithms.spec import LogProbs
 from selfplay_jax.errors import ConfigError
 

@@ -57,6 +57,9 @@ class Algorithm:
   passes: (cfg, spec) -> forward passes over whole batches, for the memory plan.
   wrap_optimizer: (cfg, optimizer) -> optimizer, or None: the method's own gate around the
     run's optimizer (PPO's value warm-up freezes the policy; `setup.build_optimizer` applies it).
+  sequence: cfg -> (the longest sequence the sampler holds, in tokens, and how it comes about):
+    the position check (`model.max_position_embeddings`) and the memory plan's cache slots.
+  sampler_rows: cfg -> rows of the round's largest sampler call (the memory plan's cache).
   """
 
   name: str
@@ -74,6 +77,23 @@ class Algorithm:
       cfg.data.batch_size * cfg.sampling.n, "data.batch_size * sampling.n")
   passes: Callable[[Any, Spec], Passes] = lambda cfg, spec: []
   wrap_optimizer: Callable[[Any, Any], Any] | None = None
+  sequence: Callable[[Any], tuple[int, str]] = lambda cfg: _prompt_and_completion(cfg)
+  sampler_rows: Callable[[Any], int] = lambda cfg: cfg.data.batch_size * cfg.sampling.n
+
+
+def _prompt_and_completion(cfg) -> tuple[int, str]:
+  return (cfg.data.max_prompt_len + cfg.sampling.max_new_tokens,
+          "data.max_prompt_len + sampling.max_new_tokens")
+
+
+def sampler_shape(cfg) -> tuple[int, int, str]:
+  """(rows, longest sequence in tokens, how that length comes about) of the round's largest
+  sampler call: the entry's `sampler_rows` and `sequence`; your own spec samples B·n prompts and
+  completions."""
+  entry = entry_of(cfg)
+  if entry is None:
+    return (cfg.data.batch_size * cfg.sampling.n, *_prompt_and_completion(cfg))
+  return (entry.sampler_rows(cfg), *entry.sequence(cfg))
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -358,10 +378,14 @@ def _score_passes(cfg, spec) -> Passes:
   return passes
 
 
+_SCORE_SEQUENCE = lambda cfg: (  # x, y1, the instruction, x again, y2
+    score_episode_len(cfg),
+    "a SCoRe episode (2 * (data.max_prompt_len + sampling.max_new_tokens) + instruction)")
 register(Algorithm("score", _score, min_samples=2, passes=_score_passes,
                    train_rows=lambda cfg: (2 * cfg.data.batch_size * cfg.sampling.n,
-                                           "2 * data.batch_size * sampling.n (both attempts)")))
-register(Algorithm("score_sft", _score, passes=_score_passes))
+                                           "2 * data.batch_size * sampling.n (both attempts)"),
+                   sequence=_SCORE_SEQUENCE))
+register(Algorithm("score_sft", _score, passes=_score_passes, sequence=_SCORE_SEQUENCE))
 
 
 # ReST-MCTS* (algorithms/search.py): tree-search rollouts with process values; its keys are the
@@ -388,6 +412,13 @@ def _rest_mcts_passes(cfg, spec) -> Passes:
 
 
 register(Algorithm("rest_mcts", _rest_mcts, passes=_rest_mcts_passes,
+                   # a level's rollouts: B·W·n rows after the prompt and a node's steps
+                   sampler_rows=lambda cfg: (cfg.data.batch_size * cfg.algorithm.search_width
+                                             * cfg.sampling.n),
+                   sequence=lambda cfg: (
+                       cfg.data.max_prompt_len + 2 * cfg.sampling.max_new_tokens,
+                       "data.max_prompt_len + 2 * sampling.max_new_tokens (a node's steps, "
+                       "then a rollout)"),
                    train_rows=lambda cfg: (
                        2 * cfg.data.batch_size * search_rows(cfg),
                        "2 * data.batch_size * search_depth * search_width * sampling.n "

@@ -69,7 +69,7 @@ class Spec(Protocol):
   #                         `build` gets a `TwoAttempts` and rewards [R, 2] (SCoRe)
   #   correction / pad_id / repeat_prompt   with attempts=2: the correction instruction's
   #                         token ids, the filler, whether the prompt follows the instruction
-  #   search: SearchConfig  the round runs the tree search (`search.tree_search`, ReST-MCTS*)
+  #   search: SearchConfig  the round runs the tree search (`tree_search.tree_search`, ReST-MCTS*)
   #                         instead of plain sampling; `build` gets its `SearchOut` and no
   #                         rewards; with `search.value_weight` > 0 the spec also has
   #                         value_fn(model_config) (the value head at a child's free slot)
